@@ -1,0 +1,12 @@
+"""The qcow2 format layer: headers, tables, refcounts, the backing chain.
+
+Free of FUSE and trio: used offline (`qcowfs info/map/check`, offline commit), by the
+mount, and by tests.
+"""
+
+from .chain import Chain, Extent, open_chain
+from .errors import (ChainError, CorruptImage, JobError, LockConflict, QcowError,
+                     UnsupportedImage)
+
+__all__ = ["open_chain", "Chain", "Extent", "QcowError", "CorruptImage",
+           "UnsupportedImage", "ChainError", "LockConflict", "JobError"]

@@ -1,0 +1,240 @@
+"""Consistency check and repair of one qcow2 image, like `qemu-img check [-r all]`.
+
+Every cluster referenced by the metadata is counted (header, L1 tables of the image and
+of its snapshots, L2 tables, data and compressed clusters, refcount table and blocks,
+snapshot table, persistent bitmaps) and compared with its stored refcount: stored lower
+than referenced is a corruption, higher is a leak. QCOW_OFLAG_COPIED must be set exactly
+where the refcount is 1. Repair sets each refcount to the referenced count and fixes the
+COPIED flags, then flushes.
+"""
+
+import struct
+from dataclasses import dataclass, field
+
+from .errors import QcowError
+from .header import EXT_BITMAPS
+from .l2_table import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
+                       QCOW_OFLAG_COPIED, compressed_host_clusters, table_from_bytes)
+from .refcount import REFT_OFFSET_MASK, Refcounts
+
+EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
+
+
+@dataclass
+class CheckResult:
+    corruptions: int = 0
+    leaks: int = 0
+    messages: list = field(default_factory=list)
+    allocated_clusters: int = 0
+    total_clusters: int = 0
+    image_end_offset: int = 0
+
+    @property
+    def exit_code(self):
+        if self.corruptions:
+            return EXIT_CORRUPT
+        if self.leaks:
+            return EXIT_LEAKS
+        return EXIT_CLEAN
+
+
+class _Walker:
+    def __init__(self, image, result):
+        self.image = image
+        self.cs = image.cluster_size
+        self.cb = image.cluster_bits
+        self.file_clusters = -(-image.io.size() // self.cs)
+        self.refs = {}
+        self.result = result
+        self.copied_fixes = []   # (kind, where, index, new_entry)
+
+    def error(self, msg):
+        self.result.corruptions += 1
+        self.result.messages.append(f"ERROR {msg}")
+
+    def add(self, off, length):
+        if length <= 0:
+            return
+        first, last = off >> self.cb, (off + length - 1) >> self.cb
+        for c in range(first, last + 1):
+            if c >= self.file_clusters:
+                self.error(f"cluster {c} (offset 0x{c << self.cb:x}) is referenced "
+                           f"beyond the end of the file")
+                return
+            self.refs[c] = self.refs.get(c, 0) + 1
+
+    def read_table(self, off, nbytes):
+        if off + nbytes > self.file_clusters << self.cb:
+            return None
+        if self.image.l2_cache is not None and nbytes == self.cs:
+            return self.image.l2_cache.get(off)
+        return table_from_bytes(self.image.io.pread_exact(nbytes, off))
+
+    def walk_l1(self, l1, active):
+        img = self.image
+        step = 2 if img.extended_l2 else 1
+        for i, l1e in enumerate(l1):
+            l2off = l1e & L1E_OFFSET_MASK
+            if not l2off:
+                continue
+            if l2off & (self.cs - 1):
+                self.error(f"L2 table offset 0x{l2off:x} is not cluster-aligned")
+                continue
+            self.add(l2off, self.cs)
+            table = self.read_table(l2off, self.cs)
+            if table is None:
+                continue
+            if active:
+                self.active_l2.append((i, l1e, l2off, table))
+            for j in range(0, len(table), step):
+                e = table[j]
+                if e & QCOW_OFLAG_COMPRESSED:
+                    for c in compressed_host_clusters(e, self.cb):
+                        self.add(c << self.cb, 1)
+                    continue
+                host = e & L2E_OFFSET_MASK
+                if not host:
+                    continue
+                if host & (self.cs - 1):
+                    self.error(f"L2 entry at 0x{l2off + j * 8:x} has a misaligned "
+                               f"offset 0x{host:x}")
+                    continue
+                self.add(host, self.cs)
+
+    def walk(self):
+        img = self.image
+        h = img.header
+        self.active_l2 = []
+        self.add(0, self.cs)
+        self.add(h.l1_table_offset, h.l1_size * 8)
+        self.walk_l1(img.l1, active=True)
+        self.add(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        if h.nb_snapshots:
+            end = h.snapshots_offset
+            for s in img.snapshots:
+                self.add(s.l1_table_offset, s.l1_size * 8)
+                raw = img.io.pread_exact(s.l1_size * 8, s.l1_table_offset)
+                self.walk_l1(table_from_bytes(raw), active=False)
+            end = _snapshot_table_end(img)
+            self.add(h.snapshots_offset, end - h.snapshots_offset)
+        self.walk_bitmaps()
+
+    def walk_bitmaps(self):
+        ext = self.image.header.extension(EXT_BITMAPS)
+        if not ext or len(ext) < 24:
+            return
+        _nb, _res, dir_size, dir_off = struct.unpack(">IIQQ", ext[:24])
+        self.add(dir_off, dir_size)
+        raw = self.image.io.pread(dir_size, dir_off)
+        pos = 0
+        while pos + 24 <= len(raw):
+            table_off, table_size, _flags, _type, _gran, name_size, extra = struct.unpack(
+                ">QIIBBHI", raw[pos:pos + 24])
+            self.add(table_off, table_size * 8)
+            tbl = self.image.io.pread(table_size * 8, table_off)
+            for (e,) in struct.iter_unpack(">Q", tbl):
+                if e & L1E_OFFSET_MASK:
+                    self.add(e & L1E_OFFSET_MASK, self.cs)
+            pos += 24 + extra + name_size
+            pos += -pos % 8
+
+
+def _snapshot_table_end(img):
+    from .snapshot import ENTRY_FIXED, snapshot_entry
+    off = img.header.snapshots_offset
+    for _ in range(img.header.nb_snapshots):
+        e = snapshot_entry.parse(img.io.pread_exact(ENTRY_FIXED, off))
+        off += ENTRY_FIXED + e.extra_data_size + e.id_str_size + e.name_size
+        off += -off % 8
+    return off
+
+
+def check_image(image, repair=False):
+    """Check (and with repair=True, fix) one open Qcow2Image. Returns a CheckResult."""
+    result = CheckResult()
+    w = _Walker(image, result)
+    refcounts = image.refcounts or Refcounts(image, 64)
+    # refcount blocks count themselves
+    for e in refcounts.table:
+        off = e & REFT_OFFSET_MASK
+        if off:
+            w.add(off, image.cluster_size)
+    w.walk()
+    top = max([w.file_clusters] + [c + 1 for c in w.refs])
+    rb_cover = len(refcounts.table) * refcounts.rb_entries
+    fixes = []
+    allocated = 0
+    for c in range(top):
+        stored = refcounts.get(c) if c < rb_cover else 0
+        ref = w.refs.get(c, 0)
+        if stored:
+            allocated += 1
+        if stored < ref:
+            result.corruptions += 1
+            result.messages.append(f"ERROR cluster {c} refcount={stored} reference={ref}")
+            fixes.append((c, ref - stored))
+        elif stored > ref:
+            result.leaks += 1
+            result.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
+            fixes.append((c, ref - stored))
+    # QCOW_OFLAG_COPIED: set exactly where the refcount is 1
+    want = lambda c: (w.refs.get(c, 0) if repair else
+                      (refcounts.get(c) if c < rb_cover else 0)) == 1
+    copied_fixes = []
+    step = 2 if image.extended_l2 else 1
+    for i, l1e, l2off, table in w.active_l2:
+        ok = want(l2off >> image.cluster_bits)
+        if bool(l1e & QCOW_OFLAG_COPIED) != ok:
+            result.corruptions += 1
+            result.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} "
+                                   f"l1_entry={l1e:x} refcount mismatch")
+            copied_fixes.append(("l1", i, None, ok))
+        for j in range(0, len(table), step):
+            e = table[j]
+            host = e & L2E_OFFSET_MASK
+            if not host or e & QCOW_OFLAG_COMPRESSED:
+                continue
+            ok = want(host >> image.cluster_bits)
+            if bool(e & QCOW_OFLAG_COPIED) != ok:
+                result.corruptions += 1
+                result.messages.append(f"ERROR OFLAG_COPIED data cluster: "
+                                       f"l2_entry={e:x} refcount mismatch")
+                copied_fixes.append(("l2", l2off, j, ok))
+    result.allocated_clusters = allocated
+    result.total_clusters = -(-image.virtual_size // image.cluster_size)
+    result.image_end_offset = w.file_clusters * image.cluster_size
+    if repair and (fixes or copied_fixes):
+        if image.read_only:
+            raise QcowError(image.path, "cannot repair an image opened read-only")
+        image._prepare_write()
+        for c, delta in fixes:
+            image.refcounts.add(c, delta)
+        for kind, a, b, ok in copied_fixes:
+            if kind == "l1":
+                image.l1[a] = (image.l1[a] | QCOW_OFLAG_COPIED) if ok \
+                    else image.l1[a] & ~QCOW_OFLAG_COPIED
+                image.l1_dirty.add(a)
+            else:
+                table = image.l2_cache.get(a)
+                table[b] = (table[b] | QCOW_OFLAG_COPIED) if ok else table[b] & ~QCOW_OFLAG_COPIED
+                image.l2_cache.mark_dirty(a)
+        image.flush()
+    return result
+
+
+def format_report(result):
+    lines = list(result.messages)
+    if result.corruptions:
+        lines += ["", f"{result.corruptions} errors were found on the image.",
+                  "Data may be corrupted, or further writes to the image may corrupt it."]
+    if result.leaks:
+        lines += ["", f"{result.leaks} leaked clusters were found on the image.",
+                  "This means waste of disk space, but no harm to data."]
+    if not result.corruptions and not result.leaks:
+        lines.append("No errors were found on the image.")
+    if result.total_clusters:
+        pct = 100.0 * result.allocated_clusters / result.total_clusters
+        lines.append(f"{result.allocated_clusters}/{result.total_clusters} = "
+                     f"{pct:.2f}% allocated")
+    lines.append(f"Image end offset: {result.image_end_offset}")
+    return "\n".join(lines)

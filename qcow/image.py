@@ -1,0 +1,609 @@
+"""One qcow2 image (a layer of a chain): cluster mapping, reads, and writes.
+
+The image knows nothing of the chain above it; what lies beneath it comes in as a
+`below(offset, length) -> bytes` callable (the backing chain's view, zeros past a short
+backing file's end), used for copy-on-write of partially written clusters.
+
+Ordering rules (crash safety; a crash may leak clusters, never corrupt):
+- guest data and copy-on-write data before the L2 entry that points at it, and refcount
+  blocks before the L2 entry that uses the clusters they count: the L2 cache depends on
+  the refcount cache, and a flush barrier precedes every L2 write-back (table_cache);
+- an L2 table before the L1 entry that points at it (`flush`: barrier, then L1);
+- a cleared L2 entry before the refcount decrement of the cluster it dropped
+  (`Refcounts.free` defers; `flush` applies after the barrier);
+- a new L1 table before the header that points at it, and the header before the old
+  table is freed (`resize`);
+- the header last: backing name/format are rewritten only after everything else of the
+  image is durable (`set_backing`).
+"""
+
+import errno
+import os
+import struct
+import threading
+from array import array
+
+from . import compressed
+from .errors import CorruptImage, QcowError, UnsupportedImage, eio
+from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE,
+                     EXT_FDE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+                     parse_header)
+from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                       SC_ALLOC_MASK, SC_ZERO_SHIFT, SUBCLUSTERS, UNALLOCATED, ZERO,
+                       compressed_descriptor, compressed_host_clusters, table_from_bytes,
+                       table_to_bytes)
+from .rawio import RawIO
+from .refcount import Refcounts
+from .snapshot import parse_snapshot_table
+
+HEADER_PROBE = 4096
+
+
+def append_extent(out, start, length, kind, aux):
+    """Append (start, length, kind, aux), merging with the previous run when it continues
+    it (same kind; for host-mapped kinds, the host offset continues too)."""
+    if out:
+        ps, pl, pk, pa = out[-1]
+        if pk == kind and kind != COMPRESSED and (
+                (pa is None and aux is None) or
+                (pa is not None and aux is not None and pa + pl == aux)):
+            out[-1] = (ps, pl + length, pk, pa)
+            return
+    out.append((start, length, kind, aux))
+
+
+class Qcow2Image:
+    format = "qcow2"
+
+    def __init__(self, path, writable=False, cache_bytes=32 << 20, metadata_only=False,
+                 rawio_factory=RawIO):
+        self.path = path
+        self.read_only = not writable
+        self.io = rawio_factory(path, writable)
+        self.lock = threading.RLock()
+        try:
+            self._open(cache_bytes, metadata_only)
+        except BaseException:
+            self.io.close()
+            raise
+
+    def _open(self, cache_bytes, metadata_only):
+        file_size = self.io.size()
+        head = self.io.pread(HEADER_PROBE, 0)
+        if len(head) >= 24:
+            cb = struct.unpack_from(">I", head, 20)[0]
+            if HEADER_PROBE < (1 << min(cb, 30)) <= (2 << 20):
+                head = self.io.pread(1 << cb, 0)
+        self.header = h = parse_header(head, file_size, self.path)
+        self.file_size = file_size
+        self.encrypted = h.crypt_method != 0
+        if (h.incompatible_features & INCOMPAT_DATA_FILE) or h.extension(EXT_DATA_FILE):
+            raise UnsupportedImage(self.path, "external data files are not supported")
+        if self.encrypted and not metadata_only:
+            raise UnsupportedImage(self.path, "encrypted images are not supported")
+        if h.extension(EXT_FDE) is not None and not self.encrypted:
+            raise CorruptImage(self.path, "full disk encryption header without encryption")
+        if h.incompatible_features & INCOMPAT_CORRUPT and not self.read_only:
+            raise CorruptImage(self.path, "image is marked corrupt; repair it with "
+                                          "'qemu-img check -r all' first")
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = cs = h.cluster_size
+        self.extended_l2 = h.extended_l2
+        self.l2_entries = cs // (16 if self.extended_l2 else 8)
+        self.subcluster_bits = h.cluster_bits - (5 if self.extended_l2 else 0)
+        self.virtual_size = h.size
+        self.backing_name = h.backing_name
+        self.backing_format = h.backing_format
+        self.l1 = table_from_bytes(self.io.pread_exact(h.l1_size * 8, h.l1_table_offset))
+        self.l1_dirty = set()
+        self.snapshots = parse_snapshot_table(self.io.pread_exact, h, file_size, self.path)
+        capacity = max(4, cache_bytes // cs)
+        self.l2_cache = None
+        self.refcounts = None
+        self._decompressed = (None, None)   # last compressed entry read, and its cluster
+        self._header_prepared = False
+        if not self.read_only:
+            self.refcounts = Refcounts(self, max(4, capacity // 4))
+        self.l2_cache = self._new_l2_cache(capacity)
+        if not self.read_only and h.incompatible_features & INCOMPAT_DIRTY:
+            # lazy refcounts left dirty by a crash: rebuild before any allocation
+            from .check import check_image
+            check_image(self, repair=True)
+            self.mark_clean()
+
+    def _new_l2_cache(self, capacity):
+        from .table_cache import TableCache
+        return TableCache(self.io, self.cluster_size, capacity, table_from_bytes,
+                          table_to_bytes,
+                          depends_on=self.refcounts.cache if self.refcounts else None)
+
+    # --- mapping (read side) ------------------------------------------------
+
+    def _l2_offset(self, l1i):
+        if l1i >= len(self.l1):
+            return 0
+        off = self.l1[l1i] & L1E_OFFSET_MASK
+        if off and (off & (self.cluster_size - 1) or off >= self._size_for_check(off)):
+            raise eio(self.path, f"L1 entry {l1i} points to an invalid L2 table "
+                                 f"offset 0x{off:x}")
+        return off
+
+    def _size_for_check(self, host):
+        if host >= self.file_size:
+            self.file_size = self.io.size()
+        return self.file_size
+
+    def _host(self, host, where):
+        if host & (self.cluster_size - 1):
+            raise eio(self.path, f"L2 entry for guest offset 0x{where:x} has a "
+                                 f"misaligned host offset 0x{host:x}")
+        if host >= self._size_for_check(host):
+            raise eio(self.path, f"L2 entry for guest offset 0x{where:x} points "
+                                 f"outside the file (0x{host:x})")
+        return host
+
+    def extents(self, off, n):
+        """Runs (start, length, kind, aux) covering [off, off+n) of this layer alone.
+
+        kind is UNALLOCATED, ZERO (aux: host offset if preallocated, else None), DATA
+        (aux: host offset of `start`) or COMPRESSED (aux: the L2 entry; one cluster).
+        """
+        out = []
+        end = off + n
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        with self.lock:
+            while off < end:
+                ci = off >> cb
+                l1i, l2i = divmod(ci, self.l2_entries)
+                stop = min(end, (l1i + 1) * self.l2_entries << cb)
+                l2off = self._l2_offset(l1i)
+                if not l2off:
+                    append_extent(out, off, stop - off, UNALLOCATED, None)
+                    off = stop
+                    continue
+                table = self.l2_cache.get(l2off)
+                while off < stop:
+                    cstart = off & ~(cs - 1)
+                    cend = min(stop, cstart + cs)
+                    if self.extended_l2:
+                        self._extents_ext(out, table, l2i, cstart, off, cend)
+                    else:
+                        self._extents_std(out, table[l2i], cstart, off, cend)
+                    off = cend
+                    l2i += 1
+        return out
+
+    def _extents_std(self, out, entry, cstart, off, cend):
+        if entry & QCOW_OFLAG_COMPRESSED:
+            out.append((off, cend - off, COMPRESSED, entry))
+            return
+        host = entry & L2E_OFFSET_MASK
+        if entry & QCOW_OFLAG_ZERO and self.header.version >= 3:
+            aux = self._host(host, cstart) + off - cstart if host else None
+            append_extent(out, off, cend - off, ZERO, aux)
+        elif host:
+            append_extent(out, off, cend - off, DATA, self._host(host, cstart) + off - cstart)
+        else:
+            append_extent(out, off, cend - off, UNALLOCATED, None)
+
+    def _extents_ext(self, out, table, l2i, cstart, off, cend):
+        entry, bitmap = table[2 * l2i], table[2 * l2i + 1]
+        if entry & QCOW_OFLAG_COMPRESSED:
+            if bitmap:
+                raise eio(self.path, f"compressed cluster at 0x{cstart:x} has a "
+                                     f"subcluster bitmap")
+            out.append((off, cend - off, COMPRESSED, entry))
+            return
+        host = entry & L2E_OFFSET_MASK
+        if bitmap & (bitmap >> SC_ZERO_SHIFT) & SC_ALLOC_MASK:
+            raise eio(self.path, f"cluster at 0x{cstart:x} has subclusters both "
+                                 f"allocated and zero")
+        if host:
+            self._host(host, cstart)
+        scb = self.subcluster_bits
+        while off < cend:
+            sc = (off - cstart) >> scb
+            send = min(cend, cstart + ((sc + 1) << scb))
+            if bitmap >> sc & 1:
+                if not host:
+                    raise eio(self.path, f"allocated subcluster without a host cluster "
+                                         f"at 0x{cstart:x}")
+                append_extent(out, off, send - off, DATA, host + off - cstart)
+            elif bitmap >> (SC_ZERO_SHIFT + sc) & 1:
+                append_extent(out, off, send - off, ZERO,
+                              host + off - cstart if host else None)
+            else:
+                append_extent(out, off, send - off, UNALLOCATED, None)
+            off = send
+
+    def read_compressed(self, entry):
+        """The whole decompressed cluster of a compressed L2 entry (EIO if broken)."""
+        last_entry, data = self._decompressed
+        if last_entry == entry:
+            return data
+        host, length = compressed_descriptor(entry, self.cluster_bits)
+        if host >= self._size_for_check(host) or host < self.cluster_size:
+            raise eio(self.path, f"compressed cluster descriptor points outside the "
+                                 f"file (0x{host:x})")
+        raw = self.io.pread(length, host)
+        try:
+            data = compressed.decompress(raw, self.cluster_size,
+                                         self.header.compression_type)
+        except ValueError as e:
+            raise eio(self.path, f"compressed cluster at 0x{host:x}: {e}") from None
+        self._decompressed = (entry, data)
+        return data
+
+    def is_allocated(self, off, n):
+        """[(start, length, allocated)] at this layer (zero clusters count as allocated)."""
+        out = []
+        for s, ln, kind, _ in self.extents(off, n):
+            alloc = kind != UNALLOCATED
+            if out and out[-1][2] == alloc:
+                out[-1] = (out[-1][0], out[-1][1] + ln, alloc)
+            else:
+                out.append((s, ln, alloc))
+        return out
+
+    # --- writing ----------------------------------------------------------
+
+    def _check_writable(self):
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.path}: image is opened read-only")
+
+    def _prepare_write(self):
+        """Before the first modification: clear autoclear bits we do not maintain."""
+        if self._header_prepared:
+            return
+        self._check_writable()
+        h = self.header
+        if h.version >= 3 and h.autoclear_features:
+            # persistent bitmaps (bit 0) become stale as soon as we write: say so first
+            h.autoclear_features = 0
+            self.io.pwrite(struct.pack(">Q", 0), 88)
+            self.io.sync()
+        self._header_prepared = True
+
+    def _l2_for_write(self, l1i):
+        """The L2 table for L1 index l1i, allocated or made private (COPIED) first."""
+        l1e = self.l1[l1i]
+        l2off = self._l2_offset(l1i)
+        if l2off and l1e & QCOW_OFLAG_COPIED:
+            return self.l2_cache.get(l2off)
+        new = self.refcounts.alloc(1)
+        if l2off:
+            # shared with a snapshot: copy it; the copies of its entries keep COPIED
+            # clear, since their clusters are counted once per table referencing them
+            table = array("Q", self.l2_cache.get(l2off))
+            self.refcounts.free(l2off >> self.cluster_bits)
+        else:
+            table = array("Q", bytes(self.cluster_size))
+        self.l2_cache.install(new, table)
+        self.l1[l1i] = new | QCOW_OFLAG_COPIED
+        self.l1_dirty.add(l1i)
+        return table
+
+    def _free_entry_clusters(self, entry):
+        """Queue the refcount drop of whatever an L2 entry being replaced owned."""
+        if entry & QCOW_OFLAG_COMPRESSED:
+            for c in compressed_host_clusters(entry, self.cluster_bits):
+                self.refcounts.free(c)
+        else:
+            host = entry & L2E_OFFSET_MASK
+            if host:
+                self.refcounts.free(host >> self.cluster_bits)
+
+    def _view(self, entry, bitmap, cstart, a, b, below):
+        """This layer's current content of guest [cstart+a, cstart+b) (for COW)."""
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return self.read_compressed(entry)[a:b]
+        out = bytearray(b - a)
+        for s, ln, kind, aux in self._cluster_extents(entry, bitmap, cstart, a, b):
+            rel = s - cstart - a
+            if kind == DATA:
+                self.io.preadinto(memoryview(out)[rel:rel + ln], aux)
+            elif kind == UNALLOCATED and below is not None:
+                out[rel:rel + ln] = below(s, ln)
+        return out
+
+    def _cluster_extents(self, entry, bitmap, cstart, a, b):
+        out = []
+        if self.extended_l2:
+            tbl = array("Q", [entry, bitmap])
+            self._extents_ext(out, tbl, 0, cstart, cstart + a, cstart + b)
+        else:
+            self._extents_std(out, entry, cstart, cstart + a, cstart + b)
+        return out
+
+    def write(self, off, data, below):
+        """Write guest data at this layer; partial clusters copy the rest from
+        this layer's current view (copy-on-write from `below` where unallocated)."""
+        with self.lock:
+            self._prepare_write()
+            mv = memoryview(data)
+            end = off + len(mv)
+            cb, cs = self.cluster_bits, self.cluster_size
+            batch = []   # consecutive fresh clusters allocated together: (table, l2i, entry, bitmap, buf)
+            pos = 0
+            while off < end:
+                ci = off >> cb
+                l1i, l2i = divmod(ci, self.l2_entries)
+                cstart = ci << cb
+                a, b = off - cstart, min(cs, end - cstart)
+                chunk = mv[pos:pos + b - a]
+                table = self._l2_for_write(l1i)
+                fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below)
+                if fresh is None:
+                    self._flush_batch(batch)
+                    batch = []
+                else:
+                    batch.append(fresh)
+                pos += b - a
+                off = cstart + b
+            self._flush_batch(batch)
+
+    def _write_cluster(self, table, l2i, cstart, a, b, chunk, below):
+        """Write into one cluster. In place when this layer owns the cluster
+        (QCOW_OFLAG_COPIED); otherwise return what a fresh cluster must hold."""
+        ext = self.extended_l2
+        cs = self.cluster_size
+        if ext:
+            entry, bitmap = table[2 * l2i], table[2 * l2i + 1]
+        else:
+            entry, bitmap = table[l2i], 0
+        host = entry & L2E_OFFSET_MASK
+        owned = host and entry & QCOW_OFLAG_COPIED and not entry & QCOW_OFLAG_COMPRESSED
+        if ext:
+            scb = self.subcluster_bits
+            sa = a >> scb << scb
+            sb = min(cs, -(-b >> scb) << scb)
+            sc_bits = ((1 << ((sb - 1 >> scb) + 1)) - 1) ^ ((1 << (sa >> scb)) - 1)
+        else:
+            sa, sb, sc_bits = 0, cs, 0
+        if owned:
+            if ext:
+                buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
+                self.io.pwrite(buf, host + sa)
+                new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)
+                if new_bitmap != bitmap:
+                    table[2 * l2i + 1] = new_bitmap
+                    self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+            elif entry & QCOW_OFLAG_ZERO:
+                # preallocated zero cluster: it becomes data, zeros around the write
+                buf = bytearray(cs)
+                buf[a:b] = chunk
+                self.io.pwrite(buf, host)
+                table[l2i] = entry & ~QCOW_OFLAG_ZERO
+                self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+            else:
+                self.io.pwrite(chunk, host + a)
+            return None
+        has_old_content = bool(host) or entry & QCOW_OFLAG_COMPRESSED
+        if ext and has_old_content:
+            sa, sb, sc_bits = 0, cs, SC_ALLOC_MASK
+        buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
+        new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT) if ext else 0
+        return (table, l2i, cstart, entry, new_bitmap, sa, buf)
+
+    def _compose(self, entry, bitmap, cstart, sa, sb, a, b, chunk, below):
+        """Bytes for [sa, sb) of a cluster: the write in [a, b), the current view around."""
+        if sa == a and sb == b:
+            return chunk
+        buf = bytearray(sb - sa)
+        if a > sa:
+            buf[:a - sa] = self._view(entry, bitmap, cstart, sa, a, below)
+        buf[a - sa:b - sa] = chunk
+        if sb > b:
+            buf[b - sa:] = self._view(entry, bitmap, cstart, b, sb, below)
+        return buf
+
+    def _l2_table_offset(self, cstart):
+        return self.l1[(cstart >> self.cluster_bits) // self.l2_entries] & L1E_OFFSET_MASK
+
+    def _flush_batch(self, batch):
+        """Allocate fresh clusters for a run of consecutive clusters in one go, write
+        their data in one request, then point the L2 entries at them (in the cache;
+        the entries reach the disk only after a barrier)."""
+        if not batch:
+            return
+        cb, cs = self.cluster_bits, self.cluster_size
+        base = self.refcounts.alloc(len(batch))
+        contiguous = all(item[5] == 0 and len(item[6]) == cs for item in batch[:-1]) \
+            and all(item[5] == 0 for item in batch)
+        if contiguous:
+            os.pwritev(self.io.fd, [item[6] for item in batch], base) \
+                if len(batch) > 1 else self.io.pwrite(batch[0][6], base)
+        else:
+            for k, item in enumerate(batch):
+                self.io.pwrite(item[6], base + (k << cb) + item[5])
+        self.file_size = max(self.file_size, base + (len(batch) << cb))
+        for k, (table, l2i, cstart, entry, new_bitmap, _sa, _buf) in enumerate(batch):
+            host = base + (k << cb)
+            if self.extended_l2:
+                table[2 * l2i] = host | QCOW_OFLAG_COPIED
+                table[2 * l2i + 1] = new_bitmap
+            else:
+                table[l2i] = host | QCOW_OFLAG_COPIED
+            self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+            self._free_entry_clusters(entry)
+
+    def write_zeroes(self, off, n, below, unmap=True):
+        """Make [off, off+n) read as zeros at this layer, whatever lies beneath.
+
+        Whole clusters become zero clusters (v3) or, on v2 without a backing file,
+        unallocated; their old clusters are freed. Partial clusters and v2 images with a
+        backing file get real zeros written.
+        """
+        with self.lock:
+            self._prepare_write()
+            end = off + n
+            cb, cs = self.cluster_bits, self.cluster_size
+            v3 = self.header.version >= 3
+            while off < end:
+                cstart = off & ~(cs - 1)
+                cend = min(end, cstart + cs)
+                whole = off == cstart and cend - cstart == cs
+                l1i, l2i = divmod(cstart >> cb, self.l2_entries)
+                if whole and (v3 or self.backing_name is None):
+                    table = self._l2_for_write(l1i)
+                    self._set_entry(table, l2i, cstart,
+                                    0 if not v3 or self.extended_l2 else QCOW_OFLAG_ZERO,
+                                    SC_ALLOC_MASK << SC_ZERO_SHIFT if self.extended_l2 else 0)
+                elif self.extended_l2:
+                    self._zero_subclusters(l1i, l2i, cstart, off, cend, below)
+                elif not self._reads_zero(cstart, off, cend):
+                    self.write(off, bytes(cend - off), below)
+                off = cend
+
+    def _set_entry(self, table, l2i, cstart, entry, bitmap):
+        old = table[2 * l2i] if self.extended_l2 else table[l2i]
+        if self.extended_l2:
+            table[2 * l2i], table[2 * l2i + 1] = entry, bitmap
+        else:
+            table[l2i] = entry
+        self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+        self._free_entry_clusters(old)
+
+    def _reads_zero(self, cstart, off, cend):
+        for _s, _ln, kind, _aux in self.extents(off, cend - off):
+            if kind == UNALLOCATED and self.backing_name is not None:
+                return False
+            if kind in (DATA, COMPRESSED):
+                return False
+        return True
+
+    def _zero_subclusters(self, l1i, l2i, cstart, off, cend, below):
+        scb = self.subcluster_bits
+        a, b = off - cstart, cend - cstart
+        sa, sb = -(-a >> scb) << scb, b >> scb << scb
+        table = self._l2_for_write(l1i)
+        entry = table[2 * l2i]
+        if sa >= sb or entry & QCOW_OFLAG_COMPRESSED:
+            self.write(off, bytes(cend - off), below)
+            return
+        if a < sa:
+            self.write(off, bytes(sa - a), below)
+        if b > sb:
+            self.write(cstart + sb, bytes(b - sb), below)
+        table = self._l2_for_write(l1i)
+        bits = ((1 << (sb >> scb)) - 1) ^ ((1 << (sa >> scb)) - 1)
+        table[2 * l2i + 1] = (table[2 * l2i + 1] & ~bits) | (bits << SC_ZERO_SHIFT)
+        self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+
+    def mark_unallocated(self, off, n):
+        """Drop whole clusters of [off, off+n) from this layer (they read through to the
+        backing file again). Used by the restartable commit only after base holds them
+        durably. `off` and `n` are cluster-aligned (n may end at the virtual size)."""
+        with self.lock:
+            self._prepare_write()
+            cb, cs = self.cluster_bits, self.cluster_size
+            assert off % cs == 0
+            end = min(off + n, -(-self.virtual_size // cs) * cs)
+            for cstart in range(off, end, cs):
+                l1i, l2i = divmod(cstart >> cb, self.l2_entries)
+                if not self._l2_offset(l1i):
+                    continue
+                table = self._l2_for_write(l1i)
+                self._set_entry(table, l2i, cstart, 0, 0)
+
+    def resize(self, new_size, below=None):
+        """Grow the virtual size. The new area reads as zeros even where a longer backing
+        file has data (QEMU's rule), so it is zeroed up to the backing file's end."""
+        with self.lock:
+            self._prepare_write()
+            old = self.virtual_size
+            if new_size < old:
+                raise QcowError(self.path, "shrinking is not supported")
+            if new_size == old:
+                return
+            h = self.header
+            needed = -(-new_size // (self.cluster_size * self.l2_entries))
+            if needed > len(self.l1):
+                self._grow_l1(needed)
+            h.size = new_size
+            self.flush()
+            self.io.pwrite(struct.pack(">Q", new_size), 24)   # header after the tables
+            self.io.sync()
+            self.virtual_size = new_size
+
+    def _grow_l1(self, entries):
+        cb, cs = self.cluster_bits, self.cluster_size
+        h = self.header
+        clusters = -(-entries * 8 // cs)
+        self.flush()                          # L2 tables durable before a new L1 names them
+        new_off = self.refcounts.alloc(clusters)
+        new = array("Q", self.l1)
+        new.extend([0] * (entries - len(new)))
+        raw = table_to_bytes(new)
+        self.io.pwrite(raw + bytes(clusters * cs - len(raw)), new_off)
+        self.refcounts.flush()
+        self.io.sync()                        # new L1 and its refcounts before the header
+        old_off, old_len = h.l1_table_offset, len(self.l1)
+        h.l1_table_offset, h.l1_size = new_off, entries
+        self.io.pwrite(struct.pack(">IQ", entries, new_off), 36)
+        self.io.sync()                        # header before freeing the old table
+        self.l1 = new
+        self.l1_dirty.clear()
+        if old_len:
+            self.refcounts.free(old_off >> cb, -(-old_len * 8 // cs))
+
+    def set_backing(self, name, fmt):
+        """Rewrite the backing file name and format in one header write (last)."""
+        with self.lock:
+            self._prepare_write()
+            h = self.header
+            old = (h.backing_name, h.backing_format, h.backing_file_offset,
+                   h.backing_file_size, list(h.extensions))
+            h.backing_name = name
+            h.set_extension(EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+            try:
+                cluster0 = h.pack_cluster0()
+            except ValueError:
+                (h.backing_name, _, h.backing_file_offset, h.backing_file_size,
+                 h.extensions) = old
+                raise QcowError(self.path, "backing file name does not fit in the "
+                                           "header cluster") from None
+            self.flush()
+            self.io.pwrite(cluster0, 0)
+            self.io.sync()
+            self.backing_name = name
+            self.backing_format = h.backing_format
+
+    # --- durability -------------------------------------------------------
+
+    def flush(self):
+        """Make everything written so far durable, in the order the spec needs."""
+        with self.lock:
+            if self.read_only:
+                return
+            self.refcounts.flush()
+            self.l2_cache.flush()                 # barrier inside, before any L2
+            if self.l1_dirty:
+                self.io.sync()                    # L2 tables before the L1 entries
+                h = self.header
+                for i in sorted(self.l1_dirty):
+                    self.io.pwrite(struct.pack(">Q", self.l1[i]), h.l1_table_offset + 8 * i)
+                self.l1_dirty.clear()
+            self.io.sync()
+            if self.refcounts.pending_free:
+                # entries that dropped these clusters are durable: now lower the counts
+                self.refcounts.apply_pending_frees()
+                self.refcounts.flush()
+                self.io.sync()
+
+    def mark_clean(self):
+        h = self.header
+        if h.version >= 3 and h.incompatible_features & INCOMPAT_DIRTY:
+            self.flush()
+            h.incompatible_features &= ~INCOMPAT_DIRTY
+            self.io.pwrite(struct.pack(">Q", h.incompatible_features), 72)
+            self.io.sync()
+
+    def close(self):
+        try:
+            if not self.read_only and self.io.fd >= 0:
+                self.flush()
+        finally:
+            self.io.close()

@@ -1,0 +1,57 @@
+"""Raw positional I/O on one image file: the only place that touches the file descriptor.
+
+Tests of crash consistency wrap this class (recording every write and flush); nothing
+else in the format layer calls os.pread/os.pwrite/os.fdatasync on an image directly.
+"""
+
+import os
+
+from .errors import CorruptImage
+
+
+class RawIO:
+    def __init__(self, path, writable):
+        self.path = path
+        self.writable = writable
+        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+
+    def size(self):
+        return os.fstat(self.fd).st_size
+
+    def pread(self, length, offset):
+        return os.pread(self.fd, length, offset)
+
+    def pread_exact(self, length, offset):
+        """Metadata read: anything short is a corrupt image."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise CorruptImage(self.path, f"metadata at offset {offset} lies beyond "
+                                          f"the end of the file")
+        return data
+
+    def preadinto(self, buf, offset):
+        """Read into a writable buffer; bytes past EOF read as zeros."""
+        n = os.preadv(self.fd, [buf], offset)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
+    def pwrite(self, data, offset):
+        assert self.writable, "write to an image opened read-only"
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def truncate(self, size):
+        os.ftruncate(self.fd, size)
+
+    def sync(self):
+        """The flush barrier: everything written before is durable after."""
+        if self.writable:
+            os.fdatasync(self.fd)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
