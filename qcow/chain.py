@@ -251,6 +251,35 @@ class Chain:
                 if lim < s + ln:
                     _emit(out, Extent(lim, s + ln - lim, depth, False, True, False, None))
 
+    def range_status(self, top_i, base_i, off, n):
+        """Runs (start, length, depth, kind) of [off, off+n) as layers[top_i] sees it,
+        looking down to but not into layers[base_i]. kind is DATA (incl. compressed),
+        ZERO, or UNALLOCATED (base answers; depth = base_i). Zeros past the end of a
+        short layer of the range count as ZERO allocated at the layer above it: a
+        commit must write them into base (QEMU's short-backing-file rule)."""
+        out = []
+        with self._lock:
+            layers = self.layers
+            lim = min(off + n, layers[top_i].virtual_size)
+            if lim > off:
+                self._range_walk(layers, top_i, base_i, off, lim - off, out)
+            if lim < off + n:
+                _add_run(out, max(lim, off), off + n - max(lim, off), top_i, ZERO)
+        return out
+
+    def _range_walk(self, layers, depth, base_i, off, n, out):
+        for s, ln, kind, _aux in layers[depth].extents(off, n):
+            if kind != UNALLOCATED:
+                _add_run(out, s, ln, depth, ZERO if kind == ZERO else DATA)
+            elif depth + 1 == base_i:
+                _add_run(out, s, ln, base_i, UNALLOCATED)
+            else:
+                lim = max(s, min(s + ln, layers[depth + 1].virtual_size))
+                if lim > s:
+                    self._range_walk(layers, depth + 1, base_i, s, lim - s, out)
+                if lim < s + ln:
+                    _add_run(out, lim, s + ln - lim, depth, ZERO)
+
     # --- writing ----------------------------------------------------------
 
     def _check_write(self, offset, length):
@@ -289,6 +318,20 @@ class Chain:
     def below_fn(self, layer):
         """`below` callable for writes into `layer` (the chain beneath it)."""
         return self._below(self.index_of(layer))
+
+    def grow(self, layer, new_size):
+        """Grow a layer's virtual size; where its backing file is longer than the old
+        size, the new area is zeroed so backing data cannot show through."""
+        with self._lock:
+            old = layer.virtual_size
+            if new_size <= old:
+                return
+            layer.resize(new_size)
+            i = self.index_of(layer)
+            if i + 1 < len(self.layers):
+                end = min(new_size, self.layers[i + 1].virtual_size)
+                if end > old:
+                    layer.write_zeroes(old, end - old, self._below(i))
 
     def reopen(self, layer, writable):
         """Reopen one layer read-write (or back to read-only), moving its locks."""
@@ -374,6 +417,14 @@ class Chain:
             layers, self.layers = self.layers + self._retired, []
             self._retired = []
             self._close_layers(layers)
+
+
+def _add_run(out, start, length, depth, kind):
+    if out and out[-1][2] == depth and out[-1][3] == kind \
+            and out[-1][0] + out[-1][1] == start:
+        out[-1] = (out[-1][0], out[-1][1] + length, depth, kind)
+    else:
+        out.append((start, length, depth, kind))
 
 
 def _emit(out, e):

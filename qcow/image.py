@@ -18,7 +18,6 @@ Ordering rules (crash safety; a crash may leak clusters, never corrupt):
 """
 
 import errno
-import os
 import struct
 import threading
 from array import array
@@ -413,8 +412,7 @@ class Qcow2Image:
         contiguous = all(item[5] == 0 and len(item[6]) == cs for item in batch[:-1]) \
             and all(item[5] == 0 for item in batch)
         if contiguous:
-            os.pwritev(self.io.fd, [item[6] for item in batch], base) \
-                if len(batch) > 1 else self.io.pwrite(batch[0][6], base)
+            self.io.pwritev([item[6] for item in batch], base)
         else:
             for k, item in enumerate(batch):
                 self.io.pwrite(item[6], base + (k << cb) + item[5])
@@ -508,9 +506,9 @@ class Qcow2Image:
                 table = self._l2_for_write(l1i)
                 self._set_entry(table, l2i, cstart, 0, 0)
 
-    def resize(self, new_size, below=None):
-        """Grow the virtual size. The new area reads as zeros even where a longer backing
-        file has data (QEMU's rule), so it is zeroed up to the backing file's end."""
+    def resize(self, new_size):
+        """Grow the virtual size (L1 first, header last). The new area is unallocated:
+        `Chain.grow` zeroes it where a longer backing file would show through."""
         with self.lock:
             self._prepare_write()
             old = self.virtual_size

@@ -45,6 +45,12 @@ class RawImage:
         for pos in range(off, off + n, step):
             self.io.pwrite(bytes(min(step, off + n - pos)), pos)
 
+    def resize(self, new_size):
+        self._check_writable()
+        self.io.truncate(new_size)
+        self.io.sync()
+        self.virtual_size = new_size
+
     def _check_writable(self):
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.path}: image is opened read-only")

@@ -8,6 +8,8 @@ import os
 
 from .errors import CorruptImage
 
+IOV_MAX = 1024
+
 
 class RawIO:
     def __init__(self, path, writable):
@@ -42,6 +44,17 @@ class RawIO:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+
+    def pwritev(self, buffers, offset):
+        """Several buffers written contiguously from offset, in one request when it can."""
+        assert self.writable, "write to an image opened read-only"
+        for i in range(0, len(buffers), IOV_MAX):
+            group = buffers[i:i + IOV_MAX]
+            total = sum(len(b) for b in group)
+            n = os.pwritev(self.fd, group, offset)
+            if n < total:
+                self.pwrite(b"".join(bytes(b) for b in group)[n:], offset + n)
+            offset += total
 
     def truncate(self, size):
         os.ftruncate(self.fd, size)

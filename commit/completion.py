@@ -1,0 +1,68 @@
+"""Chain reduction: the end of a commit, and the rules that keep the flat view right
+across it.
+
+Order (each step durable before the next):
+1. base holds everything (data flushed);
+2. where the dropped layer was shorter than its overlay, the overlay saw zeros past its
+   end: base is zeroed there first (QEMU's live commit of a short top-node misses this);
+3. the overlay's header names base (backing file name and format, one header write,
+   flushed) — the point of no return on disk;
+4. the in-memory chain switches in one assignment; dropped images close once the reads
+   in flight are done.
+"""
+
+import os
+
+
+def backing_name_for(overlay, base):
+    """Relative (to the overlay's directory) when the old name was relative."""
+    old = overlay.backing_name
+    if old and not os.path.isabs(old):
+        return os.path.relpath(base.path, os.path.dirname(overlay.path))
+    return base.path
+
+
+def zero_past_short(chain, layer, base):
+    """Before `layer` leaves the chain: its overlay read zeros past `layer`'s end, so
+    base must read zeros over [len(layer), min(len(overlay), len(base)))."""
+    i = chain.index_of(layer)
+    if i == 0:
+        return
+    overlay = chain.layers[i - 1]
+    end = min(overlay.virtual_size, base.virtual_size)
+    if end > layer.virtual_size:
+        base.write_zeroes(layer.virtual_size, end - layer.virtual_size,
+                          chain.below_fn(base))
+
+
+def drop_layers_down_to(chain, overlay, base):
+    """Steps 3-4: rewrite `overlay`'s backing to `base` and drop what lay between.
+    Returns the dropped layers (closed, or closing once reads in flight finish)."""
+    base.flush()
+    was_read_only = overlay.read_only
+    if was_read_only:
+        overlay = chain.reopen(overlay, True)
+    try:
+        dropped = chain.drop_layers(overlay, base, backing_name_for(overlay, base))
+    finally:
+        if was_read_only:
+            chain.reopen(overlay, False)
+    return dropped
+
+
+def drop_range(target):
+    """End of a (non-active) commit: zero past a short top, then drop (base, top]."""
+    chain, base = target.chain, target.base
+    zero_past_short(chain, target.top, base)
+    overlay = chain.layers[target.top_index - 1]
+    dropped = drop_layers_down_to(chain, overlay, base)
+    yield from ()
+    return dropped
+
+
+def delete_files(layers):
+    for layer in layers:
+        try:
+            os.unlink(layer.path)
+        except FileNotFoundError:
+            pass

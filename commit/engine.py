@@ -1,0 +1,105 @@
+"""The commit engine: one entry for offline commits, one for live jobs, same algorithms.
+
+`start_commit` resolves and checks the request (layers, modes, writability, the
+stranding guard) and returns the algorithm's step generator; `run_offline` drives it
+to the end in the calling thread; the mount drives it as a job (fusefs.daemon), one
+step at a time in a worker thread.
+"""
+
+import time
+
+import qcow
+from qcow.errors import JobError
+
+from .completion import delete_files
+from .restartable import restartable_commit
+from .simple import simple_commit
+from .steps import Copied, SetLen
+from .target import resolve_target
+
+
+def check_guard(target, guard_dirs=(), force=False):
+    """The stranding guard: refuse (JobError) when another chain depends on an image
+    this commit changes or invalidates; with force, the list of what is stranded."""
+    from .guard import guard_commit
+    chain = target.chain
+    return guard_commit([layer.path for layer in chain.layers], target.base_index,
+                        target.top_index, target.mode, list(guard_dirs), force)
+
+
+def start_commit(chain, top=None, base=None, mode="simple", active=False,
+                 default_top_active=False, guard_dirs=(), force=False):
+    """(target, stranded, steps): a checked request and its step generator. The steps
+    return the dropped layers when they finish."""
+    target = resolve_target(chain, top, base, mode, active, default_top_active)
+    stranded = check_guard(target, guard_dirs, force)
+    chain.reopen(target.base, True)          # write locks for the job's duration
+    if target.active:
+        from .active import active_commit
+        steps = active_commit(target)
+    elif mode == "restartable":
+        steps = restartable_commit(target)
+    else:
+        steps = simple_commit(target)
+    return target, stranded, _finally_read_only(target, steps)
+
+
+def _finally_read_only(target, steps):
+    """Base goes back to read-only (a backing file again) however the job ends, as
+    QEMU does (iotest 249)."""
+    try:
+        return (yield from steps)
+    finally:
+        chain, base = target.chain, target.base
+        if base in chain.layers and chain.index_of(base) > 0 and not base.read_only:
+            chain.reopen(base, False)
+
+
+class RateLimiter:
+    """Sleeps so that no more than `speed` bytes per second are copied (0: no limit)."""
+
+    def __init__(self, speed):
+        self.speed = speed
+        self.start = time.monotonic()
+        self.done = 0
+
+    def delay_for(self, nbytes):
+        if not self.speed:
+            return 0.0
+        self.done += nbytes
+        return max(0.0, self.start + self.done / self.speed - time.monotonic())
+
+
+def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False,
+                guard_dirs=(), force=False, progress=None):
+    """Commit an unmounted chain to the end. progress(offset, length) after each step.
+    Returns (dropped paths, stranded dependants)."""
+    with qcow.open_chain(image, writable=True) as chain:
+        target, stranded, steps = start_commit(chain, top, base, mode, guard_dirs=guard_dirs,
+                                               force=force)
+        if target.active:
+            raise JobError(image, "an offline commit cannot be active; commit the "
+                                  "image's backing file, or mount it")
+        limiter = RateLimiter(speed)
+        length = offset = 0
+        gen = steps
+        try:
+            while True:
+                step = next(gen)
+                if isinstance(step, SetLen):
+                    length = step.length
+                elif isinstance(step, Copied):
+                    offset += step.nbytes
+                    delay = limiter.delay_for(step.nbytes)
+                    if delay:
+                        time.sleep(delay)
+                if progress:
+                    progress(offset, length)
+        except StopIteration as stop:
+            dropped = stop.value or []
+        finally:
+            gen.close()
+        paths = [layer.path for layer in dropped]
+    if delete:
+        delete_files(dropped)
+    return paths, stranded

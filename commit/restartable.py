@@ -1,0 +1,98 @@
+"""Restartable mode: the depth-first algorithm of the 2012 design discussion.
+
+Intermediates are drained one at a time from the one just above base upwards. For each
+allocated cluster of the layer being drained that no higher layer of the range shadows,
+its content is copied into base; once base is flushed the cluster is marked unallocated
+in that layer, so the layer reads through to base and sees the same bytes. When nothing
+visible is left, the layer leaves the chain at once (its overlay is rewritten to name
+base) before the next layer is touched: a cluster above it may only become unallocated
+onto base once no shorter layer sits in between and could shadow base with zeros.
+
+Restart (after cancel or kill -9) resumes where the durable state says: clusters
+already unallocated are not copied again; only chunks that were in flight are.
+"""
+
+from qcow.l2_table import DATA, UNALLOCATED, ZERO
+
+from .completion import drop_layers_down_to, zero_past_short
+from .steps import CHUNK, Copied, SetLen
+
+BATCH = 8 << 20     # bytes copied between two flushes of base (and the unallocation)
+
+
+def restartable_commit(target):
+    chain = target.chain
+    base = target.base
+    top_size = target.top.virtual_size
+    for layer in target.range_layers:
+        chain.reopen(layer, True)
+    if base.virtual_size < top_size:
+        chain.grow(base, top_size)
+    runs = chain.range_status(target.top_index, target.base_index, 0, top_size)
+    yield SetLen(sum(r[1] for r in runs if r[3] == DATA))
+    dropped = []
+    # bottom-up: the layer just above base first
+    for layer in reversed(target.range_layers):
+        yield from _drain(target, layer)
+        zero_past_short(chain, layer, base)
+        overlay = chain.layers[chain.index_of(layer) - 1]
+        dropped += drop_layers_down_to(chain, overlay, base)
+    return dropped
+
+
+def _drain(target, layer):
+    chain, base = target.chain, target.base
+    cs = layer.cluster_size
+    visible_end = min(layer.virtual_size, target.top.virtual_size)
+    below = chain.below_fn(base)
+    step = max(cs, CHUNK // cs * cs)
+    done = []          # cluster-aligned ranges of `layer` copied since the last flush
+    pending = 0
+    pos = 0
+    try:
+        for start, length, allocated in layer.is_allocated(0, visible_end):
+            if not allocated:
+                continue
+            # whole clusters of `layer`, each visited once even when runs share one
+            pos = max(pos, start // cs * cs)
+            end = min(-(-(start + length) // cs) * cs, visible_end)
+            while pos < end:
+                n = min(step, end - pos)
+                copied = _copy_visible(target, layer, pos, n, below)
+                done.append((pos, n))
+                pending += copied
+                pos += n
+                yield Copied(copied)
+                if pending >= BATCH:
+                    _commit_batch(base, layer, done)
+                    pending = 0
+    finally:
+        # also on cancel: what base durably holds need not be copied again
+        _commit_batch(base, layer, done)
+
+
+def _copy_visible(target, layer, off, n, below):
+    """Copy the parts of [off, off+n) that `layer` answers for into base."""
+    chain, base = target.chain, target.base
+    d = chain.index_of(layer)
+    copied = 0
+    for s, ln, depth, kind in chain.range_status(target.top_index, target.base_index, off, n):
+        if depth != d or kind == UNALLOCATED:
+            continue
+        if kind == ZERO:
+            base.write_zeroes(s, ln, below)
+        else:
+            base.write(s, chain.read_from(d, s, ln), below)
+            copied += ln
+    return copied
+
+
+def _commit_batch(base, layer, done):
+    """Ordering rule: base durable first, then the layer forgets the clusters."""
+    if not done:
+        return
+    base.flush()
+    for off, n in done:
+        layer.mark_unallocated(off, n)
+    layer.flush()
+    done.clear()

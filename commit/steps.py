@@ -1,0 +1,33 @@
+"""The step protocol between a commit algorithm and whoever drives it.
+
+An algorithm is a generator that does its I/O in bounded chunks and yields between
+them, so a driver can rate-limit, pause, report progress or cancel (close the
+generator) at every yield. It yields `SetLen(n)` (bytes this run has to copy, possibly
+several times as it learns more) and `Copied(n)` (bytes just copied). The offline
+driver (engine.run_offline) loops in the calling thread; the live driver runs each step
+in a worker thread under the mount's job.
+"""
+
+from typing import NamedTuple
+
+CHUNK = 1 << 20          # bytes copied per step: bounded, so guests never wait long
+
+
+class SetLen(NamedTuple):
+    length: int
+
+
+class Copied(NamedTuple):
+    nbytes: int
+
+
+def chunks(start, length, align, size=CHUNK):
+    """Split [start, start+length) into pieces of at most `size`, cut at multiples of
+    `align` (base's cluster size) so that whole clusters are written where possible."""
+    size = max(align, size - size % align)
+    end = start + length
+    pos = start
+    while pos < end:
+        nxt = min(end, (pos // size + 1) * size)
+        yield pos, nxt - pos
+        pos = nxt

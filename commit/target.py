@@ -1,0 +1,117 @@
+"""Which layers a commit works on: resolving `top`/`base` names and checking the request.
+
+Pure lookups over an open chain; nothing here writes.
+"""
+
+import os
+from dataclasses import dataclass
+
+from qcow.errors import JobError
+
+MODES = ("simple", "restartable")
+
+
+@dataclass
+class CommitTarget:
+    """Layers are named by path: reopening (read-write and back) replaces the layer
+    objects, and dropping layers shifts indexes, so both are looked up when used."""
+    chain: object
+    top_path: str      # the topmost layer committed (inclusive)
+    base_path: str     # the layer committed into
+    mode: str
+    active: bool       # top is the active layer (a mirror, then a pivot)
+
+    def _index(self, path):
+        for i, layer in enumerate(self.chain.layers):
+            if layer.path == path:
+                return i
+        raise JobError(path, "left the chain while the job ran")
+
+    @property
+    def top_index(self):
+        return self._index(self.top_path)
+
+    @property
+    def base_index(self):
+        return self._index(self.base_path)
+
+    @property
+    def top(self):
+        return self.chain.layers[self.top_index]
+
+    @property
+    def base(self):
+        return self.chain.layers[self.base_index]
+
+    @property
+    def range_layers(self):
+        """(base, top]: the layers whose content moves into base, top first."""
+        return self.chain.layers[self.top_index:self.base_index]
+
+
+def node_name(index):
+    """Stable names for query-named-block-nodes: the active layer is 'node0'."""
+    return f"node{index}"
+
+
+def find_layer(chain, name):
+    """A layer by its file name as shown (filename), its absolute path, its node name,
+    or the name written in its overlay's header."""
+    if name is None:
+        return None
+    layers = chain.layers
+    for i, layer in enumerate(layers):
+        if name in (layer.filename, layer.path, node_name(i)):
+            return layer
+        if i and layers[i - 1].backing_name == name:
+            return layer
+    try:
+        st = os.stat(name)
+    except OSError:
+        st = None
+    if st is not None:
+        for layer in layers:
+            lst = os.fstat(layer.io.fd)
+            if (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
+                return layer
+    raise JobError(name, "is not an image of this chain")
+
+
+def resolve_target(chain, top=None, base=None, mode="simple", active=False,
+                   default_top_active=False):
+    """Build the CommitTarget for a request. Without `top`, the CLI commits the active
+    image's backing file (as virsh does) and QMP commits the active layer (as QEMU does:
+    `default_top_active`); `active` forces the active layer."""
+    layers = chain.layers
+    if mode not in MODES:
+        raise JobError(None, f"unknown commit mode '{mode}' (simple or restartable)")
+    if len(layers) < 2:
+        raise JobError(layers[0].filename, "has no backing file: nothing to commit")
+    base_layer = find_layer(chain, base) if base else layers[-1]
+    if active or (top is None and default_top_active):
+        top_layer = layers[0]
+    elif top is None:
+        top_layer = layers[1]
+    else:
+        top_layer = find_layer(chain, top)
+    ti, bi = chain.index_of(top_layer), chain.index_of(base_layer)
+    if ti >= bi:
+        raise JobError(base_layer.filename, f"is not below top image {top_layer.filename}")
+    is_active = ti == 0
+    if is_active and mode == "restartable":
+        raise JobError(top_layer.filename, "an active commit cannot use restartable mode")
+    if base_layer.format != "qcow2" and base_layer.format != "raw":
+        raise JobError(base_layer.filename, "base has an unsupported format")
+    for layer in layers[ti:bi + 1]:
+        if getattr(layer, "encrypted", False):
+            raise JobError(layer.filename, "encrypted images cannot be committed")
+    writable_needed = [base_layer]
+    if mode == "restartable":
+        writable_needed += layers[ti:bi]
+    if not is_active:
+        writable_needed.append(layers[ti - 1])   # its backing name is rewritten
+    for layer in writable_needed:
+        if not os.access(layer.path, os.W_OK):
+            raise JobError(layer.filename, "must be writable for this commit "
+                                           f"({mode} mode)")
+    return CommitTarget(chain, top_layer.path, base_layer.path, mode, is_active)
