@@ -14,7 +14,7 @@ from qcow.errors import JobError
 from .completion import delete_files
 from .restartable import restartable_commit
 from .simple import simple_commit
-from .steps import Copied, SetLen
+from .steps import Copied, Ready, SetLen
 from .target import resolve_target
 
 
@@ -33,7 +33,6 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
     return the dropped layers when they finish."""
     target = resolve_target(chain, top, base, mode, active, default_top_active)
     stranded = check_guard(target, guard_dirs, force)
-    chain.reopen(target.base, True)          # write locks for the job's duration
     if target.active:
         from .active import active_commit
         steps = active_commit(target)
@@ -45,9 +44,11 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
 
 
 def _finally_read_only(target, steps):
-    """Base goes back to read-only (a backing file again) however the job ends, as
-    QEMU does (iotest 249)."""
+    """Base is writable (with write locks) for the job's duration only: it goes back
+    to read-only (a backing file again) however the job ends, as QEMU does (iotest
+    249). Nothing is opened for writing before the job's first step."""
     try:
+        target.chain.reopen(target.base, True)
         return (yield from steps)
     finally:
         chain, base = target.chain, target.base
@@ -103,3 +104,69 @@ def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False
     if delete:
         delete_files(dropped)
     return paths, stranded
+
+
+def _step(gen, value):
+    """One step of an algorithm (runs in a worker thread): (finished, yielded/returned)."""
+    try:
+        return False, gen.send(value)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def live_run(steps, delete=False):
+    """Adapt an algorithm's steps to a mount job: `async def run(ctx)` for JobManager.
+    Each step runs in a worker thread (bulk I/O off the trio loop); between steps the
+    job applies the speed limit, pauses, and receives cancels."""
+    import trio
+
+    async def run(ctx):
+        value = None
+        decision = None
+        try:
+            while True:
+                finished, step = await trio.to_thread.run_sync(_step, steps, value)
+                value = None
+                if finished:
+                    dropped = step or []
+                    break
+                if isinstance(step, SetLen):
+                    ctx.set_len(step.length)
+                elif isinstance(step, Copied):
+                    await ctx.progress(step.nbytes)
+                elif isinstance(step, Ready):
+                    if not ctx.ready:
+                        await ctx.transition_to_ready()
+                    if decision is None:
+                        decision = await ctx.wait_for_completion_request()
+                    value = decision
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(steps.close)
+        if delete and dropped:
+            await trio.to_thread.run_sync(delete_files, dropped)
+
+    return run
+
+
+def make_commit_factory(chain, default_guard_dirs=()):
+    """The mount's block-commit: QMP arguments -> (job_id, 'commit', run)."""
+    import trio
+
+    async def factory(args):
+        top = args.get("top-node") or args.get("top")
+        base = args.get("base-node") or args.get("base")
+        mode = args.get("x-mode", "simple")
+        job_id = args.get("job-id") or args.get("device") or "commit"
+        guard_dirs = list(default_guard_dirs) + list(args.get("x-guard-dirs", []))
+
+        def prepare():
+            return start_commit(chain, top, base, mode, default_top_active=True,
+                                guard_dirs=guard_dirs, force=bool(args.get("x-force")))
+
+        target, stranded, steps = await trio.to_thread.run_sync(prepare)
+        run = live_run(steps, delete=bool(args.get("x-delete")))
+        run.stranded = stranded
+        return job_id, "commit", run
+
+    return factory

@@ -12,9 +12,10 @@ Restart (after cancel or kill -9) resumes where the durable state says: clusters
 already unallocated are not copied again; only chunks that were in flight are.
 """
 
-from qcow.l2_table import DATA, UNALLOCATED, ZERO
+from qcow.l2_table import DATA
 
 from .completion import drop_layers_down_to, zero_past_short
+from .copy import copy_view
 from .steps import CHUNK, Copied, SetLen
 
 BATCH = 8 << 20     # bytes copied between two flushes of base (and the unallocation)
@@ -44,7 +45,6 @@ def _drain(target, layer):
     chain, base = target.chain, target.base
     cs = layer.cluster_size
     visible_end = min(layer.virtual_size, target.top.virtual_size)
-    below = chain.below_fn(base)
     step = max(cs, CHUNK // cs * cs)
     done = []          # cluster-aligned ranges of `layer` copied since the last flush
     pending = 0
@@ -58,7 +58,8 @@ def _drain(target, layer):
             end = min(-(-(start + length) // cs) * cs, visible_end)
             while pos < end:
                 n = min(step, end - pos)
-                copied = _copy_visible(target, layer, pos, n, below)
+                copied = copy_view(chain, target.top_index, base, pos, n,
+                                   only_depth=chain.index_of(layer))
                 done.append((pos, n))
                 pending += copied
                 pos += n
@@ -69,22 +70,6 @@ def _drain(target, layer):
     finally:
         # also on cancel: what base durably holds need not be copied again
         _commit_batch(base, layer, done)
-
-
-def _copy_visible(target, layer, off, n, below):
-    """Copy the parts of [off, off+n) that `layer` answers for into base."""
-    chain, base = target.chain, target.base
-    d = chain.index_of(layer)
-    copied = 0
-    for s, ln, depth, kind in chain.range_status(target.top_index, target.base_index, off, n):
-        if depth != d or kind == UNALLOCATED:
-            continue
-        if kind == ZERO:
-            base.write_zeroes(s, ln, below)
-        else:
-            base.write(s, chain.read_from(d, s, ln), below)
-            copied += ln
-    return copied
 
 
 def _commit_batch(base, layer, done):

@@ -17,6 +17,7 @@ starts over.
 from qcow.l2_table import UNALLOCATED, ZERO
 
 from .completion import drop_range
+from .copy import copy_view
 from .steps import Copied, SetLen, chunks
 
 
@@ -30,13 +31,7 @@ def simple_commit(target):
     runs = [r for r in chain.range_status(top_i, target.base_index, 0, top_size)
             if r[3] != UNALLOCATED]
     yield SetLen(sum(r[1] for r in runs if r[3] != ZERO))
-    below = chain.below_fn(base)
-    for start, length, _depth, kind in runs:
+    for start, length, _depth, _kind in runs:
         for off, n in chunks(start, length, base.cluster_size):
-            if kind == ZERO:
-                base.write_zeroes(off, n, below)
-                yield Copied(0)
-            else:
-                base.write(off, chain.read_from(top_i, off, n), below)
-                yield Copied(n)
+            yield Copied(copy_view(chain, top_i, base, off, n))
     return (yield from drop_range(target))

@@ -31,3 +31,8 @@ def chunks(start, length, align, size=CHUNK):
         nxt = min(end, (pos // size + 1) * size)
         yield pos, nxt - pos
         pos = nxt
+
+
+class Ready(NamedTuple):
+    """An active commit is in sync. The driver sends back 'complete' (pivot) or
+    'cancel' (stop mirroring, leave the chain as it is)."""

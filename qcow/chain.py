@@ -95,6 +95,9 @@ class Chain:
         self._lock = threading.RLock()
         self._inflight = 0
         self._retired = []
+        # called under the lock after each guest write: observer(offset, length, data)
+        # with data None for zero writes (an active commit mirrors through this)
+        self.write_observers = []
         self.layers = []
         try:
             self._open_all(os.fspath(path), fmt, metadata_only)
@@ -290,15 +293,24 @@ class Chain:
     def _below(self, depth):
         return lambda off, n: self.read_from(depth + 1, off, n)
 
+    @property
+    def lock(self):
+        """The chain's metadata lock (held by guest writes and layer switches)."""
+        return self._lock
+
     def write(self, offset, data):
         self._check_write(offset, len(data))
         with self._lock:
             self.active.write(offset, data, self._below(0))
+            for observer in self.write_observers:
+                observer(offset, len(data), data)
 
     def write_zeroes(self, offset, length):
         self._check_write(offset, length)
         with self._lock:
             self.active.write_zeroes(offset, length, self._below(0))
+            for observer in self.write_observers:
+                observer(offset, length, None)
 
     def discard(self, offset, length):
         """Afterwards the range reads as zeros (clusters are freed where possible)."""

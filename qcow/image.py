@@ -29,7 +29,7 @@ from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE,
                      parse_header)
 from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                        QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
-                       SC_ALLOC_MASK, SC_ZERO_SHIFT, SUBCLUSTERS, UNALLOCATED, ZERO,
+                       SC_ALLOC_MASK, SC_ZERO_SHIFT, UNALLOCATED, ZERO,
                        compressed_descriptor, compressed_host_clusters, table_from_bytes,
                        table_to_bytes)
 from .rawio import RawIO
