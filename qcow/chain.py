@@ -182,7 +182,18 @@ class Chain:
     def read(self, offset, length):
         """The guest's bytes at [offset, offset+length)."""
         self._check_range(offset, length)
-        return self.read_from(0, offset, length)
+        with self._lock:
+            layer = self.layers[0]
+            host = layer.fast_host(offset, length) if layer.format == "qcow2" else None
+            if host is not None:
+                self._inflight += 1
+        if host is None:
+            return self.read_from(0, offset, length)
+        try:
+            data = layer.io.pread(length, host)
+        finally:
+            self._read_done()
+        return data if len(data) == length else data + bytes(length - len(data))
 
     def read_from(self, depth, offset, length):
         """The view of the chain from layers[depth] down: what layers[depth-1] sees of
@@ -211,11 +222,14 @@ class Chain:
                     mv[r:r + ln] = layer.read_compressed(entry)[within:within + ln]
             return bytes(buf)
         finally:
-            with self._lock:
-                self._inflight -= 1
-                if not self._inflight and self._retired:
-                    retired, self._retired = self._retired, []
-                    self._close_layers(retired, flush=False)
+            self._read_done()
+
+    def _read_done(self):
+        with self._lock:
+            self._inflight -= 1
+            if not self._inflight and self._retired:
+                retired, self._retired = self._retired, []
+                self._close_layers(retired, flush=False)
 
     def block_status(self, offset, length, want_zero=False):
         """Extents saying which layer serves each part of [offset, offset+length).
@@ -301,7 +315,13 @@ class Chain:
     def write(self, offset, data):
         self._check_write(offset, len(data))
         with self._lock:
-            self.active.write(offset, data, self._below(0))
+            layer = self.layers[0]
+            host = layer.fast_host(offset, len(data), for_write=True) \
+                if layer.format == "qcow2" and layer.prepared_for_write else None
+            if host is not None:
+                layer.io.pwrite(data, host)     # owned cluster: overwrite in place
+            else:
+                layer.write(offset, data, self._below(0))
             for observer in self.write_observers:
                 observer(offset, len(data), data)
 

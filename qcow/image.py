@@ -37,6 +37,7 @@ from .refcount import Refcounts
 from .snapshot import parse_snapshot_table
 
 HEADER_PROBE = 4096
+_NOT_PLAIN = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 
 
 def append_extent(out, start, length, kind, aux):
@@ -101,7 +102,7 @@ class Qcow2Image:
         self.l2_cache = None
         self.refcounts = None
         self._decompressed = (None, None)   # last compressed entry read, and its cluster
-        self._header_prepared = False
+        self.prepared_for_write = False
         if not self.read_only:
             self.refcounts = Refcounts(self, max(4, capacity // 4))
         self.l2_cache = self._new_l2_cache(capacity)
@@ -141,6 +142,28 @@ class Qcow2Image:
             raise eio(self.path, f"L2 entry for guest offset 0x{where:x} points "
                                  f"outside the file (0x{host:x})")
         return host
+
+    def fast_host(self, off, n, for_write=False):
+        """Host offset of [off, off+n) when it lies in one plain data cluster whose L2
+        table is cached (for writes: owned, QCOW_OFLAG_COPIED); else None, and the
+        caller takes the general path. The per-request fast path of the mount."""
+        cb = self.cluster_bits
+        ci = off >> cb
+        if (off + n - 1) >> cb != ci or self.extended_l2:
+            return None
+        l1i, l2i = divmod(ci, self.l2_entries)
+        if l1i >= len(self.l1):
+            return None
+        table = self.l2_cache.peek(self.l1[l1i] & L1E_OFFSET_MASK)
+        if table is None:
+            return None
+        entry = table[l2i]
+        if entry & _NOT_PLAIN or (for_write and not entry & QCOW_OFLAG_COPIED):
+            return None
+        host = entry & L2E_OFFSET_MASK
+        if not host or host & (self.cluster_size - 1) or host >= self.file_size:
+            return None
+        return host + (off & (self.cluster_size - 1))
 
     def extents(self, off, n):
         """Runs (start, length, kind, aux) covering [off, off+n) of this layer alone.
@@ -254,7 +277,7 @@ class Qcow2Image:
 
     def _prepare_write(self):
         """Before the first modification: clear autoclear bits we do not maintain."""
-        if self._header_prepared:
+        if self.prepared_for_write:
             return
         self._check_writable()
         h = self.header
@@ -263,7 +286,7 @@ class Qcow2Image:
             h.autoclear_features = 0
             self.io.pwrite(struct.pack(">Q", 0), 88)
             self.io.sync()
-        self._header_prepared = True
+        self.prepared_for_write = True
 
     def _l2_for_write(self, l1i):
         """The L2 table for L1 index l1i, allocated or made private (COPIED) first."""

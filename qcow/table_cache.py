@@ -31,6 +31,10 @@ class TableCache:
         self._insert(offset, t)
         return t
 
+    def peek(self, offset):
+        """The cached table or None; no I/O, no LRU update (the fast path's lookup)."""
+        return self._tables.get(offset)
+
     def install(self, offset, table):
         """Put a table that exists only in memory so far (a new allocation): dirty."""
         self._insert(offset, table)
