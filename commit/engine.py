@@ -12,27 +12,24 @@ import qcow
 from qcow.errors import JobError
 
 from .completion import delete_files
+from .guard import guard_commit
 from .restartable import restartable_commit
 from .simple import simple_commit
 from .steps import Copied, Ready, SetLen
 from .target import resolve_target
 
 
-def check_guard(target, guard_dirs=(), force=False):
-    """The stranding guard: refuse (JobError) when another chain depends on an image
-    this commit changes or invalidates; with force, the list of what is stranded."""
-    from .guard import guard_commit
-    chain = target.chain
-    return guard_commit([layer.path for layer in chain.layers], target.base_index,
-                        target.top_index, target.mode, list(guard_dirs), force)
-
-
 def start_commit(chain, top=None, base=None, mode="simple", active=False,
-                 default_top_active=False, guard_dirs=(), force=False):
+                 default_top_active=False, guard_dirs=(), force=False, delete=False):
     """(target, stranded, steps): a checked request and its step generator. The steps
-    return the dropped layers when they finish."""
+    return the dropped layers when they finish.
+
+    The stranding guard runs first: it refuses (JobError) when another chain depends on
+    an image this commit changes, invalidates or deletes; with force it returns the
+    dependants that are stranded."""
     target = resolve_target(chain, top, base, mode, active, default_top_active)
-    stranded = check_guard(target, guard_dirs, force)
+    stranded = guard_commit([layer.path for layer in chain.layers], target.base_index,
+                            target.top_index, mode, list(guard_dirs), force, delete=delete)
     if target.active:
         from .active import active_commit
         steps = active_commit(target)
@@ -77,7 +74,7 @@ def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False
     Returns (dropped paths, stranded dependants)."""
     with qcow.open_chain(image, writable=True) as chain:
         target, stranded, steps = start_commit(chain, top, base, mode, guard_dirs=guard_dirs,
-                                               force=force)
+                                               force=force, delete=delete)
         if target.active:
             raise JobError(image, "an offline commit cannot be active; commit the "
                                   "image's backing file, or mount it")
@@ -162,7 +159,8 @@ def make_commit_factory(chain, default_guard_dirs=()):
 
         def prepare():
             return start_commit(chain, top, base, mode, default_top_active=True,
-                                guard_dirs=guard_dirs, force=bool(args.get("x-force")))
+                                guard_dirs=guard_dirs, force=bool(args.get("x-force")),
+                                delete=bool(args.get("x-delete")))
 
         target, stranded, steps = await trio.to_thread.run_sync(prepare)
         run = live_run(steps, delete=bool(args.get("x-delete")))

@@ -574,16 +574,23 @@ class JobManager:
     `(job_id, job_type, run)` where `run` is `async def run(ctx: JobContext)`.
     Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
     count). Events go to `self.emit(event, data)` (set it to `QMPServer.emit`).
-    Start it with `await nursery.start(manager.run)`.
+    Start it with `await nursery.start(manager.run)` (without that, jobs run as trio
+    system tasks). Passing the mounted chain instead of a factory uses
+    `commit.engine.make_commit_factory(chain)`.
     """
 
     def __init__(self, commit_factory=None, *, emit=None):
+        if commit_factory is not None and not callable(commit_factory) and hasattr(commit_factory, "layers"):
+            # given the chain itself: the commit engine's factory for it
+            from commit.engine import make_commit_factory
+
+            commit_factory = make_commit_factory(commit_factory)
         self.commit_factory = commit_factory
         self.emit = emit
         self._jobs = {}  # id -> (Job, JobContext), newest last
         self._nursery = None
-        self._changed = None
-        self._commit_lock = None
+        self._changed = trio.Event()
+        self._commit_lock = trio.Lock()
 
     def _emit(self, event, data):
         log.info("job event %s %s", event, data)
@@ -592,8 +599,6 @@ class JobManager:
 
     # -- life cycle
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
-        self._changed = trio.Event()
-        self._commit_lock = trio.Lock()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -603,9 +608,8 @@ class JobManager:
             self._nursery = None
 
     def _notify(self):
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = trio.Event()
+        self._changed.set()
+        self._changed = trio.Event()
 
     # -- queries
     def jobs(self):
@@ -622,8 +626,6 @@ class JobManager:
     # -- starting
     def start_job(self, job_id, job_type, run, *, speed=0, auto_dismiss=True, auto_finalize=True):
         """Create and start a job now (emits created, running); returns the `Job`."""
-        if self._nursery is None:
-            raise RuntimeError("JobManager.run() is not running")
         if not id_wellformed(job_id):
             raise JobError(None, f"Invalid job ID '{job_id}'")
         if job_id in self._jobs:
@@ -643,7 +645,10 @@ class JobManager:
         ctx = JobContext(self, job)
         self._jobs[job_id] = (job, ctx)
         job.start()
-        self._nursery.start_soon(self._run_job, job, ctx, run, name=f"job {job_id}")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_job, job, ctx, run, name=f"job {job_id}")
+        else:  # run() was not started: the job runs as a trio system task
+            trio.lowlevel.spawn_system_task(self._run_job, job, ctx, run, name=f"job {job_id}")
         self._notify()
         return job
 
@@ -687,6 +692,10 @@ class JobManager:
         """Wait until no job is running."""
         while self.has_running_jobs():
             await self._changed.wait()
+
+    async def shutdown(self, grace=10.0):
+        """For unmount/quit: `cancel_all()`."""
+        await self.cancel_all(grace)
 
     async def cancel_all(self, grace=10.0):
         """Force-cancel every running job and wait until they all ended. A job that

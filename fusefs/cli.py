@@ -8,6 +8,7 @@ one line on stderr with a non-zero exit; a traceback is a bug.
 
 import argparse
 import importlib
+import os
 import sys
 
 from qcow.errors import QcowError
@@ -101,6 +102,10 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `qcowfs info ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ MAX_L1_BYTES = 32 << 20      # QEMU's cap on the L1 table
 MAX_REFTABLE_BYTES = 8 << 20  # QEMU's cap on the refcount table
 MAX_BACKING_NAME = 1023
 
+HEADER_PROBE_BYTES = 4096   # header, extensions and backing name usually fit in it
 V2_HEADER_LEN = 72
 V3_HEADER_LEN = 104
 
@@ -330,16 +331,22 @@ def _check_tables(hdr, file_size, path):
 def read_backing_info(path):
     """(format, backing_name, backing_format, virtual_size) from headers only, no locks.
 
-    For scans over many files (the stranding guard): one small read per file. A raw
-    file gives ('raw', None, None, size). Corrupt qcow2 raises CorruptImage.
+    For scans over many files (the stranding guard): usually one 4 KiB read per file;
+    the whole first cluster only when the header area is larger. A raw file gives
+    ('raw', None, None, size). Corrupt qcow2 raises CorruptImage.
     """
     with open(path, "rb") as f:
-        head = f.read(4096)
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER_PROBE_BYTES)
         if head[:4] != QCOW_MAGIC:
-            return ("raw", None, None, os.fstat(f.fileno()).st_size)
-        cluster_bits = struct.unpack_from(">I", head, 20)[0] if len(head) >= 24 else 0
-        if MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS and (1 << cluster_bits) > 4096:
+            return ("raw", None, None, size)
+        try:
+            hdr = parse_header(head, size, path)
+        except CorruptImage:
+            cluster_bits = struct.unpack_from(">I", head, 20)[0] if len(head) >= 24 else 0
+            if not (MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
+                    and (1 << cluster_bits) > len(head)):
+                raise
             f.seek(0)
-            head = f.read(1 << cluster_bits)
-        hdr = parse_header(head, os.fstat(f.fileno()).st_size, path)
+            hdr = parse_header(f.read(1 << cluster_bits), size, path)
     return ("qcow2", hdr.backing_name, hdr.backing_format, hdr.size)

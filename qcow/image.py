@@ -24,7 +24,7 @@ from array import array
 
 from . import compressed
 from .errors import CorruptImage, QcowError, UnsupportedImage, eio
-from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE,
+from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE, HEADER_PROBE_BYTES,
                      EXT_FDE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      parse_header)
 from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
@@ -36,7 +36,7 @@ from .rawio import RawIO
 from .refcount import Refcounts
 from .snapshot import parse_snapshot_table
 
-HEADER_PROBE = 4096
+
 _NOT_PLAIN = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 
 
@@ -70,10 +70,10 @@ class Qcow2Image:
 
     def _open(self, cache_bytes, metadata_only):
         file_size = self.io.size()
-        head = self.io.pread(HEADER_PROBE, 0)
+        head = self.io.pread(HEADER_PROBE_BYTES, 0)
         if len(head) >= 24:
             cb = struct.unpack_from(">I", head, 20)[0]
-            if HEADER_PROBE < (1 << min(cb, 30)) <= (2 << 20):
+            if HEADER_PROBE_BYTES < (1 << min(cb, 30)) <= (2 << 20):
                 head = self.io.pread(1 << cb, 0)
         self.header = h = parse_header(head, file_size, self.path)
         self.file_size = file_size
