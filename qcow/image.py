@@ -130,8 +130,12 @@ class Qcow2Image:
         return off
 
     def _size_for_check(self, host):
+        """The end of the image: the file's size, or past it what has been allocated
+        but not yet written (a new L2 table lives in the cache until the next flush)."""
         if host >= self.file_size:
             self.file_size = self.io.size()
+            if self.refcounts is not None:
+                self.file_size = max(self.file_size, self.refcounts.end << self.cluster_bits)
         return self.file_size
 
     def _host(self, host, where):

@@ -56,7 +56,9 @@ class TableCache:
         while len(self._tables) > self.capacity:
             victim = next(iter(self._tables))
             if victim in self._dirty:
-                self._write_back([victim])
+                # Writing one dirty table costs a barrier: write them all behind the
+                # same one, so a stream of new tables pays one per cache-full.
+                self._write_back(list(self._dirty))
             del self._tables[victim]
 
     def _write_back(self, offsets):

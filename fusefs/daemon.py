@@ -1,0 +1,711 @@
+"""`qcowfs mount` / `qcowfs unmount`: the mount daemon and its life cycle.
+
+`qcowfs mount IMAGE MNT` checks what it cheaply can (mountpoint, image magic), then
+starts the daemon as a child process (``python -m fusefs mount ... --foreground``, in
+its own session, stdio on the log file) and waits on a readiness pipe (fd number in
+``$QCOWFS_READY_FD``): the daemon writes ``READY`` once the flat file answers a stat
+through the mount and the control socket listens, or ``ERROR <one line>`` when it
+cannot start; the command then exits 0, or 1 with the daemon's own line.
+
+The daemon runs trio: one nursery holds pyfuse3's main loop, the QMP control socket
+(`fusefs.qmp.QMPServer`) and signal handling. Every way a mount ends — QMP ``quit``
+(what `qcowfs unmount` sends), ``fusermount3 -u``, SIGTERM, SIGINT/SIGHUP in the
+foreground — takes the same path: cancel running jobs, leave the FUSE loop, unmount,
+flush and close the chain (images marked clean, locks dropped), emit QMP ``SHUTDOWN``,
+exit 0. Logs go to a file (``--log-file``; default ``<socket dir>/<hash>.log`` next to
+the control socket), never to a terminal that may be gone; the daemon's pid is in
+``<hash>.pid`` beside it.
+"""
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import trio
+
+import qcow
+from qcow.errors import ChainError, QcowError
+
+log = logging.getLogger("qcowfs.daemon")
+_CLI_PRINTS = {"cli_prints": True}     # log extra: the CLI prints this error itself
+
+READY_ENV = "QCOWFS_READY_FD"
+QCOW2_MAGIC = b"QFI\xfb"
+START_TIMEOUT = 120.0       # seconds `qcowfs mount` waits for the daemon to be ready
+STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to exit
+FSTYPE = "fuse.qcowfs"
+
+from commit.job import JobManager          # the job commands (block-commit & co)
+from commit.target import node_name        # node names block-commit's top/base accept
+from fusefs import qmp                     # the control socket
+from fusefs.qmp import default_socket_path
+
+
+def _stem(socket_path):
+    base, ext = os.path.splitext(socket_path)
+    return base if ext == ".sock" else socket_path
+
+
+def pid_file_path(socket_path):
+    return _stem(socket_path) + ".pid"
+
+
+def default_log_path(socket_path):
+    return _stem(socket_path) + ".log"
+
+
+class MountConfig:
+    """Resolved options of one mount (absolute paths: the daemon runs in /)."""
+
+    def __init__(self, args):
+        self.image = os.path.abspath(args.image)
+        self.mountpoint = os.path.realpath(args.mountpoint)
+        self.read_only = bool(args.read_only)
+        self.name = args.name
+        self.allow_other = bool(args.allow_other)
+        self.cache_mib = args.cache_mib
+        self.socket = os.path.abspath(args.control_socket or
+                                      default_socket_path(self.mountpoint))
+        self.log_file = os.path.abspath(getattr(args, "log_file", None) or
+                                        default_log_path(self.socket))
+        self.pid_file = pid_file_path(self.socket)
+
+    def daemon_argv(self):
+        argv = [sys.executable, "-m", "fusefs", "mount", self.image, self.mountpoint,
+                "--foreground", "--name", self.name, "--control-socket", self.socket,
+                "--cache-mib", str(self.cache_mib), "--log-file", self.log_file]
+        if self.read_only:
+            argv.append("--read-only")
+        if self.allow_other:
+            argv.append("--allow-other")
+        return argv
+
+
+# ---- checks --------------------------------------------------------------------------
+
+def mount_fstype(path):
+    """The file system type mounted at `path` ('fuse.qcowfs', ...), or None."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    target = os.fsencode(path)
+    found = None
+    for line in lines:
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-")
+        except ValueError:
+            continue
+        if _unescape(fields[4]) == target:
+            found = fields[sep + 1].decode(errors="replace")   # the last one wins
+    return found
+
+
+def _unescape(field):
+    out, i = bytearray(), 0
+    while i < len(field):
+        if field[i] == 0x5C and field[i + 1:i + 4].isdigit() and i + 4 <= len(field):
+            out.append(int(field[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def check_mountpoint(mountpoint):
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise QcowError(mountpoint, "mountpoint does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise QcowError(mountpoint, "mountpoint is a dead FUSE mount (its daemon "
+                            "is gone); clear it with 'fusermount3 -u -z' first") from None
+        raise QcowError(mountpoint, f"mountpoint: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise QcowError(mountpoint, "mountpoint is not a directory")
+    fstype = mount_fstype(mountpoint)
+    if fstype is not None:
+        if fstype.startswith("fuse") and _fuse_dead(mountpoint):
+            raise QcowError(mountpoint, "mountpoint is a dead FUSE mount (its daemon is "
+                                        "gone); clear it with 'qcowfs unmount' or "
+                                        "'fusermount3 -u -z' first")
+        raise QcowError(mountpoint, f"already mounted ({fstype}); unmount it first")
+
+
+def _fuse_dead(mountpoint):
+    try:
+        os.statvfs(mountpoint)      # never answered from a cache: reaches the daemon
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def check_image(image):
+    try:
+        with open(image, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise ChainError(image, "no such file") from None
+    except IsADirectoryError:
+        raise ChainError(image, "is a directory, not an image") from None
+    except OSError as e:
+        raise ChainError(image, e.strerror) from None
+    if magic != QCOW2_MAGIC:
+        raise ChainError(image, "not a qcow2 image (a raw image is already flat: "
+                                "there is nothing to mount)")
+
+
+def check_socket_free(path):
+    if not os.path.exists(path):
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(2)
+        s.connect(path)
+    except OSError:
+        return              # stale: the daemon replaces it
+    finally:
+        s.close()
+    raise QcowError(path, "control socket is in use by another running mount")
+
+
+# ---- qcowfs mount ----------------------------------------------------------------------
+
+def cmd_mount(args):
+    cfg = MountConfig(args)
+    ready_fd = os.environ.pop(READY_ENV, None)
+    if args.foreground:
+        return run_daemon(cfg, int(ready_fd) if ready_fd else None)
+    check_mountpoint(cfg.mountpoint)
+    check_image(cfg.image)
+    check_socket_free(cfg.socket)
+    return spawn_daemon(cfg)
+
+
+def spawn_daemon(cfg):
+    os.makedirs(os.path.dirname(cfg.socket), mode=0o700, exist_ok=True)
+    os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
+    r, w = os.pipe()
+    env = dict(os.environ, **{READY_ENV: str(w)})
+    with open(cfg.log_file, "ab") as logf:
+        proc = subprocess.Popen(cfg.daemon_argv(), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, pass_fds=(w,), env=env, cwd="/",
+                                start_new_session=True)
+    os.close(w)
+    try:
+        line = _read_line(r, START_TIMEOUT)
+    except BaseException:           # e.g. Ctrl-C while waiting: take the daemon along
+        proc.terminate()
+        _reap(proc, cfg)
+        raise
+    finally:
+        os.close(r)
+    if line.startswith("READY"):
+        return 0
+    rc = _reap(proc, cfg)
+    if line.startswith("ERROR "):
+        raise QcowError(None, line[6:])
+    if line == "":
+        why = (f"exited with status {rc}" if rc >= 0 else
+               f"was killed by signal {-rc}")
+        raise QcowError(cfg.mountpoint, f"mount daemon {why} before the mount was "
+                                        f"ready; see {cfg.log_file}")
+    raise QcowError(cfg.mountpoint, f"mount daemon did not become ready within "
+                                    f"{START_TIMEOUT:.0f} s; see {cfg.log_file}")
+
+
+def _reap(proc, cfg):
+    """A daemon that failed to start: wait for it (or kill it) and clear any mount it
+    left behind. Returns its exit status."""
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    if mount_fstype(cfg.mountpoint) == FSTYPE:
+        subprocess.run(["fusermount3", "-u", "-z", cfg.mountpoint],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return rc
+
+
+def _read_line(fd, timeout):
+    """The first line the daemon writes; '' on EOF, '?timeout' on time-out."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "?timeout"
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace") if buf else ""
+
+
+class _Readiness:
+    """The daemon's end of the readiness pipe (absent in a user's --foreground run)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def _send(self, line):
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+    def ready(self):
+        self._send("READY")
+
+    def error(self, message):
+        self._send("ERROR " + message)
+
+
+# ---- the daemon ----------------------------------------------------------------------
+
+def _setup_logging(cfg, to_stderr):
+    os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fh = logging.FileHandler(cfg.log_file)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if to_stderr:
+        root.addHandler(_TerminalHandler())
+
+
+class _TerminalHandler(logging.StreamHandler):
+    """Warnings and errors to the user's terminal in --foreground (everything goes to
+    the log file); drops itself once the terminal is gone. Errors the CLI prints
+    itself (``extra=_CLI_PRINTS``) are not repeated."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("qcowfs: %(message)s"))
+        self.addFilter(lambda record: not getattr(record, "cli_prints", False))
+
+    def handleError(self, record):
+        logging.getLogger().removeHandler(self)
+
+
+def run_daemon(cfg, ready_fd=None):
+    """The daemon itself (`mount --foreground`). Returns the exit code."""
+    notify = _Readiness(ready_fd)
+    try:
+        _setup_logging(cfg, to_stderr=ready_fd is None)
+    except OSError as e:
+        err = QcowError(cfg.log_file, f"cannot open the log file: {e.strerror}")
+        notify.error(str(err))
+        raise err from None
+    log.info("starting: image %s, mountpoint %s, %s, control socket %s", cfg.image,
+             cfg.mountpoint, "read-only" if cfg.read_only else "read-write", cfg.socket)
+    daemon = None
+    try:
+        check_mountpoint(cfg.mountpoint)
+        check_image(cfg.image)
+        check_socket_free(cfg.socket)
+        daemon = Daemon(cfg, notify)
+        daemon.open()
+    except QcowError as e:
+        log.error("%s", e, extra=_CLI_PRINTS)
+        notify.error(str(e))
+        if daemon is not None:
+            daemon.cleanup()
+        raise
+    except BaseException as e:
+        log.exception("cannot start")
+        notify.error(f"{cfg.mountpoint}: cannot start the mount daemon: {e!r}; "
+                     f"see {cfg.log_file}")
+        if daemon is not None:
+            daemon.cleanup()
+        raise
+    return daemon.run()
+
+
+class Daemon:
+    def __init__(self, cfg, notify):
+        self.cfg = cfg
+        self.notify = notify
+        self.on_terminal = notify.fd is None     # a user's own --foreground run
+        self.chain = None
+        self.ops = None
+        self.hook = None
+        self.jobs = None
+        self.server = None
+        self.fuse_state = "none"        # none -> mounted -> running -> stopped -> closed
+        self.stopping = None            # reason, once a shutdown was asked for
+        self.exit_code = 0
+        self._nursery = None
+
+    # -- start-up --------------------------------------------------------------------
+
+    def open(self):
+        import pyfuse3
+        from fusefs.mountfs import FallocateHook, MountFS
+
+        cfg = self.cfg
+        self.chain = qcow.open_chain(cfg.image, writable=not cfg.read_only,
+                                     cache_bytes=cfg.cache_mib << 20, lock=True)
+        top = self.chain.layers[0]
+        if top.format != "qcow2":
+            raise ChainError(cfg.image, "not a qcow2 image (a raw image is already flat: "
+                                        "there is nothing to mount)")
+        log.info("chain: %s", " <- ".join(
+            f"{layer.path} ({layer.format})" for layer in reversed(self.chain.layers)))
+        self.ops = MountFS(self.chain, cfg.name, read_only=cfg.read_only)
+        options = {"default_permissions", "subtype=qcowfs",
+                   "fsname=" + cfg.image.replace("\\", "\\\\").replace(",", "\\,")}
+        if cfg.read_only:
+            options.add("ro")
+        if cfg.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(self.ops, cfg.mountpoint, options)
+        except RuntimeError as e:
+            raise QcowError(cfg.mountpoint, f"cannot mount ({e}); see "
+                                            f"{cfg.log_file}") from None
+        self.fuse_state = "mounted"
+        self.hook = FallocateHook(self.ops)
+        self.hook.install()
+        self.jobs = self._make_job_manager()
+        try:
+            with open(cfg.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            log.warning("cannot write %s: %s", cfg.pid_file, e.strerror)
+
+    def _make_job_manager(self):
+        # ---- job commands: commit/job.py's JobManager plugs in here ----
+        # Given the chain, it builds its block-commit from commit.engine; its command
+        # table is merged into ours in commands(), its events go out through the
+        # control socket, and it is started in _main's nursery.
+        try:
+            return JobManager(self.chain, emit=self._emit)
+        except Exception:
+            log.exception("job manager unavailable: job commands disabled")
+            return None
+
+    # -- the command table of the control socket -----------------------------------
+
+    def commands(self):
+        table = {
+            "query-named-block-nodes": self._qmp_query_named_block_nodes,
+            "quit": self._qmp_quit,
+        }
+        if self.jobs is not None:
+            table.update(self.jobs.commands())      # block-commit, query-block-jobs, ...
+        return table
+
+    async def _qmp_query_named_block_nodes(self, arguments):
+        return block_nodes(self.chain) if self.chain is not None else []
+
+    async def _qmp_quit(self, arguments):
+        self._nursery.start_soon(self.shutdown, "host-qmp-quit")
+        return {}
+
+    def _emit(self, event, data):
+        if self.server is not None:
+            try:
+                self.server.emit(event, data)
+            except Exception:
+                log.exception("cannot emit %s", event)
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self):
+        try:
+            trio.run(self._main)
+        except QcowError as e:                  # e.g. the control socket is taken
+            log.error("%s", e)
+            self.notify.error(str(e))
+            self.exit_code = 1
+        except BaseException:
+            log.exception("mount daemon failed")
+            self.notify.error(f"{self.cfg.mountpoint}: the mount daemon failed; see "
+                              f"{self.cfg.log_file}")
+            self.exit_code = 1
+        finally:
+            self.cleanup()
+        log.info("exit %d", self.exit_code)
+        return self.exit_code
+
+    async def _main(self):
+        import pyfuse3
+
+        sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        with trio.open_signal_receiver(*sigs) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_signals, signals)
+                if self.jobs is not None:
+                    await nursery.start(self.jobs.run)
+                self.server = qmp.QMPServer(self.cfg.socket, self.commands())
+                await nursery.start(self.server.serve)
+                nursery.start_soon(self._announce_ready)
+                self.fuse_state = "running"
+                try:
+                    # fallocate requests run as tasks of this inner nursery, so none is
+                    # left when the session is destroyed below.
+                    async with trio.open_nursery() as requests:
+                        self.ops.nursery = requests
+                        await pyfuse3.main()
+                finally:
+                    self.fuse_state = "stopped"
+                if self.stopping is None:
+                    self.stopping = "host-unmount"
+                    log.info("unmounted from outside (fusermount3 -u or umount)")
+                await self._finish()
+                nursery.cancel_scope.cancel()
+
+    async def _announce_ready(self):
+        path = os.path.join(self.cfg.mountpoint, self.cfg.name)
+        try:
+            st = await trio.to_thread.run_sync(os.stat, path)
+        except OSError as e:
+            log.error("the mount does not answer: %s: %s", path, e.strerror)
+            self.notify.error(f"{self.cfg.mountpoint}: the mount does not answer "
+                              f"({e.strerror}); see {self.cfg.log_file}")
+            await self.shutdown("startup-failed")
+            self.exit_code = 1
+            return
+        info = self.hook.conn_info() if self.hook else None
+        if info:
+            major, minor, max_write, max_read, max_ra = info
+            log.info("kernel FUSE protocol %d.%d: max_write %d, max_read %s, "
+                     "max_readahead %d", major, minor, max_write,
+                     max_read or "unlimited (bounded by max_pages)", max_ra)
+        log.info("serving %s: %d bytes", path, st.st_size)
+        self.notify.ready()
+
+    async def _watch_signals(self, signals):
+        async for signum in signals:
+            if signum == signal.SIGHUP and not self.on_terminal:
+                continue                    # no terminal to lose in daemon mode
+            name = signal.Signals(signum).name
+            if self.stopping:
+                log.info("%s: already shutting down (%s)", name, self.stopping)
+                continue
+            log.info("%s received", name)
+            self._nursery.start_soon(self.shutdown, "host-signal")
+
+    async def shutdown(self, reason):
+        """Ask for a clean shutdown (idempotent): jobs, then the FUSE loop."""
+        if self.stopping:
+            return
+        self.stopping = reason
+        log.info("shutting down (%s)", reason)
+        await self._cancel_jobs()
+        if self.fuse_state == "running":
+            import pyfuse3
+            pyfuse3.terminate()         # pyfuse3.main() returns; _main finishes up
+
+    async def _cancel_jobs(self):
+        if self.jobs is None:
+            return
+        try:
+            await self.jobs.shutdown()
+        except Exception:
+            log.exception("cancelling the jobs failed")
+
+    async def _finish(self):
+        """After the FUSE loop: unmount, cancel jobs, close the chain, say goodbye."""
+        import pyfuse3
+        self._close_fuse(pyfuse3)
+        await self._cancel_jobs()
+        ok = await trio.to_thread.run_sync(self._close_chain)
+        if self.ops is not None:
+            log.info("largest requests served: read %d, write %d bytes",
+                     self.ops.max_read_seen, self.ops.max_write_seen)
+        if ok and self.exit_code == 0:
+            self._emit("SHUTDOWN", {"guest": False, "reason": self.stopping})
+        else:
+            self.exit_code = 1
+        if self.server is not None:
+            await self.server.flush(timeout=5.0)    # SHUTDOWN reaches the clients
+
+    def _close_fuse(self, pyfuse3):
+        if self.fuse_state in ("mounted", "running", "stopped"):
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:
+                log.exception("unmounting failed")
+            self.fuse_state = "closed"
+            log.info("unmounted %s", self.cfg.mountpoint)
+
+    def _close_chain(self):
+        if self.chain is None:
+            return True
+        chain, self.chain = self.chain, None
+        try:
+            chain.close()
+        except Exception:
+            log.exception("closing the chain failed: images may not be marked clean")
+            return False
+        log.info("chain flushed and closed; images marked clean, locks released")
+        return True
+
+    def cleanup(self):
+        """Last resort on every exit path: nothing mounted, chain closed, files gone."""
+        if self.fuse_state != "none" and self.fuse_state != "closed":
+            import pyfuse3
+            self._close_fuse(pyfuse3)
+        if self.chain is not None and not self._close_chain():
+            self.exit_code = 1
+        for path in (self.cfg.pid_file,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def block_nodes(chain):
+    """`query-named-block-nodes`: the chain, top first."""
+    out = []
+    for depth, layer in enumerate(chain.layers):
+        out.append({
+            "node-name": node_name(depth),
+            "file": layer.path,
+            "virtual-size": layer.virtual_size,
+            "format": layer.format,
+            "ro": bool(layer.read_only),
+            "backing_file_depth": len(chain.layers) - 1 - depth,
+        })
+    return out
+
+
+# ---- qcowfs unmount --------------------------------------------------------------------
+
+def cmd_unmount(args):
+    mountpoint = os.path.realpath(args.mountpoint)
+    sock_path = os.path.abspath(args.control_socket or default_socket_path(mountpoint))
+    log_path = default_log_path(sock_path)
+    fstype = mount_fstype(mountpoint)
+    if not os.path.exists(sock_path):
+        return _unmount_without_socket(mountpoint, sock_path, fstype, "no control socket")
+    conn = qmp.QMPConnection(sock_path, label=mountpoint, timeout=30.0)
+    try:
+        conn.connect()
+    except QcowError as e:
+        return _unmount_without_socket(mountpoint, sock_path, fstype, e.message)
+    pid = _read_pid(pid_file_path(sock_path), mountpoint)
+    clean = False
+    try:
+        if not args.cancel_jobs:
+            _refuse_if_jobs(conn, mountpoint)
+        conn.execute("quit")
+        # The daemon now cancels jobs, unmounts, closes the chain, says SHUTDOWN and
+        # closes the socket.
+        while True:
+            ev = conn.next_event(timeout=STOP_TIMEOUT)
+            if ev is None:
+                raise QcowError(mountpoint, f"mount daemon did not finish within "
+                                            f"{STOP_TIMEOUT:.0f} s; see {log_path}")
+            if ev.get("event") == "SHUTDOWN":
+                clean = True
+    except qmp.QMPCallError as e:
+        raise QcowError(mountpoint, f"the mount daemon refused to quit: {e.desc}") from None
+    except QcowError as e:
+        if e.message != "the control socket closed the connection":
+            raise
+    finally:
+        conn.close()
+    if pid is not None and not _wait_pid_exit(pid, STOP_TIMEOUT):
+        raise QcowError(mountpoint, f"mount daemon (pid {pid}) did not exit within "
+                                    f"{STOP_TIMEOUT:.0f} s; see {log_path}")
+    if mount_fstype(mountpoint) == FSTYPE:
+        raise QcowError(mountpoint, "still mounted after the daemon exited")
+    if not clean:
+        raise QcowError(mountpoint, f"mount daemon exited without a clean shutdown; "
+                                    f"see {log_path}")
+    return 0
+
+
+def _refuse_if_jobs(conn, mountpoint):
+    try:
+        jobs = conn.execute("query-block-jobs")
+    except qmp.QMPCallError as e:
+        if e.error_class == qmp.COMMAND_NOT_FOUND:
+            return
+        raise
+    active = [j.get("device", "?") for j in jobs or []
+              if j.get("status") not in ("concluded", "null")]
+    if active:
+        raise QcowError(mountpoint, f"job(s) running: {', '.join(active)}; wait for, "
+                                    f"cancel or complete them, or use --cancel-jobs")
+
+
+def _unmount_without_socket(mountpoint, sock_path, fstype, err):
+    if fstype is None:
+        raise QcowError(mountpoint, "not mounted")
+    if fstype != FSTYPE:
+        raise QcowError(mountpoint, f"not a qcowfs mount ({fstype})")
+    pid = _read_pid(pid_file_path(sock_path), mountpoint)
+    if pid is not None:
+        # The daemon lives but its socket does not answer: stop it the other way.
+        os.kill(pid, signal.SIGTERM)
+        if _wait_pid_exit(pid, STOP_TIMEOUT) and mount_fstype(mountpoint) is None:
+            return 0
+        raise QcowError(mountpoint, f"control socket {sock_path} does not answer ({err}) "
+                                    f"and the daemon (pid {pid}) did not stop on SIGTERM")
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    raise QcowError(mountpoint, "its mount daemon was gone (killed?): removed the dead "
+                                "mount; run 'qcowfs check --repair' on the image")
+
+
+def _read_pid(path, mountpoint=None):
+    """The daemon's pid from its pid file, if that process still runs and is ours (a
+    stale pid file may name a pid reused by something else)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if b"fusefs" not in argv or (mountpoint is not None and
+                                 os.fsencode(mountpoint) not in argv):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _wait_pid_exit(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
