@@ -128,6 +128,7 @@ class RateLimiter:
     """
 
     SLICE = 0.1  # seconds of credit a full bucket holds (QEMU's SLICE_TIME)
+    MIN_DELAY = 1e-6  # shorter waits are not worth (and may not advance a float clock)
 
     def __init__(self, speed=0):
         self.speed = 0
@@ -179,9 +180,10 @@ class RateLimiter:
         if self.speed <= 0:
             return 0.0
         self._refill(now)
-        if self._tokens >= 0:
+        if self._tokens > -1.0:  # less than a byte of debt
             return 0.0
-        return -self._tokens / self.speed
+        delay = -self._tokens / self.speed
+        return delay if delay >= self.MIN_DELAY else 0.0
 
 
 # --------------------------------------------------------------------------- job
@@ -580,11 +582,6 @@ class JobManager:
     """
 
     def __init__(self, commit_factory=None, *, emit=None):
-        if commit_factory is not None and not callable(commit_factory) and hasattr(commit_factory, "layers"):
-            # given the chain itself: the commit engine's factory for it
-            from commit.engine import make_commit_factory
-
-            commit_factory = make_commit_factory(commit_factory)
         self.commit_factory = commit_factory
         self.emit = emit
         self._jobs = {}  # id -> (Job, JobContext), newest last
@@ -692,10 +689,6 @@ class JobManager:
         """Wait until no job is running."""
         while self.has_running_jobs():
             await self._changed.wait()
-
-    async def shutdown(self, grace=10.0):
-        """For unmount/quit: `cancel_all()`."""
-        await self.cancel_all(grace)
 
     async def cancel_all(self, grace=10.0):
         """Force-cancel every running job and wait until they all ended. A job that

@@ -18,7 +18,9 @@ from .completion import drop_layers_down_to, zero_past_short
 from .copy import copy_view
 from .steps import CHUNK, Copied, SetLen
 
-BATCH = 8 << 20     # bytes copied between two flushes of base (and the unallocation)
+# Bytes copied between two flushes of base (each followed by the unallocation in the
+# drained layer): one chunk, so a kill -9 makes a restart copy only the chunk in flight.
+BATCH = CHUNK
 
 
 def restartable_commit(target):

@@ -42,7 +42,8 @@ START_TIMEOUT = 120.0       # seconds `qcowfs mount` waits for the daemon to be 
 STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to exit
 FSTYPE = "fuse.qcowfs"
 
-from commit.job import JobManager          # the job commands (block-commit & co)
+from commit.engine import make_commit_factory
+from commit.job import JobManager
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
 from fusefs.qmp import default_socket_path
@@ -59,6 +60,15 @@ def pid_file_path(socket_path):
 
 def default_log_path(socket_path):
     return _stem(socket_path) + ".log"
+
+
+def _sole_exception(group):
+    """The one exception inside (nested) exception groups, or None if several."""
+    while isinstance(group, BaseExceptionGroup):
+        if len(group.exceptions) != 1:
+            return None
+        group = group.exceptions[0]
+    return group
 
 
 class MountConfig:
@@ -399,15 +409,11 @@ class Daemon:
             log.warning("cannot write %s: %s", cfg.pid_file, e.strerror)
 
     def _make_job_manager(self):
-        # ---- job commands: commit/job.py's JobManager plugs in here ----
-        # Given the chain, it builds its block-commit from commit.engine; its command
-        # table is merged into ours in commands(), its events go out through the
-        # control socket, and it is started in _main's nursery.
-        try:
-            return JobManager(self.chain, emit=self._emit)
-        except Exception:
-            log.exception("job manager unavailable: job commands disabled")
-            return None
+        # The job commands (block-commit & co): the job machinery of commit/job.py with
+        # the commit engine's block-commit for this chain. Its command table is merged
+        # into ours in commands(), its events go out through the control socket, and it
+        # runs in _main's nursery.
+        return JobManager(make_commit_factory(self.chain), emit=self._emit)
 
     # -- the command table of the control socket -----------------------------------
 
@@ -438,7 +444,13 @@ class Daemon:
 
     def run(self):
         try:
-            trio.run(self._main)
+            try:
+                trio.run(self._main)
+            except BaseExceptionGroup as group:   # a nursery wraps a start-up fault
+                only = _sole_exception(group)
+                if only is None:
+                    raise
+                raise only from None
         except QcowError as e:                  # e.g. the control socket is taken
             log.error("%s", e)
             self.notify.error(str(e))
@@ -527,7 +539,7 @@ class Daemon:
         if self.jobs is None:
             return
         try:
-            await self.jobs.shutdown()
+            await self.jobs.cancel_all()
         except Exception:
             log.exception("cancelling the jobs failed")
 
