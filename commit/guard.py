@@ -205,7 +205,7 @@ class _Scan:
     def __init__(self, targets, stop_keys):
         self.targets = targets          # key -> chain path, the images that break dependants
         self.stop_keys = stop_keys      # keys of the committed chain (kept members stop a walk)
-        self.headers = {}               # key -> (format, backing_name, backing_format) | None
+        self.headers = {}               # key -> HeaderInfo | None
         self.verdict = {}               # path -> (route, backing_name, target key) | None
         self.files = 0                  # files examined (for the benchmark)
 
@@ -237,9 +237,11 @@ class _Scan:
             seen.add(ckey)
             trail.append(cur)
             info = self.header(cur, ckey)
-            if info is None or info[0] != "qcow2" or not info[1]:
+            if info is None or info.format != "qcow2" or not info.backing_name:
                 break
-            _, name, bfmt = info
+            if cur == path and info.drained_into:
+                break       # drained and dropped by a restartable commit: a leftover
+            name, bfmt = info.backing_name, info.backing_format
             try:
                 nxt = resolve_backing(name, cur)
                 st = os.stat(nxt)
@@ -262,16 +264,15 @@ class _Scan:
 
 
 def _read_header(path):
-    """(format, backing_name, backing_format) from the header alone, no lock; None when
-    the file is not a regular file, cannot be read, or its header does not parse
-    (hostile headers must not stop the scan)."""
+    """qcow.header.HeaderInfo from the header alone, no lock; None when the file is not
+    a regular file, cannot be read, or its header does not parse (hostile headers must
+    not stop the scan)."""
     try:
         if not stat_mod.S_ISREG(os.stat(path).st_mode):
             return None      # never open a FIFO or a device
-        fmt, name, bfmt, _size = read_backing_info(path)
+        return read_backing_info(path)
     except (OSError, QcowError):
         return None
-    return (fmt, name, bfmt)
 
 
 def _candidates(flat_dirs, recursive_dirs):

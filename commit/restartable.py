@@ -38,6 +38,7 @@ def restartable_commit(target):
     for layer in reversed(target.range_layers):
         yield from _drain(target, layer)
         zero_past_short(chain, layer, base)
+        layer.mark_drained(base.path)      # before it leaves: the guard skips it then
         overlay = chain.layers[chain.index_of(layer) - 1]
         dropped += drop_layers_down_to(chain, overlay, base)
     return dropped

@@ -111,7 +111,8 @@ def resolve_target(chain, top=None, base=None, mode="simple", active=False,
     if not is_active:
         writable_needed.append(layers[ti - 1])   # its backing name is rewritten
     for layer in writable_needed:
-        if not os.access(layer.path, os.W_OK):
+        # no write bit at all counts as read-only even for root, who could write anyway
+        if not os.access(layer.path, os.W_OK) or not os.stat(layer.path).st_mode & 0o222:
             raise JobError(layer.filename, "must be writable for this commit "
                                            f"({mode} mode)")
     return CommitTarget(chain, top_layer.path, base_layer.path, mode, is_active)

@@ -8,6 +8,7 @@ unknown extensions byte-for-byte (the spec asks us to preserve them).
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from construct import Bytes, Const, Int8ub, Int32ub, Int64ub, Padding, Struct
 
@@ -36,6 +37,10 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_FDE = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+# qcowfs's own (QEMU ignores and keeps unknown extensions): set on a layer that a
+# restartable commit drained and dropped; data = the base it was drained into. Such a
+# file is a leftover of that commit, not an image anyone may depend on.
+EXT_QCOWFS_DRAINED = 0x71667364
 
 COMPRESSION_DEFLATE = 0
 COMPRESSION_ZSTD = 1
@@ -133,6 +138,11 @@ class Header:
     @property
     def backing_format(self):
         data = self.extension(EXT_BACKING_FORMAT)
+        return data.decode("utf-8", "replace") if data is not None else None
+
+    @property
+    def drained_into(self):
+        data = self.extension(EXT_QCOWFS_DRAINED)
         return data.decode("utf-8", "replace") if data is not None else None
 
     def feature_names(self):
@@ -328,18 +338,26 @@ def _check_tables(hdr, file_size, path):
         raise CorruptImage(path, "snapshot table is misaligned or beyond the end of file")
 
 
+class HeaderInfo(NamedTuple):
+    format: str
+    backing_name: str | None
+    backing_format: str | None
+    virtual_size: int
+    drained_into: str | None     # see EXT_QCOWFS_DRAINED
+
+
 def read_backing_info(path):
-    """(format, backing_name, backing_format, virtual_size) from headers only, no locks.
+    """HeaderInfo from the header alone, no locks.
 
     For scans over many files (the stranding guard): usually one 4 KiB read per file;
     the whole first cluster only when the header area is larger. A raw file gives
-    ('raw', None, None, size). Corrupt qcow2 raises CorruptImage.
+    HeaderInfo('raw', None, None, size, None). Corrupt qcow2 raises CorruptImage.
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_PROBE_BYTES)
         if head[:4] != QCOW_MAGIC:
-            return ("raw", None, None, size)
+            return HeaderInfo("raw", None, None, size, None)
         try:
             hdr = parse_header(head, size, path)
         except CorruptImage:
@@ -349,4 +367,5 @@ def read_backing_info(path):
                 raise
             f.seek(0)
             hdr = parse_header(f.read(1 << cluster_bits), size, path)
-    return ("qcow2", hdr.backing_name, hdr.backing_format, hdr.size)
+    return HeaderInfo("qcow2", hdr.backing_name, hdr.backing_format, hdr.size,
+                      hdr.drained_into)

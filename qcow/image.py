@@ -17,6 +17,7 @@ Ordering rules (crash safety; a crash may leak clusters, never corrupt):
   image is durable (`set_backing`).
 """
 
+import copy
 import errno
 import struct
 import threading
@@ -24,7 +25,8 @@ from array import array
 
 from . import compressed
 from .errors import CorruptImage, QcowError, UnsupportedImage, eio
-from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE, HEADER_PROBE_BYTES,
+from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_QCOWFS_DRAINED,
+                     HEADER_PROBE_BYTES,
                      EXT_FDE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      parse_header)
 from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
@@ -576,25 +578,36 @@ class Qcow2Image:
 
     def set_backing(self, name, fmt):
         """Rewrite the backing file name and format in one header write (last)."""
+        def change(h):
+            h.backing_name = name
+            h.set_extension(EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+        self._rewrite_cluster0(change)
+        self.backing_name = name
+        self.backing_format = self.header.backing_format
+
+    def mark_drained(self, base_path):
+        """Record in the header that a restartable commit drained this layer into
+        `base_path` (EXT_QCOWFS_DRAINED): it is a leftover from now on."""
+        self._rewrite_cluster0(
+            lambda h: h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode()))
+
+    def _rewrite_cluster0(self, change):
+        """Apply `change` to the header and write cluster 0 in one request, after
+        everything else of the image is durable (the header goes last)."""
         with self.lock:
             self._prepare_write()
             h = self.header
-            old = (h.backing_name, h.backing_format, h.backing_file_offset,
-                   h.backing_file_size, list(h.extensions))
-            h.backing_name = name
-            h.set_extension(EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+            saved = copy.deepcopy(h)
+            change(h)
             try:
                 cluster0 = h.pack_cluster0()
             except ValueError:
-                (h.backing_name, _, h.backing_file_offset, h.backing_file_size,
-                 h.extensions) = old
-                raise QcowError(self.path, "backing file name does not fit in the "
-                                           "header cluster") from None
+                self.header = saved
+                raise QcowError(self.path, "the header does not fit in its cluster "
+                                           "(backing file name too long?)") from None
             self.flush()
             self.io.pwrite(cluster0, 0)
             self.io.sync()
-            self.backing_name = name
-            self.backing_format = h.backing_format
 
     # --- durability -------------------------------------------------------
 

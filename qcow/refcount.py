@@ -62,9 +62,9 @@ class Refcounts:
                 raise CorruptImage(image.path, "refcount table entry is misaligned")
         self.cache = TableCache(self.io, self.cs, cache_tables, bytearray, bytes)
         self.free_hint = 0
-        # first cluster index past everything allocated: new structures go there
-        self.end = -(-self.io.size() // self.cs)
         self.pending_free = []
+        # first cluster index past everything allocated: new structures go there
+        self.end = max(-(-self.io.size() // self.cs), self._last_counted() + 1)
 
     # --- lookups --------------------------------------------------------
 
@@ -96,6 +96,23 @@ class Refcounts:
         if value == 0 and cluster < self.free_hint:
             self.free_hint = cluster
         return value
+
+    def _last_counted(self):
+        """The highest cluster with a non-zero refcount (-1 if none). After a crash
+        the file may end before clusters whose refcounts were already durable: they
+        are leaks, and must not be handed out again as if free."""
+        for bi in range(len(self.table) - 1, -1, -1):
+            off = self.table[bi] & REFT_OFFSET_MASK
+            if not off:
+                continue
+            block = self.cache.get(off)
+            used = len(bytes(block).rstrip(b"\0"))      # bytes up to the last non-zero
+            if used:
+                last = (used * 8 - 1) >> self.order      # the entry holding that byte
+                while not refblock_get(block, last, self.order):
+                    last -= 1
+                return bi * self.rb_entries + last
+        return -1
 
     # --- allocation -----------------------------------------------------
 
