@@ -124,6 +124,8 @@ def cmd_check(args):
         return EXIT_FAILED
     try:
         lock_image(img.io.fd, args.image, WRITER if args.repair else READER)
+        if args.repair:
+            img.repair_if_dirty()
         result = check_image(img, repair=args.repair)
         if args.repair and (result.corruptions or result.leaks):
             print("The following inconsistencies were found and repaired:\n\n"

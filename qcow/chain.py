@@ -123,9 +123,12 @@ class Chain:
             layer = open_layer(os.path.abspath(path), fmt or probe_format(path), writable,
                                self.cache_bytes, metadata_only)
             layer.filename = path
+            layer.reuse_ok = lambda: self._inflight == 0
             self.layers.append(layer)
             if self.locking:
                 lock_image(layer.io.fd, path, WRITER if writable else READER)
+            if writable and layer.format == "qcow2":
+                layer.repair_if_dirty()
             if not layer.backing_name:
                 return
             named_by = path
@@ -378,8 +381,11 @@ class Chain:
             try:
                 new = open_layer(layer.path, layer.format, writable, self.cache_bytes)
                 new.filename = layer.filename
+                new.reuse_ok = lambda: self._inflight == 0
                 if self.locking:
                     lock_image(new.io.fd, new.path, WRITER if writable else READER)
+                if writable and new.format == "qcow2":
+                    new.repair_if_dirty()
             except BaseException:
                 if self.locking:
                     lock_image(layer.io.fd, layer.path, WRITER if not layer.read_only

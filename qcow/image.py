@@ -64,6 +64,7 @@ class Qcow2Image:
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
         self.lock = threading.RLock()
+        self.reuse_ok = lambda: True      # the chain: False while reads are in flight
         try:
             self._open(cache_bytes, metadata_only)
         except BaseException:
@@ -108,11 +109,17 @@ class Qcow2Image:
         if not self.read_only:
             self.refcounts = Refcounts(self, max(4, capacity // 4))
         self.l2_cache = self._new_l2_cache(capacity)
-        if not self.read_only and h.incompatible_features & INCOMPAT_DIRTY:
-            # lazy refcounts left dirty by a crash: rebuild before any allocation
+        # lazy refcounts left dirty by a crash: rebuilt by repair_if_dirty(), which the
+        # opener calls once it holds the image's locks (the repair writes)
+        self.needs_repair = not self.read_only and bool(h.incompatible_features
+                                                        & INCOMPAT_DIRTY)
+
+    def repair_if_dirty(self):
+        if self.needs_repair:
             from .check import check_image
             check_image(self, repair=True)
             self.mark_clean()
+            self.needs_repair = False
 
     def _new_l2_cache(self, capacity):
         from .table_cache import TableCache
@@ -453,7 +460,8 @@ class Qcow2Image:
                 table[2 * l2i + 1] = new_bitmap
             else:
                 table[l2i] = host | QCOW_OFLAG_COPIED
-            self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+            # the table may have been evicted since the batch took it: put it back
+            self.l2_cache.install(self._l2_table_offset(cstart), table)
             self._free_entry_clusters(entry)
 
     def write_zeroes(self, off, n, below, unmap=True):
@@ -625,8 +633,9 @@ class Qcow2Image:
                     self.io.pwrite(struct.pack(">Q", self.l1[i]), h.l1_table_offset + 8 * i)
                 self.l1_dirty.clear()
             self.io.sync()
-            if self.refcounts.pending_free:
-                # entries that dropped these clusters are durable: now lower the counts
+            if self.refcounts.pending_free and self.reuse_ok():
+                # entries that dropped these clusters are durable, and no read that
+                # may still use them is in flight: now lower the counts
                 self.refcounts.apply_pending_frees()
                 self.refcounts.flush()
                 self.io.sync()

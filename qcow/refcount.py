@@ -160,13 +160,15 @@ class Refcounts:
         if c // self.rb_entries == bi:
             # the new block covers itself
             refblock_set(block, c % self.rb_entries, self.order, 1)
+        else:
+            # its count lives in another block: durable before the table names it
+            self.add(c, 1)
+            self.cache.flush()
         off = c << self.cluster_bits
         self.io.pwrite(block, off)
-        self.io.sync()                    # block durable before the table entry
+        self.io.sync()                    # block (and its count) durable before the entry
         self.table[bi] = off
         self._write_table_entry(bi)
-        if c // self.rb_entries != bi:
-            self.add(c, 1)
         return off
 
     def _write_table_entry(self, bi):
@@ -181,10 +183,16 @@ class Refcounts:
                            -(-min_entries // entries_per_cluster))
         while True:
             t = self.end
-            # blocks for the table's own clusters and for themselves, placed after it
-            first_bi, last_bi = t // self.rb_entries, (t + new_clusters + 2) // self.rb_entries
-            missing = [bi for bi in range(first_bi, last_bi + 1)
-                       if bi >= len(self.table) or not self.table[bi]]
+            # blocks for the table's own clusters and for themselves, placed after it:
+            # the blocks must cover [t, t + new_clusters + len(missing)) (a fixpoint)
+            nmiss = -1
+            missing = []
+            while len(missing) != nmiss:
+                nmiss = len(missing)
+                first_bi = t // self.rb_entries
+                last_bi = (t + new_clusters + nmiss) // self.rb_entries
+                missing = [bi for bi in range(first_bi, last_bi + 1)
+                           if bi >= len(self.table) or not self.table[bi]]
             need = max(last_bi + 1, min_entries, len(self.table))
             if new_clusters * entries_per_cluster >= need:
                 break
@@ -209,7 +217,7 @@ class Refcounts:
         self.io.pwrite(table_to_bytes(new), t << self.cluster_bits)
         old_off, old_clusters = h.refcount_table_offset, h.refcount_table_clusters
         self.table = new
-        for c in range(t, t + new_clusters):
+        for c in list(range(t, t + new_clusters)) + [rb_base + k for k in range(len(missing))]:
             if c // self.rb_entries not in blocks:
                 self.add(c, 1)
         self.cache.flush()
