@@ -4,9 +4,10 @@ writing, stay in sync, then pivot the mount onto base.
 Guest writes are mirrored in QEMU's write-blocking way from the start: a guest write to
 a chunk that base already holds in sync is written to base too before it is
 acknowledged; a write to a chunk still dirty only stays dirty (its copy comes later);
-a write to the chunk being copied at that moment marks it dirty again. So the dirty
+a write to a chunk being copied at that moment marks it dirty again. So the dirty
 set only shrinks, whatever the guest's write rate, and the job always reaches READY.
-The chain's lock orders each guest write with the mirror's bookkeeping.
+The chain's lock orders each guest write with the mirror's bookkeeping; syncs of base
+and of the active image happen outside it, so the guest waits only for bookkeeping.
 
 Crash safety: before the pivot nothing on disk names base as the active image, and
 everything written into base is shadowed by a layer above it, so the old chain reads
@@ -14,10 +15,8 @@ right; the pivot itself rewrites no header (as in QEMU): from then on base is th
 to use.
 """
 
-from qcow.l2_table import UNALLOCATED
-
-from .copy import copy_view
-from .steps import Copied, Ready, SetLen
+from .copy import allocated_runs, copy_view
+from .steps import CHUNK, Copied, Ready, SetLen
 
 MIN_GRANULARITY = 64 << 10
 
@@ -33,7 +32,7 @@ class Mirror:
         self.dirty = bytearray(self.nchunks)
         self.count = 0
         self.cursor = 0
-        self.inflight = None
+        self.inflight = (0, 0)  # [first, end) chunks being copied
         self.total = 0          # bytes this job has had to copy (QEMU's len)
 
     def mark(self, c):
@@ -45,27 +44,32 @@ class Mirror:
     def chunk_len(self, c):
         return min(self.g, self.chain.virtual_size - c * self.g)
 
-    def take(self):
-        """Next dirty chunk (now in flight, no longer dirty), or None."""
+    def take(self, most):
+        """The next run of up to `most` adjacent dirty chunks, now in flight and no
+        longer dirty: (first, count), or None when nothing is dirty."""
         if not self.count:
             return None
         c = self.dirty.find(1, self.cursor)
         if c < 0:
             c = self.dirty.find(1)
-        self.dirty[c] = 0
-        self.count -= 1
-        self.cursor = c + 1
-        self.inflight = c
-        return c
+        n = 1
+        while n < most and c + n < self.nchunks and self.dirty[c + n]:
+            n += 1
+        self.dirty[c:c + n] = bytes(n)
+        self.count -= n
+        self.cursor = c + n
+        self.inflight = (c, c + n)
+        return c, n
 
     def observe(self, off, n, data):
         """A guest write landed in the active layer: mirror it or mark it dirty."""
         g = self.g
         below = self.chain.below_fn(self.base)
+        lo, hi = self.inflight
         for c in range(off // g, (off + n - 1) // g + 1):
             if self.dirty[c]:
                 continue
-            if c == self.inflight:
+            if lo <= c < hi:
                 self.mark(c)
                 continue
             s, e = max(off, c * g), min(off + n, (c + 1) * g)
@@ -86,31 +90,41 @@ def active_commit(target):
         chain.grow(base, size)
     mirror = Mirror(chain, base, max(MIN_GRANULARITY, base.cluster_size))
     with chain.lock:
-        for s, ln, _depth, kind in chain.range_status(0, target.base_index, 0, size):
-            if kind != UNALLOCATED:
-                for c in range(s // mirror.g, (s + ln - 1) // mirror.g + 1):
-                    mirror.mark(c)
         chain.write_observers.append(mirror.observe)
     try:
-        yield SetLen(mirror.total)
+        # Mark what the range holds, a slice at a time. A guest write meanwhile to a
+        # chunk not marked yet is mirrored; marking it later only copies it again.
+        for s, ln, _depth, _kind in allocated_runs(chain, 0, target.base_index, size):
+            with chain.lock:
+                for c in range(s // mirror.g, (s + ln - 1) // mirror.g + 1):
+                    mirror.mark(c)
+        most = max(1, CHUNK // mirror.g)
         while True:
             with chain.lock:
-                c = mirror.take()
-                if c is None:
-                    base.flush()
-            if c is not None:
-                off = c * mirror.g
-                copy_view(chain, 0, base, off, mirror.chunk_len(c))
+                got = mirror.take(most)
+                total = mirror.total
+            yield SetLen(total)
+            if got is not None:
+                off = got[0] * mirror.g
+                length = min(got[1] * mirror.g, size - off)
+                copy_view(chain, 0, base, off, length)
                 with chain.lock:
-                    mirror.inflight = None
-                    total = mirror.total
-                yield SetLen(total)
-                yield Copied(mirror.chunk_len(c))
+                    mirror.inflight = (0, 0)
+                yield Copied(length)
                 continue
-            decision = yield Ready()
+            base.flush()
             with chain.lock:
-                if mirror.count or decision is None:
-                    continue          # still mirroring (or a mirrored write failed)
+                if mirror.count:
+                    continue          # a mirrored write failed meanwhile: copy again
+            decision = yield Ready()
+            if decision is None:
+                continue
+            # sync outside the lock, so the guest waits only for what is left
+            for layer in [base] + chain.layers[:chain.index_of(base)]:
+                layer.flush()
+            with chain.lock:
+                if mirror.count:
+                    continue
                 base.flush()
                 chain.write_observers.remove(mirror.observe)
                 if decision == "complete":

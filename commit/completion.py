@@ -39,6 +39,9 @@ def drop_layers_down_to(chain, overlay, base):
     """Steps 3-4: rewrite `overlay`'s backing to `base` and drop what lay between.
     Returns the dropped layers (closed, or closing once reads in flight finish)."""
     base.flush()
+    # the overlay's header rewrite flushes it under the chain's lock (guest I/O waits):
+    # flush it before, so that one has nothing left to do
+    overlay.flush()
     was_read_only = overlay.read_only
     if was_read_only:
         overlay = chain.reopen(overlay, True)

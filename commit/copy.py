@@ -2,6 +2,17 @@
 
 from qcow.l2_table import UNALLOCATED, ZERO
 
+SCAN_SLICE = 64 << 20    # bytes of allocation scanned per hold of the chain's lock
+
+
+def allocated_runs(chain, top_i, base_i, size):
+    """The runs of [0, size) that layers[top_i] down to (not into) base answer for,
+    scanned a slice at a time so guest I/O never waits for a whole-disk scan."""
+    for off in range(0, size, SCAN_SLICE):
+        for run in chain.range_status(top_i, base_i, off, min(SCAN_SLICE, size - off)):
+            if run[3] != UNALLOCATED:
+                yield run
+
 
 def copy_view(chain, top_i, base, off, n, only_depth=None):
     """Make base hold what layers[top_i] sees over [off, off+n), for every part that the

@@ -104,11 +104,18 @@ def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False
 
 
 def _step(gen, value):
-    """One step of an algorithm (runs in a worker thread): (finished, yielded/returned)."""
+    """One step of an algorithm, in a worker thread: (finished, the step it yielded or
+    the value it returned, the last length it set on the way). Length updates do not
+    cost a round trip to the trio thread of their own."""
+    length = None
     try:
-        return False, gen.send(value)
+        step = gen.send(value)
+        while isinstance(step, SetLen):
+            length = step.length
+            step = gen.send(None)
+        return False, step, length
     except StopIteration as stop:
-        return True, stop.value
+        return True, stop.value, length
 
 
 def live_run(steps, delete=False):
@@ -122,14 +129,14 @@ def live_run(steps, delete=False):
         decision = None
         try:
             while True:
-                finished, step = await trio.to_thread.run_sync(_step, steps, value)
+                finished, step, length = await trio.to_thread.run_sync(_step, steps, value)
                 value = None
+                if length is not None:
+                    ctx.set_len(length)
                 if finished:
                     dropped = step or []
                     break
-                if isinstance(step, SetLen):
-                    ctx.set_len(step.length)
-                elif isinstance(step, Copied):
+                if isinstance(step, Copied):
                     await ctx.progress(step.nbytes)
                 elif isinstance(step, Ready):
                     if not ctx.ready:

@@ -15,7 +15,7 @@ already unallocated are not copied again; only chunks that were in flight are.
 from qcow.l2_table import DATA
 
 from .completion import drop_layers_down_to, zero_past_short
-from .copy import copy_view
+from .copy import allocated_runs, copy_view
 from .steps import CHUNK, Copied, SetLen
 
 # Bytes copied between two flushes of base (each followed by the unallocation in the
@@ -31,7 +31,7 @@ def restartable_commit(target):
         chain.reopen(layer, True)
     if base.virtual_size < top_size:
         chain.grow(base, top_size)
-    runs = chain.range_status(target.top_index, target.base_index, 0, top_size)
+    runs = allocated_runs(chain, target.top_index, target.base_index, top_size)
     yield SetLen(sum(r[1] for r in runs if r[3] == DATA))
     dropped = []
     # bottom-up: the layer just above base first

@@ -14,10 +14,10 @@ leaves a chain that still reads right (top shadows everything copied), and a new
 starts over.
 """
 
-from qcow.l2_table import UNALLOCATED, ZERO
+from qcow.l2_table import ZERO
 
 from .completion import drop_range
-from .copy import copy_view
+from .copy import allocated_runs, copy_view
 from .steps import Copied, SetLen, chunks
 
 
@@ -28,8 +28,7 @@ def simple_commit(target):
     top_size = target.top.virtual_size
     if base.virtual_size < top_size:
         chain.grow(base, top_size)
-    runs = [r for r in chain.range_status(top_i, target.base_index, 0, top_size)
-            if r[3] != UNALLOCATED]
+    runs = list(allocated_runs(chain, top_i, target.base_index, top_size))
     yield SetLen(sum(r[1] for r in runs if r[3] != ZERO))
     for start, length, _depth, _kind in runs:
         for off, n in chunks(start, length, base.cluster_size):

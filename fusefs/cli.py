@@ -100,6 +100,11 @@ def main(argv=None):
     except QcowError as e:
         print(f"qcowfs: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # a fault found only while reading (a bad L2 entry: EIO), or the file system
+        name = f"{e.filename}: " if e.filename else ""
+        print(f"qcowfs: {name}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -14,7 +14,7 @@ import os
 import threading
 from typing import NamedTuple
 
-from .errors import ChainError, QcowError, UnsupportedImage
+from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
 from .header import QCOW_MAGIC
 from .image import Qcow2Image
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
@@ -120,6 +120,10 @@ class Chain:
             if len(self.layers) >= MAX_CHAIN:
                 raise ChainError(path, f"backing chain longer than {MAX_CHAIN} images")
             seen.add(key)
+            if not self.layers and probe_format(path) != "qcow2":
+                # the image a user names is the top of a qcow2 chain; a raw file is
+                # already flat (and a damaged qcow2 header must not pass for raw)
+                raise CorruptImage(path, "not a qcow2 image (bad magic)")
             layer = open_layer(os.path.abspath(path), fmt or probe_format(path), writable,
                                self.cache_bytes, metadata_only)
             layer.filename = path
@@ -237,8 +241,9 @@ class Chain:
     def block_status(self, offset, length, want_zero=False):
         """Extents saying which layer serves each part of [offset, offset+length).
 
-        With want_zero, holes in the host files of data clusters read as zero, as
-        `qemu-img map` reports them (it asks the file system too)."""
+        With want_zero, the answers of `qemu-img map`: holes in a raw file are zeros,
+        and so are holes inside the data clusters of an image that looks preallocated
+        (see Qcow2Image.looks_preallocated)."""
         self._check_range(offset, length)
         out = []
         with self._lock:
@@ -251,7 +256,7 @@ class Chain:
             else layer.extents(off, n)
         for s, ln, kind, aux in exts:
             if kind == DATA:
-                if want_zero and layer.format == "qcow2":
+                if want_zero and layer.format == "qcow2" and layer.looks_preallocated():
                     for hs, hl, is_data in host_data_runs(layer.io.fd, aux, ln):
                         _emit(out, Extent(s + hs - aux, hl, depth, True, not is_data,
                                           True, hs))
@@ -340,10 +345,12 @@ class Chain:
         self.write_zeroes(offset, length)
 
     def flush(self):
+        """Make every acknowledged write durable. The chain's lock is not held while
+        the layers sync, so guest I/O goes on meanwhile."""
         with self._lock:
-            for layer in self.layers:
-                if not layer.read_only:
-                    layer.flush()
+            layers = [layer for layer in self.layers if not layer.read_only]
+        for layer in layers:
+            layer.flush()
 
     # --- layer operations for commit ----------------------------------------
 

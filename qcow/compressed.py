@@ -5,13 +5,22 @@ more zstd frames without a length prefix. The descriptor's length is rounded up 
 sectors, so trailing bytes after the stream are normal and ignored.
 """
 
+import threading
 import zlib
 
 import zstandard
 
 from .header import COMPRESSION_DEFLATE
 
-_zstd = zstandard.ZstdDecompressor()
+# zstandard's decompressors are not thread-safe: one per thread (reads run in parallel)
+_local = threading.local()
+
+
+def _zstd():
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
 
 
 def decompress(data, cluster_size, compression_type):
@@ -24,7 +33,7 @@ def decompress(data, cluster_size, compression_type):
     else:
         out = bytearray()
         try:
-            reader = _zstd.stream_reader(data, read_across_frames=True)
+            reader = _zstd().stream_reader(data, read_across_frames=True)
             while len(out) < cluster_size:
                 chunk = reader.read(cluster_size - len(out))
                 if not chunk:

@@ -19,6 +19,7 @@ Ordering rules (crash safety; a crash may leak clusters, never corrupt):
 
 import copy
 import errno
+import os
 import struct
 import threading
 from array import array
@@ -105,6 +106,7 @@ class Qcow2Image:
         self.l2_cache = None
         self.refcounts = None
         self._decompressed = (None, None)   # last compressed entry read, and its cluster
+        self._preallocated = None
         self.prepared_for_write = False
         if not self.read_only:
             self.refcounts = Refcounts(self, max(4, capacity // 4))
@@ -252,6 +254,26 @@ class Qcow2Image:
             else:
                 append_extent(out, off, send - off, UNALLOCATED, None)
             off = send
+
+    def looks_preallocated(self):
+        """QEMU's guess (qcow2_detect_metadata_preallocation) that clusters were
+        allocated without being written: more clusters counted than the file really
+        occupies. Only then does `qemu-img map` ask the file system for holes inside
+        data clusters, so `qcowfs map` does the same to report the same extents."""
+        if self._preallocated is None:
+            refcounts = self.refcounts or Refcounts(self, 16)
+            st = os.fstat(self.io.fd)
+            real = st.st_blocks * 512 // self.cluster_size
+            threshold = max(real * 10 // 9, real + 2)
+            allocated = 0
+            self._preallocated = False
+            for c in range(-(-st.st_size // self.cluster_size)):
+                if refcounts.get(c):
+                    allocated += 1
+                    if allocated > threshold:
+                        self._preallocated = True
+                        break
+        return self._preallocated
 
     def read_compressed(self, entry):
         """The whole decompressed cluster of a compressed L2 entry (EIO if broken)."""
@@ -621,8 +643,13 @@ class Qcow2Image:
 
     def flush(self):
         """Make everything written so far durable, in the order the spec needs."""
+        if self.read_only or self.io.fd < 0:
+            return
+        # Data pages first, without the lock: the locked barriers below then have
+        # little left to write back, and readers waiting for the lock wait less.
+        self.io.sync()
         with self.lock:
-            if self.read_only:
+            if self.io.fd < 0:
                 return
             self.refcounts.flush()
             self.l2_cache.flush()                 # barrier inside, before any L2

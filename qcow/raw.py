@@ -56,7 +56,8 @@ class RawImage:
             raise OSError(errno.EROFS, f"{self.path}: image is opened read-only")
 
     def flush(self):
-        self.io.sync()
+        if self.io.fd >= 0:
+            self.io.sync()
 
     def close(self):
         self.io.close()

@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# Set-up shared by scripts/test.sh and scripts/demo.sh (sourced, not executed).
+#
+# On a fresh Debian machine, as root, non-interactively and idempotently:
+#   1. installs the Debian packages that are missing (one `apt-get update` first);
+#   2. creates .venv if missing and runs `pip install -e '.[test]'` whenever
+#      pyproject.toml is newer than the stamp file .venv/.qcowfs-installed;
+#   3. loads the fuse module (best effort) and activates the venv.
+# When everything is already there it only runs dpkg-query and a stat: well under a second.
+
+QCOWFS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# fuse3/libfuse3-dev/pkg-config: FUSE and building pyfuse3; gcc/libc6-dev/python3-dev:
+# pyfuse3 is compiled by pip; qemu-utils (qemu-img, qemu-io) and qemu-system-common
+# (qemu-storage-daemon): the reference the tests compare against; fio: benchmarks;
+# e2fsprogs/util-linux: file systems on the mounted disk in later tests.
+QCOWFS_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev python3-venv
+                     qemu-utils qemu-system-common fio e2fsprogs util-linux)
+
+qcowfs_log() { printf 'setup: %s\n' "$*" >&2; }
+
+qcowfs_install_debian_packages() {
+    local missing=() pkg status
+    for pkg in "${QCOWFS_DEB_PACKAGES[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+        [ "$status" = installed ] || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        qcowfs_log "missing Debian packages (${missing[*]}) and not root: install them first"
+        return 1
+    fi
+    qcowfs_log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+qcowfs_setup_venv() {
+    local venv="$QCOWFS_ROOT/.venv" stamp="$QCOWFS_ROOT/.venv/.qcowfs-installed"
+    if ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        qcowfs_log "creating $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        rm -f "$stamp"
+    fi
+    if [ ! -e "$stamp" ] || [ "$QCOWFS_ROOT/pyproject.toml" -nt "$stamp" ]; then
+        qcowfs_log "pip install -e '.[test]'"
+        (cd "$QCOWFS_ROOT" && "$venv/bin/python" -m pip install -q -e '.[test]')
+        touch "$stamp"
+    fi
+}
+
+qcowfs_load_fuse() {
+    [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+    [ -e /dev/fuse ] || qcowfs_log "warning: /dev/fuse is missing; mount tests cannot run"
+}
+
+qcowfs_install_debian_packages
+qcowfs_setup_venv
+qcowfs_load_fuse
+# shellcheck disable=SC1091
+. "$QCOWFS_ROOT/.venv/bin/activate"
