@@ -53,10 +53,25 @@ def drop_layers_down_to(chain, overlay, base):
     return dropped
 
 
+def mark_leftover(chain, layer, base):
+    """Record in `layer`'s header that a commit into `base` dropped it (or drained it)
+    from the chain: from then on it is a leftover, which the stranding guard does not
+    count as an image depending on base. Best effort for a file we may not write."""
+    if layer.format != "qcow2":
+        return
+    if layer.read_only:
+        if not os.access(layer.path, os.W_OK) or not os.stat(layer.path).st_mode & 0o222:
+            return
+        layer = chain.reopen(layer, True)
+    layer.mark_drained(base.path)
+
+
 def drop_range(target):
     """End of a (non-active) commit: zero past a short top, then drop (base, top]."""
     chain, base = target.chain, target.base
     zero_past_short(chain, target.top, base)
+    for layer in target.range_layers:
+        mark_leftover(chain, layer, base)
     overlay = chain.layers[target.top_index - 1]
     dropped = drop_layers_down_to(chain, overlay, base)
     yield from ()

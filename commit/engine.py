@@ -171,7 +171,10 @@ def make_commit_factory(chain, default_guard_dirs=()):
 
         target, stranded, steps = await trio.to_thread.run_sync(prepare)
         run = live_run(steps, delete=bool(args.get("x-delete")))
-        run.stranded = stranded
-        return job_id, "commit", run
+        extra = {}
+        if args.get("x-force"):
+            # forced past the stranding guard: say so, and what it strands
+            extra = {"x-forced": True, "x-stranded": [d.message() for d in stranded]}
+        return job_id, "commit", run, extra
 
     return factory

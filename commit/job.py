@@ -219,6 +219,7 @@ class Job:
         self.auto_dismiss = auto_dismiss
         self.started = False
         self.error = None
+        self.extra = {}  # x- fields of the factory's (e.g. x-forced, x-stranded)
         self._status_before_pause = None
         self._transition("created")
 
@@ -250,7 +251,8 @@ class Job:
             )
 
     def block_event_data(self):
-        return {"device": self.id, "len": self.len, "offset": self.offset, "speed": self.speed, "type": self.type}
+        return {"device": self.id, "len": self.len, "offset": self.offset, "speed": self.speed, "type": self.type,
+                **self.extra}
 
     def info(self):
         """query-block-jobs' BlockJobInfo for this job."""
@@ -270,6 +272,7 @@ class Job:
         }
         if self.error is not None:
             d["error"] = self.error
+        d.update(self.extra)
         return d
 
     def job_info(self):
@@ -573,12 +576,12 @@ class JobManager:
     `commit_factory(arguments)` (sync or async) gets block-commit's arguments minus the
     generic job keys it handles itself (speed, auto-dismiss, auto-finalize, on-error),
     validates them (raising QcowError or QMPError for user faults) and returns
-    `(job_id, job_type, run)` where `run` is `async def run(ctx: JobContext)`.
+    `(job_id, job_type, run, extra)` where `run` is `async def run(ctx: JobContext)`
+    and `extra` holds x- fields added to the job's query-block-jobs entry and events.
     Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
     count). Events go to `self.emit(event, data)` (set it to `QMPServer.emit`).
     Start it with `await nursery.start(manager.run)` (without that, jobs run as trio
-    system tasks). Passing the mounted chain instead of a factory uses
-    `commit.engine.make_commit_factory(chain)`.
+    system tasks).
     """
 
     def __init__(self, commit_factory=None, *, emit=None):
@@ -847,10 +850,11 @@ class JobManager:
             result = self.commit_factory(args)
             if hasattr(result, "__await__"):
                 result = await result
-            job_id, job_type, run = result
-            self.start_job(
+            job_id, job_type, run, extra = result
+            job = self.start_job(
                 job_id, job_type, run, speed=speed, auto_dismiss=g["auto-dismiss"] is not False
             )
+            job.extra.update(extra)
         return {}
 
     def _check_one_job(self):

@@ -14,7 +14,7 @@ already unallocated are not copied again; only chunks that were in flight are.
 
 from qcow.l2_table import DATA
 
-from .completion import drop_layers_down_to, zero_past_short
+from .completion import drop_layers_down_to, mark_leftover, zero_past_short
 from .copy import allocated_runs, copy_view
 from .steps import CHUNK, Copied, SetLen
 
@@ -38,7 +38,7 @@ def restartable_commit(target):
     for layer in reversed(target.range_layers):
         yield from _drain(target, layer)
         zero_past_short(chain, layer, base)
-        layer.mark_drained(base.path)      # before it leaves: the guard skips it then
+        mark_leftover(chain, layer, base)   # before it leaves: the guard skips it then
         overlay = chain.layers[chain.index_of(layer) - 1]
         dropped += drop_layers_down_to(chain, overlay, base)
     return dropped

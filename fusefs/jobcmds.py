@@ -324,6 +324,11 @@ def cmd_jobs(args):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for j in jobs:
+        if j.get("x-forced"):
+            print(f"{j.get('device', '?')}: forced past the stranding guard; stranded:")
+            for line in j.get("x-stranded", []):
+                print(f"  {line}")
     return 0
 
 

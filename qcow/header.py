@@ -37,9 +37,10 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_FDE = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
-# qcowfs's own (QEMU ignores and keeps unknown extensions): set on a layer that a
-# restartable commit drained and dropped; data = the base it was drained into. Such a
-# file is a leftover of that commit, not an image anyone may depend on.
+# qcowfs's own (QEMU ignores and keeps unknown extensions): set on a layer that a commit
+# dropped from its chain (or a restartable commit drained); data = the base it was
+# committed into. Such a file is a leftover of that commit, not an image anyone may
+# depend on (the stranding guard skips it).
 EXT_QCOWFS_DRAINED = 0x71667364
 
 COMPRESSION_DEFLATE = 0

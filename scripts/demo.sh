@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The qcowfs demo: installs what is missing (scripts/setup.sh), builds a sample chain
 # base <- mid <- top <- active with qemu-img/qemu-io in a temporary directory, shows it
-# with `qcowfs info` and `qcowfs map`, and checks qcowfs against QEMU itself.
-# Exit 0 only when every check held.
+# with `qcowfs info` and `qcowfs map`, checks qcowfs against QEMU itself, mounts it,
+# commits top and mid into base live while dd writes through the mount, unmounts and
+# shows the reduced chain, then mounts again and ends with an active commit and pivot
+# that leaves base alone. Exit 0 only when every check held.
 #
 # The demo is a list of steps (DEMO_STEPS below), each a function `step_<name>` that
 # returns non-zero on failure. Later features add their steps (mount, dd, live commit,
@@ -30,6 +32,9 @@ DEMO_STEPS=()
 on_exit() { EXIT_HOOKS+=("$1"); }
 cleanup() {
     local rc=$? i s
+    # background writers first: they keep the mounted file open
+    kill $(jobs -p) 2>/dev/null || true
+    wait 2>/dev/null || true
     for ((i = ${#EXIT_HOOKS[@]} - 1; i >= 0; i--)); do
         eval "${EXIT_HOOKS[i]}" || true
     done
@@ -140,7 +145,82 @@ if bad is not None or tail:
 PY
 }
 
-DEMO_STEPS=(build_chain show_info show_map verify_map verify_read)
+MNT=$DEMO_DIR/mnt
+DISK=$MNT/disk.raw
+EXPECTED=$DEMO_DIR/expected.raw
+
+# dd_writes N: N random 64 KiB blocks written with dd (conv=fsync) through the mount and,
+# identically, into the expected image (what the guest must read afterwards).
+dd_writes() {
+    local i off blk=$DEMO_DIR/block
+    for ((i = 0; i < $1; i++)); do
+        off=$(( (RANDOM * 32768 + RANDOM) % (DISK_SIZE / 65536) ))
+        head -c 65536 /dev/urandom > "$blk"
+        dd if="$blk" of="$DISK" bs=65536 seek="$off" count=1 conv=notrunc,fsync status=none
+        dd if="$blk" of="$EXPECTED" bs=65536 seek="$off" count=1 conv=notrunc status=none
+        sleep 0.05
+    done
+}
+
+compare_with_expected() {
+    if cmp -s "$1" "$EXPECTED"; then
+        say "identical: $1 and the expected image"
+    else
+        say "MISMATCH: $1 differs from the expected image"; return 1
+    fi
+}
+
+step_mount() {
+    mkdir -p "$MNT"
+    cp "$DEMO_DIR/reference.raw" "$EXPECTED"
+    run qcowfs mount "$ACTIVE" "$MNT"
+    on_exit "qcowfs unmount '$MNT' --cancel-jobs 2>/dev/null || fusermount3 -u -z '$MNT' 2>/dev/null"
+    run ls -l "$MNT"
+    run dd if="$DISK" of=/dev/null bs=1M status=none
+    compare_with_expected "$DISK"
+}
+
+step_live_commit() {
+    say "Committing top and mid into base while dd writes through the mount"
+    dd_writes 40 &
+    local writer=$!
+    run qcowfs commit "$MNT" --top "$TOP" --speed $((16 * MIB)) --wait
+    wait "$writer"
+    run qcowfs jobs "$MNT"
+    compare_with_expected "$DISK"
+}
+
+step_unmount() {
+    run qcowfs unmount "$MNT"
+    run qemu-img info --backing-chain "$ACTIVE" | grep -E '^(image|backing file):'
+    [ "$(qemu-img info --backing-chain "$ACTIVE" | grep -c '^image:')" -eq 2 ] || {
+        say "the chain was not reduced to base <- active"; return 1; }
+    run qemu-img check -q "$ACTIVE"
+    run qemu-img check -q "$BASE"
+    run qemu-img convert -O raw "$ACTIVE" "$DEMO_DIR/after.raw"
+    compare_with_expected "$DEMO_DIR/after.raw"
+}
+
+step_active_commit() {
+    say "Mounting base <- active again; active commit with pivot while dd writes"
+    run qcowfs mount "$ACTIVE" "$MNT"
+    dd_writes 40 &
+    local writer=$!
+    run qcowfs commit "$MNT" --active --pivot --wait
+    wait "$writer"
+    dd_writes 5
+    compare_with_expected "$DISK"
+    run qcowfs unmount "$MNT"
+    say "After the pivot the guest's disk is base alone:"
+    run qemu-img info "$BASE" | grep -E '^(image|backing file|virtual size):'
+    ! qemu-img info "$BASE" | grep -q '^backing file:' || { say "base still has a backing file"; return 1; }
+    run qemu-img check -q "$BASE"
+    run qemu-img convert -O raw "$BASE" "$DEMO_DIR/final.raw"
+    compare_with_expected "$DEMO_DIR/final.raw"
+}
+
+DEMO_STEPS=(build_chain show_info show_map verify_map verify_read mount live_commit unmount
+            active_commit)
 
 # --------------------------------------------------------------- run them
 # Each step runs in this shell under `set -e`: the first failing command ends the demo,

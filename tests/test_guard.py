@@ -372,8 +372,6 @@ def test_offline_commit_refused_then_forced(workdir):
         "active.qcow2", "base.qcow2"]
 
 
-@pytest.mark.xfail(reason="fusefs/jobcmds.py does not yet print run_offline's stranded "
-                          "list after a forced commit", strict=False)
 def test_forced_offline_commit_names_what_it_stranded(workdir):
     chain, clone = _clone_setup(workdir)
     cp = run_qcowfs("commit", chain[0], "--force")

@@ -289,7 +289,7 @@ def test_error_inside_an_exception_group_and_tagged_operation():
             async with trio.open_nursery() as inner:  # trio wraps it in an ExceptionGroup
                 inner.start_soon(fail)
 
-        return "g", "commit", run
+        return "g", "commit", run, {}
 
     async def main():
         async with trio.open_nursery() as n:
@@ -365,7 +365,7 @@ def test_cancel_all_and_grace():
             ctx.set_len(1)
             await trio.sleep(1e6)  # never reaches a checkpoint
 
-        return args.get("job-id", "s"), "commit", run
+        return args.get("job-id", "s"), "commit", run, {}
 
     fake = FakeJobs()
 
@@ -385,7 +385,7 @@ def test_cancel_all_and_grace():
             await cmds["block-commit"]({"job-id": "s"})
             await trio.sleep(1)
             t0 = trio.current_time()
-            await jm.shutdown(grace=5)
+            await jm.cancel_all(grace=5)
             assert 5 <= trio.current_time() - t0 < 6
             assert ev.summary("s")[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
             n.cancel_scope.cancel()
@@ -458,22 +458,3 @@ def test_start_job_directly_and_query_order():
 
     run_trio(main)
 
-
-def test_chain_given_instead_of_a_factory(monkeypatch):
-    import commit.engine
-
-    made = {}
-
-    def fake_make(chain, *a, **kw):
-        made["chain"] = chain
-        return lambda args: None
-
-    monkeypatch.setattr(commit.engine, "make_commit_factory", fake_make)
-
-    class FakeChain:
-        layers = []
-
-    chain = FakeChain()
-    jm = JobManager(chain)
-    assert made["chain"] is chain and callable(jm.commit_factory)
-    assert "block-commit" in jm.commands()

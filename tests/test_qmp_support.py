@@ -89,7 +89,7 @@ class FakeJobs:
                 record["cancelled"] = True
                 raise
 
-        return job_id, "commit", run
+        return job_id, "commit", run, {}
 
 
 class ServerThread:
