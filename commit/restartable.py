@@ -18,9 +18,6 @@ from .completion import drop_layers_down_to, mark_leftover, zero_past_short
 from .copy import allocated_runs, copy_view
 from .steps import CHUNK, Copied, SetLen
 
-# Bytes copied between two flushes of base (each followed by the unallocation in the
-# drained layer): one chunk, so a kill -9 makes a restart copy only the chunk in flight.
-BATCH = CHUNK
 
 
 def restartable_commit(target):
@@ -49,38 +46,26 @@ def _drain(target, layer):
     cs = layer.cluster_size
     visible_end = min(layer.virtual_size, target.top.virtual_size)
     step = max(cs, CHUNK // cs * cs)
-    done = []          # cluster-aligned ranges of `layer` copied since the last flush
-    pending = 0
     pos = 0
-    try:
-        for start, length, allocated in layer.is_allocated(0, visible_end):
-            if not allocated:
-                continue
-            # whole clusters of `layer`, each visited once even when runs share one
-            pos = max(pos, start // cs * cs)
-            end = min(-(-(start + length) // cs) * cs, visible_end)
-            while pos < end:
-                n = min(step, end - pos)
-                copied = copy_view(chain, target.top_index, base, pos, n,
-                                   only_depth=chain.index_of(layer))
-                done.append((pos, n))
-                pending += copied
-                pos += n
-                yield Copied(copied)
-                if pending >= BATCH:
-                    _commit_batch(base, layer, done)
-                    pending = 0
-    finally:
-        # also on cancel: what base durably holds need not be copied again
-        _commit_batch(base, layer, done)
+    for start, length, allocated in layer.is_allocated(0, visible_end):
+        if not allocated:
+            continue
+        # whole clusters of `layer`, each visited once even when runs share one
+        pos = max(pos, start // cs * cs)
+        end = min(-(-(start + length) // cs) * cs, visible_end)
+        while pos < end:
+            n = min(step, end - pos)
+            copied = copy_view(chain, target.top_index, base, pos, n,
+                               only_depth=chain.index_of(layer))
+            _forget_copied(base, layer, pos, n)
+            pos += n
+            # reported only once durable: a restart never copies what was reported
+            yield Copied(copied)
 
 
-def _commit_batch(base, layer, done):
-    """Ordering rule: base durable first, then the layer forgets the clusters."""
-    if not done:
-        return
+def _forget_copied(base, layer, off, n):
+    """Ordering rule: base durable first, then the layer forgets the clusters (and
+    that is durable too before the copy counts as done)."""
     base.flush()
-    for off, n in done:
-        layer.mark_unallocated(off, n)
+    layer.mark_unallocated(off, n)
     layer.flush()
-    done.clear()

@@ -91,6 +91,11 @@ def resolve_target(chain, top=None, base=None, mode="simple", active=False,
     if active or (top is None and default_top_active):
         top_layer = layers[0]
     elif top is None:
+        if len(layers) == 2:
+            raise JobError(layers[0].filename, f"its backing file {layers[1].filename} "
+                                               "is the base: nothing to commit below it "
+                                               "(commit the active image itself with "
+                                               "--active on a mount)")
         top_layer = layers[1]
     else:
         top_layer = find_layer(chain, top)

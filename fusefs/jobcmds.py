@@ -264,19 +264,13 @@ def _offline_commit(args):
     image = args.target
     if args.pivot:
         raise QcowError(image, "--pivot applies to a live commit (TARGET must be a mountpoint)")
-    try:
-        from commit import engine
-    except ImportError as e:
-        raise QcowError(image, f"offline commit is unavailable: {e}") from None
-    fn = getattr(engine, "offline_commit", None) or getattr(engine, "run_offline", None)
-    if fn is None:
-        raise QcowError(image, "offline commit is unavailable (commit.engine has no offline_commit)")
+    from commit.engine import run_offline
     top = args.top
     if args.active and top is None:
         top = image
     bar = _Progress(os.path.basename(image))
     try:
-        result = fn(
+        _dropped, stranded = run_offline(
             image,
             top=top,
             base=args.base,
@@ -290,12 +284,8 @@ def _offline_commit(args):
     finally:
         bar.close()
     print("Image committed.")
-    stranded = result[1] if isinstance(result, tuple) and len(result) == 2 else None
-    for dep in stranded or ():
-        path = getattr(dep, "path", None)
-        on = getattr(dep, "depends_on", None)
-        what = f"{path} depends on {on}, which this commit changed" if path and on else str(dep)
-        print(f"qcowfs: warning: stranded (--force): {what}", file=sys.stderr)
+    for dep in stranded:
+        print(f"qcowfs: warning: stranded (--force): {dep.message()}", file=sys.stderr)
     return 0
 
 

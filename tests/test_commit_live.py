@@ -166,10 +166,8 @@ def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):  # noqa: F
                 m.unmount()
                 break
             w = Writer(m.disk, model, seed=seed * 100 + attempt).start()
-            # x-force: once a drained layer has left the chain it names base, and the
-            # stranding guard would refuse the restart (see test_commit_offline)
             qmp.execute("block-commit", _commit_args(nodes, "restartable", speed,
-                                                     job_id=f"r{attempt}", **{"x-force": True}))
+                                                     job_id=f"r{attempt}"))
             run = [None, 0]
             runs.append(run)
             kill_at = time.monotonic() + rnd.uniform(0.15, 0.9) if attempt < 3 else None
@@ -306,8 +304,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):  # noqa: F811
     m = mounter(c.active)
     with SyncQMP(m.socket) as qmp:
         nodes = qmp.execute("query-named-block-nodes")
-        qmp.execute("block-commit", _commit_args(nodes, mode, speed=0, job_id="c2",
-                                                 **{"x-force": True}))
+        qmp.execute("block-commit", _commit_args(nodes, mode, speed=0, job_id="c2"))
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
         assert "error" not in done, done
         if mode == "simple":

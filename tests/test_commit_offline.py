@@ -8,7 +8,6 @@ an interruption) and after a commit; `qemu-img check` must stay clean; QEMU's ow
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -325,7 +324,7 @@ def test_restartable_kill9_loses_only_the_chunk_in_flight(tmp_path):
     progress_file = tmp_path / "progress"
     env = _env()
     script = offline_script(active, progress_file, kill_after=3 * M, top=top, base=base,
-                            mode="restartable", force=True)
+                            mode="restartable")
     cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
                         capture_output=True, text=True, timeout=120)
     assert cp.returncode == -signal.SIGKILL, cp.stderr
@@ -334,8 +333,7 @@ def test_restartable_kill9_loses_only_the_chunk_in_flight(tmp_path):
     first = _progress_runs(progress_file)[0]
     data, copied = first[0][1], first[-1][0]
     assert copied >= 3 * M
-    script = offline_script(active, progress_file, top=top, base=base, mode="restartable",
-                            force=True)
+    script = offline_script(active, progress_file, top=top, base=base, mode="restartable")
     cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
                         capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0, cp.stderr
@@ -419,10 +417,8 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
     kills = 0
     env = _env()
     for attempt in range(12):
-        # force: the guard would refuse a restart once a drained layer has left the
-        # chain (it then depends on base); see test_restartable_restart_after_drop...
         script = offline_script(active, progress_file, top=top, base=base,
-                                mode="restartable", speed=speed, force=True)
+                                mode="restartable", speed=speed)
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=str(REPO), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if attempt < 3:
@@ -531,12 +527,11 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
         try:
             check_images(images, allow_leaks=True)
             assert flat(str(active)) == v0, "the guest view changed"
-            # the same command again (force: a layer dropped before the crash now
-            # names base, and the stranding guard would refuse), unless the crash came
-            # after the overlay was rewritten (nothing left to commit)
+            # the same command again, unless the crash came after the overlay was
+            # rewritten (nothing left to commit)
             if len(chain_names(str(active))) > 2:
-                cp = _run_script(offline_script(active, tmp_path / f"q{k}", mode=mode,
-                                                force=True), env, expect_kill=None)
+                cp = _run_script(offline_script(active, tmp_path / f"q{k}", mode=mode),
+                                 env, expect_kill=None)
                 assert cp.returncode == 0, cp.stderr.strip().splitlines()[-1]
             assert flat(str(active)) == v0, "the guest view changed after the restart"
             assert [n for n, _b, _s in chain_names(str(active))] == ["active.qcow2",
@@ -550,11 +545,12 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
 
 # ---- errors: one line, non-zero exit, nothing modified ---------------------------------------
 
-def _assert_refused(cp, directory, before, *words):
+def _assert_refused(cp, directory, before, *words, lines_expected=1):
     assert cp.returncode != 0, cp
     assert "Traceback" not in cp.stderr, cp.stderr
     lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, cp.stderr
+    assert len(lines) == lines_expected, cp.stderr
+    assert lines[0].startswith("qcowfs: "), lines[0]
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert sha256_tree(directory) == before, "a refused commit modified an image"
@@ -604,6 +600,32 @@ def test_cli_refuses_unknown_names(tmp_path):
     _assert_refused(cp, c.directory, before, "nosuch.qcow2")
     cp = commit_cli(str(c.directory / "nosuch.qcow2"))
     _assert_refused(cp, c.directory, before, "nosuch.qcow2")
+
+
+def test_cli_refuses_two_image_chain(tmp_path):
+    """active <- base offline: the default top (active's backing file) is the bottom of
+    the chain; nothing to commit without a mount (--active)."""
+    d = tmp_path / "img"
+    d.mkdir()
+    base = create(str(d / "base.qcow2"), M)
+    two = create(str(d / "two.qcow2"), M, backing="base.qcow2")
+    apply_ops(two, [("w", 0, 4 * K, 0x22)])
+    before = sha256_tree(d)
+    cp = commit_cli(two)
+    _assert_refused(cp, d, before, "base.qcow2")
+    assert base
+
+
+def test_cli_guard_refusal(tmp_path):
+    """Another image depends on base (outside the chain): the stranding guard refuses,
+    nothing changed. Its first line names the file and the problem; then one line per
+    stranded image (the guard's own format: the contract's "one line" is stretched)."""
+    c = _error_chain(tmp_path)
+    other = create(str(c.directory / "other.qcow2"), M, backing="base.qcow2")
+    before = sha256_tree(c.directory)
+    cp = commit_cli(c.active)
+    _assert_refused(cp, c.directory, before, "base.qcow2", "--force", lines_expected=2)
+    assert cp.stderr.strip().splitlines()[1].startswith(other + ": ")
 
 
 def test_cli_refuses_offline_active_commit(tmp_path):

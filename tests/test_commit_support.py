@@ -14,12 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu_helpers import (K, M, apply_ops, build_case, convert_raw, create, make_raw,
+from qemu_helpers import (K, M, apply_ops, build_case, convert_raw, create,
                           qemu_check, qemu_img, qemu_info_chain)
 
 __all__ = ["K", "M", "Chain", "BUILDERS", "build", "flat", "check_images",
            "assert_clean", "chain_names", "qemu_reference_commit", "commit_cli",
-           "offline_script"]
+           "offline_script", "crash_script", "SyncQMP", "Writer", "compare_with_pending"]
 
 
 @dataclass
