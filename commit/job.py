@@ -745,19 +745,25 @@ class JobManager:
             "query-block-jobs": self._qmp_query_block_jobs,
             "query-jobs": self._qmp_query_jobs,
             "block-job-cancel": self._qmp_block_job_cancel,
-            "block-job-pause": self._qmp_block_job_pause,
-            "block-job-resume": self._qmp_block_job_resume,
-            "block-job-complete": self._qmp_block_job_complete,
             "block-job-set-speed": self._qmp_block_job_set_speed,
             "job-cancel": self._qmp_job_cancel,
-            "job-pause": self._qmp_job_pause,
-            "job-resume": self._qmp_job_resume,
-            "job-complete": self._qmp_job_complete,
             "job-dismiss": self._qmp_job_dismiss,
         }
+        # the plain verbs exist twice: block-job-X keyed by device, job-X keyed by id
+        for verb in ("pause", "resume", "complete"):
+            cmds[f"block-job-{verb}"] = self._verb_handler("device", self._block_job, verb)
+            cmds[f"job-{verb}"] = self._verb_handler("id", self._any_job, verb)
         if self.commit_factory is not None:
             cmds["block-commit"] = self._qmp_block_commit
         return cmds
+
+    def _verb_handler(self, key, lookup, verb):
+        async def handler(args):
+            a = check_args(args, {key: str})
+            job, ctx = lookup(a[key])
+            getattr(job, f"user_{verb}")()
+            self._after_user_command(job, ctx)
+        return handler
 
     async def _qmp_query_block_jobs(self, args):
         check_args(args)
@@ -778,24 +784,6 @@ class JobManager:
         job.user_cancel(force)
         self._after_user_command(job, ctx)
 
-    async def _qmp_block_job_pause(self, args):
-        a = check_args(args, {"device": str})
-        job, ctx = self._block_job(a["device"])
-        job.user_pause()
-        self._after_user_command(job, ctx)
-
-    async def _qmp_block_job_resume(self, args):
-        a = check_args(args, {"device": str})
-        job, ctx = self._block_job(a["device"])
-        job.user_resume()
-        self._after_user_command(job, ctx)
-
-    async def _qmp_block_job_complete(self, args):
-        a = check_args(args, {"device": str})
-        job, ctx = self._block_job(a["device"])
-        job.user_complete()
-        self._after_user_command(job, ctx)
-
     async def _qmp_block_job_set_speed(self, args):
         a = check_args(args, {"device": str, "speed": int})
         job, ctx = self._block_job(a["device"])
@@ -806,24 +794,6 @@ class JobManager:
         a = check_args(args, {"id": str})
         job, ctx = self._any_job(a["id"])
         self._cancel(job, ctx, True)
-
-    async def _qmp_job_pause(self, args):
-        a = check_args(args, {"id": str})
-        job, ctx = self._any_job(a["id"])
-        job.user_pause()
-        self._after_user_command(job, ctx)
-
-    async def _qmp_job_resume(self, args):
-        a = check_args(args, {"id": str})
-        job, ctx = self._any_job(a["id"])
-        job.user_resume()
-        self._after_user_command(job, ctx)
-
-    async def _qmp_job_complete(self, args):
-        a = check_args(args, {"id": str})
-        job, ctx = self._any_job(a["id"])
-        job.user_complete()
-        self._after_user_command(job, ctx)
 
     async def _qmp_job_dismiss(self, args):
         a = check_args(args, {"id": str})

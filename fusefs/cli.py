@@ -12,6 +12,7 @@ import os
 import sys
 
 from qcow.errors import QcowError
+from qcow.malloc import tune_malloc
 
 # sub-command -> (module, function)
 _HANDLERS = {
@@ -93,6 +94,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    tune_malloc()           # large I/O buffers from the heap (see qcow/malloc.py)
     module, func = _HANDLERS[args.command]
     handler = getattr(importlib.import_module(module), func)
     try:

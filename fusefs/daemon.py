@@ -702,10 +702,10 @@ def _read_pid(path, mountpoint=None):
     if b"fusefs" not in argv or (mountpoint is not None and
                                  os.fsencode(mountpoint) not in argv):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
@@ -716,7 +716,7 @@ def _pid_alive(pid):
 
 def _wait_pid_exit(pid, timeout):
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

@@ -46,7 +46,6 @@ class _Walker:
         self.file_clusters = -(-image.io.size() // self.cs)
         self.refs = {}
         self.result = result
-        self.copied_fixes = []   # (kind, where, index, new_entry)
 
     def error(self, msg):
         self.result.corruptions += 1
@@ -110,7 +109,6 @@ class _Walker:
         self.walk_l1(img.l1, active=True)
         self.add(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
         if h.nb_snapshots:
-            end = h.snapshots_offset
             for s in img.snapshots:
                 self.add(s.l1_table_offset, s.l1_size * 8)
                 raw = img.io.pread_exact(s.l1_size * 8, s.l1_table_offset)

@@ -867,6 +867,7 @@ def fio(ctx, path, rw, bs, size, *, runtime=None, number_ios=None, direct=True):
 SEQ_READ = r"""
 import json, sys, time
 import qcow
+qcow.tune_malloc()      # as the qcowfs CLI and daemon do
 path, piece = sys.argv[1], int(sys.argv[2])
 t = time.perf_counter()
 with qcow.open_chain(path, writable=False) as chain:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import qemu_helpers
+from fusefs.daemon import pid_alive  # noqa: F401 (the tests' too)
 
 M = 1 << 20
 
@@ -34,15 +35,6 @@ def mounted_fstype(path) -> str | None:
             if mp == target:
                 found = fields[sep + 1]
     return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
 
 
 def wait_until(pred, timeout=30.0, what="condition"):

@@ -15,6 +15,7 @@ import pytest
 
 from commit.guard import Dependant, dependants_report, find_dependants, guard_commit
 from qcow.errors import JobError, QcowError
+from mount_fixtures import mounter  # noqa: F401 (fixture)
 from qemu_helpers import (M, REPO_ROOT, apply_ops, convert_raw, create, make_raw,
                           qemu_img, qemu_info_chain, run_qcowfs, sha256_tree)
 
@@ -446,3 +447,31 @@ def test_scan_of_2000_files(tmp_path):
         guard_commit(chain, 3, 1, "simple", [], False)
     assert len(str(ei.value).splitlines()) == 8
     shutil.rmtree(tmp_path / "images")
+
+
+def test_live_commit_refused_then_forced_job_says_what_it_strands(workdir, mounter):
+    """Over the control socket: block-commit is refused while a clone depends on mid;
+    with x-force the job runs, and query-block-jobs and its events say it was forced
+    and name the clone it strands."""
+    from fusefs.qmp import QMPCallError, QMPConnection
+    chain, clone = _clone_setup(workdir)
+    m = mounter(chain[0])
+    with QMPConnection(str(m.socket)) as conn:
+        with pytest.raises(QMPCallError) as ei:
+            conn.execute("block-commit", {"job-id": "c", "top": chain[1]})
+        assert clone in ei.value.desc and "nothing was touched" in ei.value.desc
+        conn.execute("block-commit", {"job-id": "c", "top": chain[1], "x-force": True,
+                                      "auto-dismiss": False})
+        done = None
+        for event in conn.events(timeout=60):
+            if event["event"] == "BLOCK_JOB_COMPLETED":
+                done = event["data"]
+                break
+        assert done is not None and done.get("x-forced") is True
+        assert any(clone in line for line in done["x-stranded"])
+        [job] = conn.execute("query-block-jobs")
+        assert job["x-forced"] is True and any(clone in s for s in job["x-stranded"])
+        conn.execute("job-dismiss", {"id": "c"})
+    m.unmount()
+    assert [os.path.basename(layer["filename"]) for layer in qemu_info_chain(chain[0])] \
+        == ["active.qcow2", "base.qcow2"]
