@@ -486,7 +486,7 @@ class Qcow2Image:
             self.l2_cache.install(self._l2_table_offset(cstart), table)
             self._free_entry_clusters(entry)
 
-    def write_zeroes(self, off, n, below, unmap=True):
+    def write_zeroes(self, off, n, below):
         """Make [off, off+n) read as zeros at this layer, whatever lies beneath.
 
         Whole clusters become zero clusters (v3) or, on v2 without a backing file,

@@ -39,7 +39,7 @@ class RawImage:
         self._check_writable()
         self.io.pwrite(data, off)
 
-    def write_zeroes(self, off, n, below=None, unmap=True):
+    def write_zeroes(self, off, n, below=None):
         self._check_writable()
         step = 1 << 20
         for pos in range(off, off + n, step):
