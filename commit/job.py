@@ -32,7 +32,7 @@ import re
 
 import trio
 
-from fusefs.qmp import DEVICE_NOT_ACTIVE, GENERIC_ERROR, QMPError, check_args
+from .qapi import DEVICE_NOT_ACTIVE, GENERIC_ERROR, QMPError, check_args
 from qcow.errors import JobError, QcowError
 
 log = logging.getLogger("qcowfs.job")

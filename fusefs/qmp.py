@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import trio
 
+from commit.qapi import (COMMAND_NOT_FOUND, DEVICE_NOT_ACTIVE, DEVICE_NOT_FOUND,  # noqa: F401
+                         GENERIC_ERROR, QMPError, check_args)
 from qcow.errors import QcowError
 
 log = logging.getLogger("qcowfs.qmp")
@@ -40,11 +42,6 @@ log = logging.getLogger("qcowfs.qmp")
 # The QMP dialect we speak is QEMU 7.2's (the version every behaviour here was checked
 # against); `package` says who really answers.
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
-
-GENERIC_ERROR = "GenericError"
-COMMAND_NOT_FOUND = "CommandNotFound"
-DEVICE_NOT_ACTIVE = "DeviceNotActive"
-DEVICE_NOT_FOUND = "DeviceNotFound"
 
 
 def _package():
@@ -54,15 +51,6 @@ def _package():
         return f"qcowfs {version('qcowfs')}"
     except Exception:  # not installed (running from a source tree)
         return "qcowfs"
-
-
-class QMPError(Exception):
-    """Raised by a command handler to send `{"error": {"class": cls, "desc": desc}}`."""
-
-    def __init__(self, cls, desc):
-        self.cls = cls
-        self.desc = desc
-        super().__init__(desc)
 
 
 # --------------------------------------------------------------------------- paths
@@ -537,48 +525,7 @@ class Request:
     has_id: bool = False
 
 
-_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array", float: "number"}
 
-
-def check_args(arguments, required=None, optional=None):
-    """Validate a command's arguments the way QEMU's QAPI visitor does.
-
-    `required`/`optional` map a parameter name to a type (str, int, bool, dict, list,
-    float) or a tuple of types. Raises `QMPError(GenericError, ...)` with QEMU's text.
-    Returns a dict with every optional parameter present (None when absent).
-    """
-    required = required or {}
-    optional = optional or {}
-    for key in arguments:
-        if key not in required and key not in optional:
-            raise QMPError(GENERIC_ERROR, f"Parameter '{key}' is unexpected")
-    result = {}
-    for spec, must in ((required, True), (optional, False)):
-        for key, typ in spec.items():
-            if key not in arguments:
-                if must:
-                    raise QMPError(GENERIC_ERROR, f"Parameter '{key}' is missing")
-                result[key] = None
-                continue
-            value = arguments[key]
-            types = typ if isinstance(typ, tuple) else (typ,)
-            ok = False
-            for t in types:
-                if t is int:
-                    ok = isinstance(value, int) and not isinstance(value, bool)
-                elif t is float:
-                    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                else:
-                    ok = isinstance(value, t)
-                if ok:
-                    break
-            if not ok:
-                raise QMPError(
-                    GENERIC_ERROR,
-                    f"Invalid parameter type for '{key}', expected: {_TYPE_NAMES.get(types[0], types[0].__name__)}",
-                )
-            result[key] = value
-    return result
 
 
 def _dumps(obj):
