@@ -13,6 +13,7 @@ from qcow.errors import JobError
 
 from .completion import delete_files
 from .guard import guard_commit
+from .ratelimit import RateLimiter
 from .restartable import restartable_commit
 from .simple import simple_commit
 from .steps import Copied, Ready, SetLen
@@ -53,21 +54,6 @@ def _finally_read_only(target, steps):
             chain.reopen(base, False)
 
 
-class RateLimiter:
-    """Sleeps so that no more than `speed` bytes per second are copied (0: no limit)."""
-
-    def __init__(self, speed):
-        self.speed = speed
-        self.start = time.monotonic()
-        self.done = 0
-
-    def delay_for(self, nbytes):
-        if not self.speed:
-            return 0.0
-        self.done += nbytes
-        return max(0.0, self.start + self.done / self.speed - time.monotonic())
-
-
 def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False,
                 guard_dirs=(), force=False, progress=None):
     """Commit an unmounted chain to the end. progress(offset, length) after each step.
@@ -88,7 +74,7 @@ def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False
                     length = step.length
                 elif isinstance(step, Copied):
                     offset += step.nbytes
-                    delay = limiter.delay_for(step.nbytes)
+                    delay = limiter.consume(step.nbytes, time.monotonic())
                     if delay:
                         time.sleep(delay)
                 if progress:

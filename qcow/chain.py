@@ -10,7 +10,9 @@ several reads proceed at once; writes hold the lock throughout. Layers that leav
 chain are closed only once no read that may still use them is in flight.
 """
 
+import errno
 import os
+import stat
 import threading
 from typing import NamedTuple
 
@@ -76,19 +78,14 @@ def _open_file_checked(path, named_by):
         raise ChainError(path, f"no such file{where}") from None
     except OSError as e:
         raise ChainError(path, e.strerror) from None
-    if not os.path.isfile(path) and not _is_block(st):
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
         raise ChainError(path, "not a regular file")
     return st
 
 
-def _is_block(st):
-    import stat
-    return stat.S_ISBLK(st.st_mode)
-
-
 class Chain:
     def __init__(self, path, writable=False, cache_bytes=32 << 20, lock=True,
-                 metadata_only=False, fmt=None):
+                 metadata_only=False):
         self.writable = writable
         self.cache_bytes = cache_bytes
         self.locking = lock
@@ -100,18 +97,19 @@ class Chain:
         self.write_observers = []
         self.layers = []
         try:
-            self._open_all(os.fspath(path), fmt, metadata_only)
+            self._open_all(os.fspath(path), metadata_only)
         except BaseException:
             self._close_layers(self.layers, flush=False)
             raise
         self._share_cache()
 
-    def _open_all(self, path, fmt, metadata_only):
+    def _open_all(self, path, metadata_only):
         # `path` stays as given (QEMU resolves relative backing names against it and
         # shows it as the layer's filename); layer.path is its absolute form.
         seen = set()
         named_by = None
         writable = self.writable
+        fmt = None
         while True:
             st = _open_file_checked(path, named_by)
             key = (st.st_dev, st.st_ino)
@@ -120,12 +118,13 @@ class Chain:
             if len(self.layers) >= MAX_CHAIN:
                 raise ChainError(path, f"backing chain longer than {MAX_CHAIN} images")
             seen.add(key)
-            if not self.layers and probe_format(path) != "qcow2":
+            fmt = fmt or probe_format(path)
+            if not self.layers and fmt != "qcow2":
                 # the image a user names is the top of a qcow2 chain; a raw file is
                 # already flat (and a damaged qcow2 header must not pass for raw)
                 raise CorruptImage(path, "not a qcow2 image (bad magic)")
-            layer = open_layer(os.path.abspath(path), fmt or probe_format(path), writable,
-                               self.cache_bytes, metadata_only)
+            layer = open_layer(os.path.abspath(path), fmt, writable, self.cache_bytes,
+                               metadata_only)
             layer.filename = path
             layer.reuse_ok = lambda: self._inflight == 0
             self.layers.append(layer)
@@ -136,10 +135,8 @@ class Chain:
             if not layer.backing_name:
                 return
             named_by = path
-            fmt = layer.backing_format
+            fmt = layer.backing_format       # else probed once the file is found
             path = resolve_backing(layer.backing_name, path)
-            if fmt is None and os.path.exists(path):
-                fmt = probe_format(path)
             writable = False
 
     def _share_cache(self):
@@ -309,7 +306,7 @@ class Chain:
 
     def _check_write(self, offset, length):
         if not self.writable:
-            raise OSError(30, "chain is opened read-only")   # EROFS
+            raise OSError(errno.EROFS, "chain is opened read-only")
         self._check_range(offset, length)
 
     def _below(self, depth):
