@@ -6,8 +6,9 @@ a chunk that base already holds in sync is written to base too before it is
 acknowledged; a write to a chunk still dirty only stays dirty (its copy comes later);
 a write to a chunk being copied at that moment marks it dirty again. So the dirty
 set only shrinks, whatever the guest's write rate, and the job always reaches READY.
-The chain's lock orders each guest write with the mirror's bookkeeping; syncs of base
-and of the active image happen outside it, so the guest waits only for bookkeeping.
+The chain's lock orders each guest write with the mirror's bookkeeping (and the
+mirrored write into base, bounded by the guest's request); syncs of base and of the
+active image happen outside it, so the guest never waits for a fdatasync.
 
 Crash safety: before the pivot nothing on disk names base as the active image, and
 everything written into base is shadowed by a layer above it, so the old chain reads
@@ -125,11 +126,13 @@ def active_commit(target):
             with chain.lock:
                 if mirror.count:
                     continue
-                base.flush()
                 chain.write_observers.remove(mirror.observe)
-                if decision == "complete":
-                    return chain.pivot_to(base)
-                return []
+                dropped = chain.pivot_to(base) if decision == "complete" else []
+            # no guest write reaches base through the mirror any more: make base's
+            # copy durable, and close what left, without holding the chain's lock
+            base.flush()
+            chain.release_dropped(dropped)
+            return dropped
     finally:
         with chain.lock:
             if mirror.observe in chain.write_observers:

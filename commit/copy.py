@@ -30,4 +30,5 @@ def copy_view(chain, top_i, base, off, n, only_depth=None):
         else:
             base.write(s, chain.read_from(top_i, s, ln), below)
             copied += ln
+    base.writeback_if_full()
     return copied

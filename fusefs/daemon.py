@@ -47,6 +47,7 @@ from commit.job import JobManager
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
 from fusefs.qmp import default_socket_path
+from fusefs.watchdog import Watchdog, install_thread_dump
 
 
 def _stem(socket_path):
@@ -305,6 +306,7 @@ def _setup_logging(cfg, to_stderr):
     root.addHandler(fh)
     if to_stderr:
         root.addHandler(_TerminalHandler())
+    return fh.stream
 
 
 class _TerminalHandler(logging.StreamHandler):
@@ -326,13 +328,15 @@ def run_daemon(cfg, ready_fd=None):
     """The daemon itself (`mount --foreground`). Returns the exit code."""
     notify = _Readiness(ready_fd)
     try:
-        _setup_logging(cfg, to_stderr=ready_fd is None)
+        log_stream = _setup_logging(cfg, to_stderr=ready_fd is None)
     except OSError as e:
         err = QcowError(cfg.log_file, f"cannot open the log file: {e.strerror}")
         notify.error(str(err))
         raise err from None
     log.info("starting: image %s, mountpoint %s, %s, control socket %s", cfg.image,
              cfg.mountpoint, "read-only" if cfg.read_only else "read-write", cfg.socket)
+    install_thread_dump(log_stream)         # kill -QUIT / -USR1: every stack to the log
+    cfg.watchdog = Watchdog(log_stream)
     daemon = None
     try:
         check_mountpoint(cfg.mountpoint)
@@ -386,7 +390,8 @@ class Daemon:
                                         "there is nothing to mount)")
         log.info("chain: %s", " <- ".join(
             f"{layer.path} ({layer.format})" for layer in reversed(self.chain.layers)))
-        self.ops = MountFS(self.chain, cfg.name, read_only=cfg.read_only)
+        self.ops = MountFS(self.chain, cfg.name, read_only=cfg.read_only,
+                           watchdog=cfg.watchdog)
         options = {"default_permissions", "subtype=qcowfs",
                    "fsname=" + cfg.image.replace("\\", "\\\\").replace(",", "\\,")}
         if cfg.read_only:
@@ -473,6 +478,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_signals, signals)
+                nursery.start_soon(self.cfg.watchdog.heartbeat)
+                self.cfg.watchdog.start()
                 if self.jobs is not None:
                     await nursery.start(self.jobs.run)
                 self.server = qmp.QMPServer(self.cfg.socket, self.commands())

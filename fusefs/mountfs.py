@@ -41,6 +41,8 @@ import time
 import pyfuse3
 import trio
 
+from fusefs.watchdog import Watchdog
+
 log = logging.getLogger("qcowfs.mount")
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
@@ -65,8 +67,21 @@ KEEP_CACHE = True
 #   4 KiB rand write    98 us       281 us           51 us
 # A thread hop costs ~140 us of CPU, more than a whole small request; big requests
 # are cheaper in threads (and overlap there). The chain never calls back into trio, so
-# an inline call cannot deadlock; at worst it waits for the chain's lock (a job's
-# metadata update) and holds up the event loop that long.
+# an inline call cannot deadlock.
+#
+# What an inline request may wait for, per kind (the trio thread must never wait for a
+# lock that another thread holds across unbounded I/O, such as a fdatasync):
+# - read: the chain's lock while it plans, and each layer's metadata lock in turn. Other
+#   threads hold the chain's lock for bookkeeping and for a guest write's own bounded
+#   I/O; a layer's metadata lock for in-memory work and bounded pwrites (a job's chunk
+#   is at most 1 MiB). Flush barriers, header rewrites and closing layers that left the
+#   chain run outside both (qcow.chain, Qcow2Image.flush). The exceptions are one-off
+#   structural changes: growing base at a job's start, a new refcount block or table,
+#   a larger L1 table.
+# - write: the same, plus the copy-on-write read from lower layers (bounded). A write
+#   that leaves the L2 cache over capacity with dirty tables writes them back itself,
+#   after releasing every lock (Chain.write).
+# - fsync, flush, fallocate and requests over INLINE_MAX: always in a worker thread.
 INLINE_MAX = 128 << 10
 
 _to_thread = trio.to_thread.run_sync
@@ -77,8 +92,10 @@ class MountFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, chain, name="disk.raw", read_only=False, threads=16):
+    def __init__(self, chain, name="disk.raw", read_only=False, threads=16, watchdog=None):
         super().__init__()
+        # requests in flight, for the daemon's watchdog thread (begin/end per request)
+        self.watch = watchdog or Watchdog(None)
         self.chain = chain
         self.name = os.fsencode(name)
         self.size = chain.virtual_size
@@ -102,12 +119,15 @@ class MountFS(pyfuse3.Operations):
             return b""
         if size > self.max_read_seen:
             self.max_read_seen = size
+        token = self.watch.begin("read", off, n)
         try:
             if n <= INLINE_MAX:
                 return self.chain.read(off, n)
             return await _to_thread(self.chain.read, off, n, limiter=self.limiter)
         except Exception as e:
             raise _fuse_error(e, "read", off, n) from None
+        finally:
+            self.watch.end(token)
 
     async def write(self, fh, off, buf):
         if self.read_only:
@@ -122,6 +142,7 @@ class MountFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             n = self.size - off
             buf = bytes(buf[:n])
+        token = self.watch.begin("write", off, n)
         try:
             if n <= INLINE_MAX:
                 self.chain.write(off, buf)
@@ -129,6 +150,8 @@ class MountFS(pyfuse3.Operations):
                 await _to_thread(self.chain.write, off, buf, limiter=self.limiter)
         except Exception as e:
             raise _fuse_error(e, "write", off, n) from None
+        finally:
+            self.watch.end(token)
         self.dirty = True
         return n
 
@@ -143,11 +166,14 @@ class MountFS(pyfuse3.Operations):
 
     async def _flush(self, what):
         self.dirty = False
+        token = self.watch.begin(what, 0, 0)
         try:
             await _to_thread(self.chain.flush, limiter=self.limiter)
         except Exception as e:
             self.dirty = True
             raise _fuse_error(e, what, 0, 0) from None
+        finally:
+            self.watch.end(token)
 
     async def fallocate(self, mode, off, length):
         """PUNCH_HOLE|KEEP_SIZE -> discard, ZERO_RANGE -> write_zeroes, else EOPNOTSUPP."""
@@ -167,10 +193,13 @@ class MountFS(pyfuse3.Operations):
             length = self.size - off
             if length <= 0:
                 return
+        token = self.watch.begin(what, off, length)
         try:
             await _to_thread(op, off, length, limiter=self.limiter)
         except Exception as e:
             raise _fuse_error(e, what, off, length) from None
+        finally:
+            self.watch.end(token)
         self.dirty = True
 
     # ---- metadata ---------------------------------------------------------------------

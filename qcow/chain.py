@@ -4,16 +4,24 @@ Reads go active -> ... -> base, cluster by cluster; a layer's unallocated range 
 through to its backing file, and past the end of a shorter backing file it reads as
 zeros whatever deeper layers hold (QEMU's rule). Writes land in the active layer.
 
-Concurrency: one re-entrant lock per chain guards metadata (L1/L2 caches, refcounts,
-the layer list). A read plans its I/O under the lock and performs it outside, so
-several reads proceed at once; writes hold the lock throughout. Layers that leave the
-chain are closed only once no read that may still use them is in flight.
+Concurrency. Lock order (qcow.lockdep): the chain's lock, then a layer's flush lock,
+then a layer's metadata lock; never the reverse, and never two layers' locks at once.
+- The chain's lock guards the layer list and orders guest writes (and an active
+  commit's mirroring of them). A read plans its I/O under it (briefly taking each
+  layer's metadata lock in turn) and does the I/O outside, so reads run in parallel.
+  A guest write holds it for its own bounded I/O. Nothing syncs under it in steady
+  state: flushes, header rewrites and the flush of a layer leaving the chain all run
+  outside it; only a one-off `grow` does.
+- A layer never calls back into the chain while holding its own lock: the
+  copy-on-write data a write needs from below is read before the layer locks
+  (Qcow2Image.write).
+Layers that leave the chain are closed only once no read that may still use them is in
+flight (`_reap`), outside the chain's lock.
 """
 
 import errno
 import os
 import stat
-import threading
 from typing import NamedTuple
 
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
@@ -21,6 +29,7 @@ from .header import QCOW_MAGIC
 from .image import Qcow2Image
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .lock import READER, WRITER, lock_image, unlock_image
+from .lockdep import make_lock
 from .raw import RawImage, host_data_runs
 
 MAX_CHAIN = 256
@@ -89,7 +98,7 @@ class Chain:
         self.writable = writable
         self.cache_bytes = cache_bytes
         self.locking = lock
-        self._lock = threading.RLock()
+        self._lock = make_lock("chain")
         self._inflight = 0
         self._retired = []
         # called under the lock after each guest write: observer(offset, length, data)
@@ -231,9 +240,9 @@ class Chain:
     def _read_done(self):
         with self._lock:
             self._inflight -= 1
-            if not self._inflight and self._retired:
-                retired, self._retired = self._retired, []
-                self._close_layers(retired, flush=False)
+            if self._inflight or not self._retired:
+                return
+        self._reap()
 
     def block_status(self, offset, length, want_zero=False):
         """Extents saying which layer serves each part of [offset, offset+length).
@@ -329,13 +338,16 @@ class Chain:
                 layer.write(offset, data, self._below(0))
             for observer in self.write_observers:
                 observer(offset, len(data), data)
+        layer.writeback_if_full()
 
     def write_zeroes(self, offset, length):
         self._check_write(offset, length)
         with self._lock:
-            self.active.write_zeroes(offset, length, self._below(0))
+            layer = self.layers[0]
+            layer.write_zeroes(offset, length, self._below(0))
             for observer in self.write_observers:
                 observer(offset, length, None)
+        layer.writeback_if_full()
 
     def discard(self, offset, length):
         """Afterwards the range reads as zeros (clusters are freed where possible)."""
@@ -373,54 +385,61 @@ class Chain:
                     layer.write_zeroes(old, end - old, self._below(i))
 
     def reopen(self, layer, writable):
-        """Reopen one layer read-write (or back to read-only), moving its locks."""
-        with self._lock:
-            i = self.index_of(layer)
-            if layer.read_only != writable:
-                return layer
-            if not layer.read_only:
-                layer.flush()
+        """Reopen one layer read-write (or back to read-only), moving its locks. The
+        files are opened outside the chain's lock; only the switch is under it.
+        Only a job reopens layers, and never one that guest writes go to."""
+        if layer.read_only != writable:
+            return layer
+        if not layer.read_only:
+            layer.flush()
+        if self.locking:
+            unlock_image(layer.io.fd)
+        try:
+            new = open_layer(layer.path, layer.format, writable, self.cache_bytes)
+            new.filename = layer.filename
+            new.reuse_ok = lambda: self._inflight == 0
             if self.locking:
-                unlock_image(layer.io.fd)
-            try:
-                new = open_layer(layer.path, layer.format, writable, self.cache_bytes)
-                new.filename = layer.filename
-                new.reuse_ok = lambda: self._inflight == 0
-                if self.locking:
-                    lock_image(new.io.fd, new.path, WRITER if writable else READER)
-                if writable and new.format == "qcow2":
-                    new.repair_if_dirty()
-            except BaseException:
-                if self.locking:
-                    lock_image(layer.io.fd, layer.path, WRITER if not layer.read_only
-                               else READER)
-                raise
+                lock_image(new.io.fd, new.path, WRITER if writable else READER)
+            if writable and new.format == "qcow2":
+                new.repair_if_dirty()
+        except BaseException:
+            if self.locking:
+                lock_image(layer.io.fd, layer.path, WRITER if not layer.read_only
+                           else READER)
+            raise
+        with self._lock:
             layers = list(self.layers)
-            layers[i] = new
+            layers[self.index_of(layer)] = new
             self.layers = layers
             self._retire([layer])
             self._share_cache()
-            return new
+        self._reap()
+        return new
 
     def drop_layers(self, overlay, new_backing, backing_name):
         """Make `overlay` name `new_backing` (already flushed) as its backing file and
-        drop the layers in between. The header is rewritten first (durably), then the
-        in-memory chain switches in one assignment."""
+        drop the layers in between. The header is rewritten first (durably; the
+        in-memory chain is unchanged meanwhile, so guest I/O goes on), then the chain
+        switches in one assignment."""
+        with self._lock:
+            assert self.index_of(overlay) < self.index_of(new_backing)
+        if overlay.read_only:
+            raise QcowError(overlay.path, "overlay is read-only; cannot rewrite its "
+                                          "backing file name")
+        overlay.set_backing(backing_name, new_backing.format)
         with self._lock:
             i, j = self.index_of(overlay), self.index_of(new_backing)
-            assert i < j
-            if overlay.read_only:
-                raise QcowError(overlay.path, "overlay is read-only; cannot rewrite its "
-                                              "backing file name")
-            overlay.set_backing(backing_name, new_backing.format)
             dropped = self.layers[i + 1:j]
             self.layers = self.layers[:i + 1] + self.layers[j:]
             self._retire(dropped)
             self._share_cache()
-            return dropped
+        self.release_dropped(dropped)
+        return dropped
 
     def pivot_to(self, layer):
-        """Make `layer` the active image (active commit): the layers above it leave."""
+        """Make `layer` the active image (active commit): the layers above it leave.
+        The caller may hold the chain's lock (the switch is then atomic with its last
+        check); it passes the layers that left to `release_dropped` once it released it."""
         with self._lock:
             j = self.index_of(layer)
             dropped = self.layers[:j]
@@ -430,13 +449,24 @@ class Chain:
             return dropped
 
     def _retire(self, layers):
+        """Under the chain's lock: these layers left it (closed later by `_reap`)."""
+        self._retired.extend(layers)
+
+    def release_dropped(self, layers):
+        """Outside the chain's lock: make what the layers that left received durable,
+        then close them if no read is in flight."""
         for layer in layers:
-            if not layer.read_only:
-                layer.flush()
-        if self._inflight:
-            self._retired.extend(layers)
-        else:
-            self._close_layers(layers, flush=False)
+            layer.flush()
+        self._reap()
+
+    def _reap(self):
+        """Close retired layers once no read that may still use them is in flight.
+        Called holding no lock (closing flushes)."""
+        with self._lock:
+            if self._inflight or not self._retired:
+                return
+            retired, self._retired = self._retired, []
+        self._close_layers(retired)
 
     # --- closing ----------------------------------------------------------
 
@@ -458,7 +488,7 @@ class Chain:
         with self._lock:
             layers, self.layers = self.layers + self._retired, []
             self._retired = []
-            self._close_layers(layers)
+        self._close_layers(layers)
 
 
 def _add_run(out, start, length, depth, kind):

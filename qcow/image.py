@@ -21,7 +21,6 @@ import copy
 import errno
 import os
 import struct
-import threading
 from array import array
 
 from . import compressed
@@ -30,6 +29,7 @@ from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_QCOWFS_DRAINED,
                      HEADER_PROBE_BYTES,
                      EXT_FDE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                      parse_header)
+from .lockdep import make_lock
 from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                        QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
                        SC_ALLOC_MASK, SC_ZERO_SHIFT, UNALLOCATED, ZERO,
@@ -56,6 +56,24 @@ def append_extent(out, start, length, kind, aux):
     out.append((start, length, kind, aux))
 
 
+class _Fill:
+    """Bytes read from `below` for a write's copy-on-write, keyed by guest range."""
+
+    def __init__(self):
+        self.got = {}
+
+    def covers(self, need):
+        return all(r in self.got for r in need)
+
+    def fetch(self, below, need):
+        for s, ln in need:
+            if (s, ln) not in self.got:
+                self.got[(s, ln)] = below(s, ln) if below is not None else bytes(ln)
+
+    def read(self, s, ln):
+        return self.got[(s, ln)]
+
+
 class Qcow2Image:
     format = "qcow2"
 
@@ -64,7 +82,13 @@ class Qcow2Image:
         self.path = path
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
-        self.lock = threading.RLock()
+        # Lock order (qcow.lockdep): chain -> flush -> layer. `lock` guards the
+        # metadata and is never held while calling `below` (the chain) or across a
+        # fdatasync of a steady-state flush; `flush_lock` serialises flushes and
+        # header rewrites and is held across their barriers. Guest reads take only
+        # `lock`, briefly.
+        self.lock = make_lock("layer")
+        self.flush_lock = make_lock("flush")
         self.reuse_ok = lambda: True      # the chain: False while reads are in flight
         try:
             self._open(cache_bytes, metadata_only)
@@ -376,30 +400,96 @@ class Qcow2Image:
 
     def write(self, off, data, below):
         """Write guest data at this layer; partial clusters copy the rest from
-        this layer's current view (copy-on-write from `below` where unallocated)."""
-        with self.lock:
-            self._prepare_write()
-            mv = memoryview(data)
-            end = off + len(mv)
-            cb, cs = self.cluster_bits, self.cluster_size
-            batch = []   # consecutive fresh clusters allocated together: (table, l2i, entry, bitmap, buf)
-            pos = 0
-            while off < end:
-                ci = off >> cb
-                l1i, l2i = divmod(ci, self.l2_entries)
-                cstart = ci << cb
-                a, b = off - cstart, min(cs, end - cstart)
-                chunk = mv[pos:pos + b - a]
-                table = self._l2_for_write(l1i)
-                fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below)
-                if fresh is None:
-                    self._flush_batch(batch)
-                    batch = []
-                else:
-                    batch.append(fresh)
-                pos += b - a
-                off = cstart + b
-            self._flush_batch(batch)
+        this layer's current view (copy-on-write from `below` where unallocated).
+
+        Two phases, so that `below` (the chain beneath: it takes the chain's lock) is
+        never called with this layer's lock held: plan which bytes the copy-on-write
+        needs from below, read them without the lock, then write under the lock if the
+        plan still holds (a concurrent write to this layer may have changed it: plan
+        again)."""
+        fill = _Fill()
+        while True:
+            with self.lock:
+                self._prepare_write()
+                need = self._below_ranges(off, len(data))
+                if fill.covers(need):
+                    self._write_locked(off, data, fill.read)
+                    return
+            fill.fetch(below, need)
+
+    def _below_ranges(self, off, n):
+        """The guest ranges a write of [off, off+n) would read from `below` now."""
+        out = []
+        end = off + n
+        cb, cs = self.cluster_bits, self.cluster_size
+        while off < end:
+            cstart = off >> cb << cb
+            a, b = off - cstart, min(cs, end - cstart)
+            entry, bitmap = self._entry_at(cstart)
+            _owned, sa, sb, _bits = self._write_span(entry, bitmap, a, b)
+            if not entry & QCOW_OFLAG_COMPRESSED:
+                for lo, hi in ((sa, a), (b, sb)):
+                    if hi > lo:
+                        out += [(s, ln) for s, ln, kind, _ in
+                                self._cluster_extents(entry, bitmap, cstart, lo, hi)
+                                if kind == UNALLOCATED]
+            off = cstart + b
+        return out
+
+    def _entry_at(self, cstart):
+        """(L2 entry, subcluster bitmap) of the cluster at guest offset cstart."""
+        l1i, l2i = divmod(cstart >> self.cluster_bits, self.l2_entries)
+        l2off = self._l2_offset(l1i)
+        if not l2off:
+            return 0, 0
+        table = self.l2_cache.get(l2off)
+        if self.extended_l2:
+            return table[2 * l2i], table[2 * l2i + 1]
+        return table[l2i], 0
+
+    def _write_span(self, entry, bitmap, a, b):
+        """How a write of [a, b) into a cluster with this entry is done:
+        (owned: in place, [sa, sb): the bytes of the cluster written, their
+        subcluster allocation bits). An owned cluster (QCOW_OFLAG_COPIED) is written in
+        place, whole subclusters with extended L2; otherwise a fresh cluster gets
+        [sa, sb), the whole cluster when there is old content to carry over."""
+        cs = self.cluster_size
+        host = entry & L2E_OFFSET_MASK
+        compressed = entry & QCOW_OFLAG_COMPRESSED
+        owned = bool(host and entry & QCOW_OFLAG_COPIED and not compressed)
+        if self.extended_l2:
+            if not owned and (host or compressed):
+                return owned, 0, cs, SC_ALLOC_MASK
+            scb = self.subcluster_bits
+            sa = a >> scb << scb
+            sb = min(cs, -(-b >> scb) << scb)
+            return owned, sa, sb, ((1 << ((sb - 1 >> scb) + 1)) - 1) ^ ((1 << (sa >> scb)) - 1)
+        if owned:
+            return owned, a, b, 0       # in place (a zero cluster is rewritten whole)
+        return owned, 0, cs, 0
+
+    def _write_locked(self, off, data, below):
+        mv = memoryview(data)
+        end = off + len(mv)
+        cb, cs = self.cluster_bits, self.cluster_size
+        batch = []   # consecutive fresh clusters allocated together
+        pos = 0
+        while off < end:
+            ci = off >> cb
+            l1i, l2i = divmod(ci, self.l2_entries)
+            cstart = ci << cb
+            a, b = off - cstart, min(cs, end - cstart)
+            chunk = mv[pos:pos + b - a]
+            table = self._l2_for_write(l1i)
+            fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below)
+            if fresh is None:
+                self._flush_batch(batch)
+                batch = []
+            else:
+                batch.append(fresh)
+            pos += b - a
+            off = cstart + b
+        self._flush_batch(batch)
 
     def _write_cluster(self, table, l2i, cstart, a, b, chunk, below):
         """Write into one cluster. In place when this layer owns the cluster
@@ -411,14 +501,7 @@ class Qcow2Image:
         else:
             entry, bitmap = table[l2i], 0
         host = entry & L2E_OFFSET_MASK
-        owned = host and entry & QCOW_OFLAG_COPIED and not entry & QCOW_OFLAG_COMPRESSED
-        if ext:
-            scb = self.subcluster_bits
-            sa = a >> scb << scb
-            sb = min(cs, -(-b >> scb) << scb)
-            sc_bits = ((1 << ((sb - 1 >> scb) + 1)) - 1) ^ ((1 << (sa >> scb)) - 1)
-        else:
-            sa, sb, sc_bits = 0, cs, 0
+        owned, sa, sb, sc_bits = self._write_span(entry, bitmap, a, b)
         if owned:
             if ext:
                 buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
@@ -437,9 +520,6 @@ class Qcow2Image:
             else:
                 self.io.pwrite(chunk, host + a)
             return None
-        has_old_content = bool(host) or entry & QCOW_OFLAG_COMPRESSED
-        if ext and has_old_content:
-            sa, sb, sc_bits = 0, cs, SC_ALLOC_MASK
         buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
         new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT) if ext else 0
         return (table, l2i, cstart, entry, new_bitmap, sa, buf)
@@ -491,28 +571,42 @@ class Qcow2Image:
 
         Whole clusters become zero clusters (v3) or, on v2 without a backing file,
         unallocated; their old clusters are freed. Partial clusters and v2 images with a
-        backing file get real zeros written.
+        backing file get real zeros written (through `write`, outside this layer's lock:
+        their copy-on-write may read from `below`).
         """
-        with self.lock:
-            self._prepare_write()
-            end = off + n
-            cb, cs = self.cluster_bits, self.cluster_size
-            v3 = self.header.version >= 3
-            while off < end:
-                cstart = off & ~(cs - 1)
-                cend = min(end, cstart + cs)
-                whole = off == cstart and cend - cstart == cs
-                l1i, l2i = divmod(cstart >> cb, self.l2_entries)
-                if whole and (v3 or self.backing_name is None):
-                    table = self._l2_for_write(l1i)
-                    self._set_entry(table, l2i, cstart,
-                                    0 if not v3 or self.extended_l2 else QCOW_OFLAG_ZERO,
-                                    SC_ALLOC_MASK << SC_ZERO_SHIFT if self.extended_l2 else 0)
-                elif self.extended_l2:
-                    self._zero_subclusters(l1i, l2i, cstart, off, cend, below)
-                elif not self._reads_zero(cstart, off, cend):
-                    self.write(off, bytes(cend - off), below)
-                off = cend
+        end = off + n
+        while off < end:
+            with self.lock:
+                self._prepare_write()
+                off, writes, zero_bits = self._zero_clusters(off, end)
+            for s, ln in writes:
+                self.write(s, bytes(ln), below)
+            if zero_bits:
+                with self.lock:
+                    self._set_zero_bits(*zero_bits)
+
+    def _zero_clusters(self, off, end):
+        """Zero whole clusters from `off` on, up to the first cluster that needs real
+        zeros written: (where to go on, [(start, length)] to write as data, subclusters
+        to mark zero after those writes or None)."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        v3 = self.header.version >= 3
+        while off < end:
+            cstart = off & ~(cs - 1)
+            cend = min(end, cstart + cs)
+            l1i, l2i = divmod(cstart >> cb, self.l2_entries)
+            if off == cstart and cend - cstart == cs and (v3 or self.backing_name is None):
+                table = self._l2_for_write(l1i)
+                self._set_entry(table, l2i, cstart,
+                                0 if not v3 or self.extended_l2 else QCOW_OFLAG_ZERO,
+                                SC_ALLOC_MASK << SC_ZERO_SHIFT if self.extended_l2 else 0)
+            elif self.extended_l2:
+                writes, zero_bits = self._zero_subclusters(cstart, off, cend)
+                return cend, writes, zero_bits
+            elif not self._reads_zero(off, cend):
+                return cend, [(off, cend - off)], None
+            off = cend
+        return off, [], None
 
     def _set_entry(self, table, l2i, cstart, entry, bitmap):
         old = table[2 * l2i] if self.extended_l2 else table[l2i]
@@ -523,7 +617,7 @@ class Qcow2Image:
         self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
         self._free_entry_clusters(old)
 
-    def _reads_zero(self, cstart, off, cend):
+    def _reads_zero(self, off, cend):
         for _s, _ln, kind, _aux in self.extents(off, cend - off):
             if kind == UNALLOCATED and self.backing_name is not None:
                 return False
@@ -531,19 +625,26 @@ class Qcow2Image:
                 return False
         return True
 
-    def _zero_subclusters(self, l1i, l2i, cstart, off, cend, below):
+    def _zero_subclusters(self, cstart, off, cend):
+        """Extended L2, part of a cluster: whole subclusters become zero subclusters
+        (after the partial edges are written: a write into a cluster with old content
+        reallocates it whole), the edges real zeros."""
         scb = self.subcluster_bits
         a, b = off - cstart, cend - cstart
         sa, sb = -(-a >> scb) << scb, b >> scb << scb
-        table = self._l2_for_write(l1i)
-        entry = table[2 * l2i]
+        entry, _bitmap = self._entry_at(cstart)
         if sa >= sb or entry & QCOW_OFLAG_COMPRESSED:
-            self.write(off, bytes(cend - off), below)
-            return
+            return [(off, cend - off)], None
+        writes = []
         if a < sa:
-            self.write(off, bytes(sa - a), below)
+            writes.append((off, sa - a))
         if b > sb:
-            self.write(cstart + sb, bytes(b - sb), below)
+            writes.append((cstart + sb, b - sb))
+        return writes, (cstart, sa, sb)
+
+    def _set_zero_bits(self, cstart, sa, sb):
+        scb = self.subcluster_bits
+        l1i, l2i = divmod(cstart >> self.cluster_bits, self.l2_entries)
         table = self._l2_for_write(l1i)
         bits = ((1 << (sb >> scb)) - 1) ^ ((1 << (sa >> scb)) - 1)
         table[2 * l2i + 1] = (table[2 * l2i + 1] & ~bits) | (bits << SC_ZERO_SHIFT)
@@ -567,8 +668,10 @@ class Qcow2Image:
 
     def resize(self, new_size):
         """Grow the virtual size (L1 first, header last). The new area is unallocated:
-        `Chain.grow` zeroes it where a longer backing file would show through."""
-        with self.lock:
+        `Chain.grow` zeroes it where a longer backing file would show through.
+        Rare (once per commit into a smaller base), so it holds the layer's lock across
+        its barriers."""
+        with self.flush_lock, self.lock:
             self._prepare_write()
             old = self.virtual_size
             if new_size < old:
@@ -580,7 +683,7 @@ class Qcow2Image:
             if needed > len(self.l1):
                 self._grow_l1(needed)
             h.size = new_size
-            self.flush()
+            self._flush()
             self.io.pwrite(struct.pack(">Q", new_size), 24)   # header after the tables
             self.io.sync()
             self.virtual_size = new_size
@@ -589,7 +692,7 @@ class Qcow2Image:
         cb, cs = self.cluster_bits, self.cluster_size
         h = self.header
         clusters = -(-entries * 8 // cs)
-        self.flush()                          # L2 tables durable before a new L1 names them
+        self._flush()                         # L2 tables durable before a new L1 names them
         new_off = self.refcounts.alloc(clusters)
         new = array("Q", self.l1)
         new.extend([0] * (entries - len(new)))
@@ -624,19 +727,20 @@ class Qcow2Image:
     def _rewrite_cluster0(self, change):
         """Apply `change` to the header and write cluster 0 in one request, after
         everything else of the image is durable (the header goes last)."""
-        with self.lock:
-            self._prepare_write()
-            h = self.header
-            saved = copy.deepcopy(h)
-            change(h)
-            try:
-                cluster0 = h.pack_cluster0()
-            except ValueError:
-                self.header = saved
-                raise QcowError(self.path, "the header does not fit in its cluster "
-                                           "(backing file name too long?)") from None
-            self.flush()
-            self.io.pwrite(cluster0, 0)
+        self.flush()
+        with self.flush_lock:
+            with self.lock:
+                self._prepare_write()
+                h = self.header
+                saved = copy.deepcopy(h)
+                change(h)
+                try:
+                    cluster0 = h.pack_cluster0()
+                except ValueError:
+                    self.header = saved
+                    raise QcowError(self.path, "the header does not fit in its cluster "
+                                               "(backing file name too long?)") from None
+                self.io.pwrite(cluster0, 0)
             self.io.sync()
 
     # --- durability -------------------------------------------------------
@@ -645,39 +749,86 @@ class Qcow2Image:
         """Make everything written so far durable, in the order the spec needs."""
         if self.read_only or self.io.fd < 0:
             return
-        # Data pages first, without the lock: the locked barriers below then have
-        # little left to write back, and readers waiting for the lock wait less.
-        self.io.sync()
+        with self.flush_lock:
+            self._flush()
+
+    def _flush(self):
+        """The flush itself; the caller holds `flush_lock`, so flushes run one at a time
+        and only they write L2 tables and L1 entries.
+
+        The metadata is cut under the layer's lock (refcount blocks written, dirty L2
+        tables encoded, dirty L1 entries and queued frees taken), and the barriers run
+        without it, so guest requests go on meanwhile. Order on disk:
+        guest data and refcount blocks -> barrier -> L2 tables -> barrier -> L1 entries
+        -> barrier -> refcount decrements of the clusters those entries dropped.
+        A table modified after the cut stays dirty (and in the cache) for the next flush.
+        """
         with self.lock:
             if self.io.fd < 0:
                 return
-            self.refcounts.flush()
-            self.l2_cache.flush()                 # barrier inside, before any L2
-            if self.l1_dirty:
-                self.io.sync()                    # L2 tables before the L1 entries
-                h = self.header
-                for i in sorted(self.l1_dirty):
-                    self.io.pwrite(struct.pack(">Q", self.l1[i]), h.l1_table_offset + 8 * i)
-                self.l1_dirty.clear()
-            self.io.sync()
-            if self.refcounts.pending_free and self.reuse_ok():
-                # entries that dropped these clusters are durable, and no read that
-                # may still use them is in flight: now lower the counts
-                self.refcounts.apply_pending_frees()
+            frees = self.refcounts.take_pending_frees()
+            l1 = [(i, self.l1[i]) for i in sorted(self.l1_dirty)]
+            self.l1_dirty.clear()
+            l1_offset = self.header.l1_table_offset
+            try:
                 self.refcounts.flush()
+                tables = self.l2_cache.take_dirty()
+            except BaseException:
+                self._uncut(frees, l1)
+                raise
+        try:
+            self.io.sync()
+            if tables:
+                for offset, _version, raw in tables:
+                    self.io.pwrite(raw, offset)
                 self.io.sync()
+                with self.lock:
+                    self.l2_cache.written(tables)
+            if l1:
+                for i, entry in l1:
+                    self.io.pwrite(struct.pack(">Q", entry), l1_offset + 8 * i)
+                self.io.sync()
+        except BaseException:
+            with self.lock:
+                self._uncut(frees, l1)
+            raise
+        if frees:
+            with self.lock:
+                if not self.reuse_ok():
+                    # a read in flight may still use these clusters: a later flush
+                    self._uncut(frees, [])
+                    return
+                self.refcounts.apply_frees(frees)
+                self.refcounts.flush()
+            self.io.sync()
+
+    def _uncut(self, frees, l1):
+        """Give back what a flush took but did not make durable."""
+        self.refcounts.pending_free[:0] = frees
+        for i, _entry in l1:
+            self.l1_dirty.add(i)
+
+    def writeback_if_full(self):
+        """Flush when the L2 cache is over its capacity with dirty tables (it never
+        evicts a dirty one: writing it would need a barrier under the layer's lock).
+        Callers run it holding no lock."""
+        if self.l2_cache is not None and self.l2_cache.over_capacity():
+            self.flush()
 
     def mark_clean(self):
         h = self.header
         if h.version >= 3 and h.incompatible_features & INCOMPAT_DIRTY:
             self.flush()
-            h.incompatible_features &= ~INCOMPAT_DIRTY
-            self.io.pwrite(struct.pack(">Q", h.incompatible_features), 72)
-            self.io.sync()
+            with self.flush_lock:
+                with self.lock:
+                    h.incompatible_features &= ~INCOMPAT_DIRTY
+                    self.io.pwrite(struct.pack(">Q", h.incompatible_features), 72)
+                self.io.sync()
 
     def close(self):
-        try:
-            if not self.read_only and self.io.fd >= 0:
-                self.flush()
-        finally:
-            self.io.close()
+        with self.flush_lock:         # a flush in another thread finishes first
+            try:
+                if not self.read_only and self.io.fd >= 0:
+                    self._flush()
+            finally:
+                self.io.close()

@@ -6,9 +6,9 @@ Every byte is "data at the same offset"; holes in the file read as zeros, and
 
 import errno
 import os
-import threading
 
 from .l2_table import DATA, ZERO
+from .lockdep import make_lock
 from .rawio import RawIO
 
 
@@ -24,7 +24,8 @@ class RawImage:
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
         self.virtual_size = self.io.size()
-        self.lock = threading.RLock()
+        self.lock = make_lock("layer")
+        self.flush_lock = make_lock("flush")    # a flush never races a close
 
     def extents(self, off, n, want_zero=False):
         if not want_zero:
@@ -56,11 +57,16 @@ class RawImage:
             raise OSError(errno.EROFS, f"{self.path}: image is opened read-only")
 
     def flush(self):
-        if self.io.fd >= 0:
-            self.io.sync()
+        with self.flush_lock:
+            if self.io.fd >= 0:
+                self.io.sync()
+
+    def writeback_if_full(self):
+        """Nothing cached: raw writes go straight to the file."""
 
     def close(self):
-        self.io.close()
+        with self.flush_lock:
+            self.io.close()
 
 
 def host_data_runs(fd, off, n):

@@ -6,9 +6,10 @@ Ordering rules enforced here:
   points at it;
 - a new, larger refcount table is written and flushed (with the blocks that count its
   own clusters) before the header points at it, and the old table is freed only after;
-- decrements are *deferred*: `free()` queues clusters, and `apply_pending_frees()` is
-  called only after the L2/L1 entries that dropped them are durable, so a crash can
-  leak a cluster but never leave an entry pointing at a cluster with refcount 0.
+- decrements are *deferred*: `free()` queues clusters, and the image's flush calls
+  `apply_frees()` with what it took at its cut only once the L2/L1 entries that dropped
+  them are durable, so a crash can leak a cluster but never leave an entry pointing at
+  a cluster with refcount 0.
 """
 
 import struct
@@ -235,9 +236,12 @@ class Refcounts:
         """Queue a decrement; applied once the metadata that dropped it is durable."""
         self.pending_free.extend(range(cluster, cluster + count))
 
-    def apply_pending_frees(self):
+    def take_pending_frees(self):
         pending, self.pending_free = self.pending_free, []
-        for c in pending:
+        return pending
+
+    def apply_frees(self, clusters):
+        for c in clusters:
             self.add(c, -1)
 
     def flush(self):

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 
+# The lock-order checker (qcow/lockdep.py) is on for the whole suite, daemons included.
+export QCOWFS_LOCKDEP=1
 rc=0
 python -m pytest "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
