@@ -31,6 +31,7 @@ from qemu_helpers import REPO_ROOT, K, M, qemu_img
 GUEST_DIR = Path(os.environ.get("QCOWFS_GUEST_DIR", REPO_ROOT / ".cache" / "guest"))
 BUILD = REPO_ROOT / "scripts" / "guest" / "build.sh"
 DISK_SIZE = 256 * M
+GUEST_FILES = 16       # files the workload keeps (guest_files= on the kernel command line)
 FS_BLOCK = 4096        # mkfs.ext4 would pick 1 KiB blocks for a disk this small
 # Kernel messages that mean the disk failed the guest (scripts/guest/init counts the same).
 IO_ERROR = re.compile(r"I/O error|EXT4-fs error|EXT4-fs warning|Buffer I/O|"
@@ -97,24 +98,26 @@ def _write_generation(raw: Path, generation: int, manifest: dict[str, str]):
     shutil.rmtree(src)
 
 
-def build_fs_chain(d: Path, layers: list[tuple[str, str]]) -> list[Path]:
-    """D/<name>.qcow2 for each (name, qemu-img -o options) of LAYERS, bottom first: one
-    ext4 file system, generation G of it in layer G. The bottom layer is
+def build_fs_chain(d: Path, layers: list[tuple[str, str]]) -> tuple[list[Path], int]:
+    """D/<name>.qcow2 for each (name, qemu-img -o options) of LAYERS, bottom first, holding
+    one ext4 file system: generation G of it in the G-th layer. The bottom layer is
     ``qemu-img convert`` of generation 0; each layer above is an overlay holding only the
     sectors where its generation differs from the chain below: created over the raw
-    generation, then ``qemu-img rebase`` onto the layer below (which copies exactly the
-    differing sectors into it). Returns the images, bottom first."""
+    generation, then ``qemu-img rebase``d onto the layer below (which copies exactly the
+    differing sectors into it). Returns the images, bottom first, and how many files
+    host.sha256 lists."""
     d.mkdir(parents=True, exist_ok=True)
     raw = d / "fs.raw"
     with open(raw, "wb") as f:
         f.truncate(DISK_SIZE)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", str(FS_BLOCK), "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                    str(raw)], check=True, capture_output=True, timeout=120)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", str(FS_BLOCK),
+                    "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)],
+                   check=True, capture_output=True, timeout=120)
     manifest: dict[str, str] = {}
-    images = []
-    for generation, (name, opts) in enumerate(layers):
-        _write_generation(raw, generation, manifest)
+    images: list[Path] = []
+    for name, opts in layers:
         image = d / f"{name}.qcow2"
+        _write_generation(raw, len(images), manifest)
         if not images:
             qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", opts, raw, image)
         else:
@@ -128,7 +131,7 @@ def build_fs_chain(d: Path, layers: list[tuple[str, str]]) -> list[Path]:
     qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", raw, images[-1])
     fsck(raw)
     raw.unlink()
-    return images
+    return images, len(manifest)
 
 
 def fsck(raw: Path):
@@ -148,7 +151,8 @@ class Guest:
         self.console_log = console_log
         self.lines: list[str] = []
         self._cond = threading.Condition()
-        cmdline = f"console=ttyS0 panic=-1 loglevel=4 guest_mode={mode} guest_rounds={rounds}"
+        cmdline = (f"console=ttyS0 panic=-1 loglevel=4 guest_mode={mode} "
+                   f"guest_rounds={rounds} guest_files={GUEST_FILES}")
         self.argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "1",
                      "-nodefaults", "-no-user-config", "-display", "none",
                      "-serial", "stdio", "-no-reboot",
@@ -207,6 +211,11 @@ class Guest:
     def io_errors(self) -> list[str]:
         with self._cond:
             return [line for line in self.lines if IO_ERROR.search(line)]
+
+    def complaints(self) -> list[str]:
+        """The guest's own reports of a file or read that went wrong."""
+        with self._cond:
+            return [line for line in self.lines if line.startswith("GUEST: bad:")]
 
     def kill(self):
         if self.proc.poll() is None:
@@ -293,7 +302,10 @@ class Watchdog:
         log = self.mount.log().splitlines()
         parts.append("--- daemon log (last 300 lines) ---\n" + "\n".join(log[-300:]))
         if self.guest is not None:
-            parts.append("--- guest console (last 60 lines) ---\n" + self.guest.console())
+            code = self.guest.proc.poll()
+            state = "running" if code is None else f"exited with {code}"
+            parts.append(f"--- guest console (last 60 lines; QEMU {state}) ---\n"
+                         + self.guest.console())
         return "\n".join(parts)
 
     def fail(self, what: str):
