@@ -8,7 +8,8 @@
 #   3. builds the test guest's kernel and initramfs if missing (scripts/guest/build.sh:
 #      Debian's cloud kernel unpacked into .cache/guest, never installed on the host);
 #   4. loads the fuse module (best effort) and activates the venv.
-# When everything is already there it only runs dpkg-query and a stat: well under a second.
+# When everything is already there it only runs dpkg-query and a few stats: well under a
+# second.
 
 QCOWFS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 

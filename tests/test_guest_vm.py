@@ -96,6 +96,7 @@ def _result(dog: Watchdog, guest: Guest, what: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)       # above the sum of the limits: the watchdog reports first
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_guest_on_mount_through_live_and_active_commit(tmp_path, mounter, guests,  # noqa: F811
                                                        layout):
