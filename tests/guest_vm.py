@@ -59,8 +59,8 @@ def content(name: str, generation: int, size: int) -> bytes:
 
 
 def _host_files(generation: int, existing: list[str]) -> dict[str, int]:
-    """Files (name -> size) generation G writes: four new ones, and two rewrites of
-    older ones (so an upper layer shadows lower ones inside the same files' blocks)."""
+    """Files (name -> size) generation G writes: six new ones, and new contents for two
+    older ones (removed and written again, so freed blocks of lower layers are reused)."""
     files = {f"g{generation}-{j}": ((generation * 5 + j * 3) % 12 + 1) * 64 * K
              for j in range(6)}
     for name in existing[generation % 3::5][:2]:

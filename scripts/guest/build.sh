@@ -36,10 +36,10 @@ kernel_package() {
 fetch_kernel() {
     [ -d "$out/kernel" ] && return 0
     local pkg
-    pkg=$(kernel_package)
+    pkg=$(kernel_package || true)
     if [ -z "$pkg" ]; then
         apt-get update -qq
-        pkg=$(kernel_package)
+        pkg=$(kernel_package || true)
     fi
     [ -n "$pkg" ] || { log "no package $meta in the apt sources"; return 1; }
     log "fetching $pkg (not installed: only unpacked into $out)"
