@@ -5,17 +5,22 @@
 #   1. installs the Debian packages that are missing (one `apt-get update` first);
 #   2. creates .venv if missing and runs `pip install -e '.[test]'` whenever
 #      pyproject.toml is newer than the stamp file .venv/.qcowfs-installed;
-#   3. loads the fuse module (best effort) and activates the venv.
-# When everything is already there it only runs dpkg-query and a stat: well under a second.
+#   3. builds the test guest's kernel and initramfs if missing (scripts/guest/build.sh:
+#      Debian's cloud kernel unpacked into .cache/guest, never installed on the host);
+#   4. loads the fuse module (best effort) and activates the venv.
+# When everything is already there it only runs dpkg-query and a few stats: well under a
+# second.
 
 QCOWFS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # fuse3/libfuse3-dev/pkg-config: FUSE and building pyfuse3; gcc/libc6-dev/python3-dev:
 # pyfuse3 is compiled by pip; qemu-utils (qemu-img, qemu-io) and qemu-system-common
 # (qemu-storage-daemon): the reference the tests compare against; fio: benchmarks;
-# e2fsprogs/util-linux: file systems on the mounted disk in later tests.
+# e2fsprogs/util-linux: file systems on the mounted disk in later tests;
+# qemu-system-x86/busybox-static: the Linux guest of tests/test_guest_vm.py (TCG, no KVM).
 QCOWFS_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev python3-venv
-                     qemu-utils qemu-system-common fio e2fsprogs util-linux)
+                     qemu-utils qemu-system-common fio e2fsprogs util-linux
+                     qemu-system-x86 busybox-static)
 
 qcowfs_log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -58,6 +63,7 @@ qcowfs_load_fuse() {
 
 qcowfs_install_debian_packages
 qcowfs_setup_venv
+"$QCOWFS_ROOT/scripts/guest/build.sh"
 qcowfs_load_fuse
 # shellcheck disable=SC1091
 . "$QCOWFS_ROOT/.venv/bin/activate"
