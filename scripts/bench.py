@@ -745,13 +745,18 @@ class QMP:
 LOAD_SCRIPT = r"""
 import array, mmap, os, random, sys, time
 path, size, out, stop, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+reading = sys.argv[6] == "read"
+fd = os.open(path, (os.O_RDONLY if reading else os.O_WRONLY) | os.O_DIRECT)
 buf = mmap.mmap(-1, 4096)
 buf.write(b"\xa5" * 4096)
+if reading:
+    pw = lambda fd, buf, off: os.preadv(fd, [buf], off)
 rnd = random.Random(seed).randrange
 n = size // 4096
 ts = array.array("d")
-mono, pw, exists = time.monotonic, os.pwrite, os.path.exists
+mono, exists = time.monotonic, os.path.exists
+if not reading:
+    pw = os.pwrite
 errors = 0
 last_error = ""
 ts.append(mono())
@@ -780,17 +785,17 @@ print(json.dumps({"writes": len(ts) - 1, "errors": errors, "last_error": last_er
 
 
 class Load:
-    """The guest: 4 KiB O_DIRECT random pwrites at QD1 on the client CPU, with a
-    completion time stamp each."""
+    """The guest: 4 KiB O_DIRECT random pwrites (or preads) at QD1 on the client CPU,
+    with a completion time stamp each."""
 
-    def __init__(self, ctx, path, size, work):
+    def __init__(self, ctx, path, size, work, mode="write"):
         self.ctx = ctx
-        self.out = work / "load.stamps"
-        self.stop_file = work / "load.stop"
+        self.out = work / f"load-{mode}.stamps"
+        self.stop_file = work / f"load-{mode}.stop"
         self.stop_file.unlink(missing_ok=True)
         self.out.unlink(missing_ok=True)
-        argv = ctx.pin([ctx.python, "-c", LOAD_SCRIPT, path, size, self.out, self.stop_file, 42],
-                       ctx.client_cpu)
+        argv = ctx.pin([ctx.python, "-c", LOAD_SCRIPT, path, size, self.out, self.stop_file, 42,
+                        mode], ctx.client_cpu)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, stdin=subprocess.DEVNULL)
         ctx.procs.add(self.proc)
@@ -823,6 +828,48 @@ class Load:
             self.proc.kill()
             self.proc.wait()
         self.ctx.procs.discard(self.proc)
+
+
+class QueryProbe:
+    """`query-block-jobs` every 20 ms on a connection of its own while a job runs: how
+    long the control socket keeps a client waiting under guest load."""
+
+    def __init__(self, path):
+        import threading
+        self.q = QMP(path)
+        self.waits = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            t = time.monotonic()
+            try:
+                self.q.cmd("query-block-jobs")
+            except Exception:           # noqa: BLE001 - the mount went away
+                return
+            self.waits.append(time.monotonic() - t)
+
+    def finish(self):
+        self._stop.set()
+        self._thread.join(60)
+        self.q.close()
+        return max(self.waits) if self.waits else None
+
+
+def latencies(ts, a, b):
+    """Per-request latencies of a QD1 load: the gaps between consecutive completions
+    that end in [a, b]."""
+    i = max(bisect.bisect_left(ts, a), 1)
+    j = bisect.bisect_right(ts, b)
+    return sorted(ts[k] - ts[k - 1] for k in range(i, j))
+
+
+def percentile(sorted_xs, p):
+    if not sorted_xs:
+        return None
+    return sorted_xs[min(len(sorted_xs) - 1, int(len(sorted_xs) * p / 100))]
 
 
 def rate(ts, a, b):
@@ -1292,10 +1339,12 @@ def live_commit_run(ctx, kind, chain_dir, work, *, active, load, notes):
     writable = not (active and kind == QSD and not load)
     with mount(ctx, kind, chain_dir / "active.qcow2", work, notes, writable) as m:
         q = QMP(m.qmp)
-        guest = None
+        guest = reader = probe = None
         try:
             if load:
                 guest = Load(ctx, m.file, ctx.size, work)
+                if not active:
+                    reader = Load(ctx, m.file, ctx.size, work, mode="read")
                 time.sleep(1.2)
             args = {"job-id": JOB, "base": base}
             if m.device:
@@ -1314,6 +1363,8 @@ def live_commit_run(ctx, kind, chain_dir, work, *, active, load, notes):
                              "permission, which the active commit's mirror job unshares "
                              "(block-commit: Permission conflict ... 'resize')") from None
                 raise
+            if reader is not None:
+                probe = QueryProbe(m.qmp)
             if active:
                 _, t_ready = q.wait_event({"BLOCK_JOB_READY"}, JOB)
                 t_cs = time.monotonic()
@@ -1324,6 +1375,18 @@ def live_commit_run(ctx, kind, chain_dir, work, *, active, load, notes):
                 raise NA(f"job failed: {ev['data']['error']}")
             res["done"] = t1 - t0
             res["len"] = (ev.get("data") or {}).get("len")
+            if probe is not None:
+                res["query_max"] = probe.finish()
+                probe = None
+            if reader is not None:
+                rts, summary = reader.finish()
+                reader = None
+                if summary["errors"]:
+                    notes.add(f"{kind}: the guest reader saw {summary['errors']} read errors "
+                              f"({summary['last_error']})")
+                lat = latencies(rts, t0, t1)
+                res["read_p99"] = percentile(lat, 99)
+                res["read_max"] = lat[-1] if lat else None
             if guest is not None:
                 time.sleep(0.3)
                 ts, summary = guest.finish()
@@ -1346,8 +1409,11 @@ def live_commit_run(ctx, kind, chain_dir, work, *, active, load, notes):
                     notes.add(f"ours: after the job the mount reports {len(nodes)} images, "
                               f"expected {want}")
         finally:
-            if guest is not None:
-                guest.kill()
+            for p in (guest, reader):
+                if p is not None:
+                    p.kill()
+            if probe is not None:
+                probe.finish()
             q.close()
     return res
 
@@ -1357,7 +1423,7 @@ def live_rows(ctx, sec, notes, *, active):
     runs = ctx.tmp / ("active" if active else "commit")
     label = "active" if active else "live"
     figures = ("ready", "done", "iops_idle", "iops_job", "stall_job", "stall_idle",
-               "stall_pivot", "iops_sync", "len")
+               "stall_pivot", "iops_sync", "len", "query_max", "read_p99", "read_max")
     s = {(kind, load): {f: [] for f in figures} for kind in (OURS, QSD) for load in (False, True)}
     na = {}
     for r in range(ctx.commit_rounds):
@@ -1412,6 +1478,15 @@ def live_rows(ctx, sec, notes, *, active):
                 samples=_samples(s, "stall_job", True))
         sec.row("  longest write stall in the idle second before (noise floor)", "ms",
                 *both("stall_idle", True, 1000), better="lower", goal=())
+        sec.row("guest 4 KiB read latency during the job, p99", "ms",
+                *both("read_p99", True, 1000), better="lower", goal=("rel", 1),
+                samples=_samples(s, "read_p99", True))
+        sec.row("guest 4 KiB read latency during the job, max", "ms",
+                *both("read_max", True, 1000), better="lower", goal=("rel", 1),
+                samples=_samples(s, "read_max", True))
+        sec.row("longest wait for query-block-jobs during the job", "ms",
+                *both("query_max", True, 1000), better="lower", goal=("abs", 1000),
+                samples=_samples(s, "query_max", True))
     else:
         sec.row("active commit: block-commit to READY, idle", "s", *both("ready", False),
                 better="lower", goal=("rel", 1), samples=_samples(s, "ready", False))
@@ -1449,7 +1524,10 @@ def live_rows(ctx, sec, notes, *, active):
     sec.notes.append(f"guest load: Python, 4 KiB O_DIRECT random pwrite at QD1 on CPU "
                      f"{ctx.client_cpu} (servers on CPU {ctx.server_cpu}), started 1.2 s "
                      "before the job; stall = longest gap between two write completions "
-                     "overlapping the window")
+                     "overlapping the window"
+                     + ("" if active else "; beside it a 4 KiB O_DIRECT random reader at "
+                        "QD1 (read latency = gap between its completions) and a second "
+                        "QMP client asking query-block-jobs every 20 ms"))
 
 
 def _samples(s, f, load):
