@@ -32,12 +32,12 @@ import trio
 
 import qcow
 from qcow.errors import ChainError, QcowError
+from qcow.header import QCOW_MAGIC
 
 log = logging.getLogger("qcowfs.daemon")
 _CLI_PRINTS = {"cli_prints": True}     # log extra: the CLI prints this error itself
 
 READY_ENV = "QCOWFS_READY_FD"
-QCOW2_MAGIC = b"QFI\xfb"
 START_TIMEOUT = 120.0       # seconds `qcowfs mount` waits for the daemon to be ready
 STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to exit
 FSTYPE = "fuse.qcowfs"
@@ -172,7 +172,7 @@ def check_image(image):
         raise ChainError(image, "is a directory, not an image") from None
     except OSError as e:
         raise ChainError(image, e.strerror) from None
-    if magic != QCOW2_MAGIC:
+    if magic != QCOW_MAGIC:
         raise ChainError(image, "not a qcow2 image (a raw image is already flat: "
                                 "there is nothing to mount)")
 

@@ -30,7 +30,8 @@ from .image import Qcow2Image
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .lock import READER, WRITER, lock_image, unlock_image
 from .lockdep import make_lock
-from .raw import RawImage, host_data_runs
+from .raw import RawImage
+from .runs import append_run
 
 MAX_CHAIN = 256
 
@@ -71,11 +72,15 @@ def resolve_backing(name, overlay_path):
     return os.path.join(os.path.dirname(overlay_path), name)
 
 
-def open_layer(path, fmt, writable, cache_bytes, metadata_only=False):
+def open_layer(path, fmt, writable, cache_bytes, metadata_only=False, filename=None,
+               reuse_ok=None):
+    """A layer (qcow.layer.Layer) of format `fmt`: filename is the name as the chain
+    shows it, reuse_ok the chain's say on reusing freed clusters."""
     if fmt == "qcow2":
-        return Qcow2Image(path, writable, cache_bytes, metadata_only)
+        return Qcow2Image(path, writable, cache_bytes, metadata_only, filename=filename,
+                          reuse_ok=reuse_ok)
     if fmt == "raw":
-        return RawImage(path, writable)
+        return RawImage(path, writable, filename=filename)
     raise UnsupportedImage(path, f"unsupported image format '{fmt}'")
 
 
@@ -133,13 +138,11 @@ class Chain:
                 # already flat (and a damaged qcow2 header must not pass for raw)
                 raise CorruptImage(path, "not a qcow2 image (bad magic)")
             layer = open_layer(os.path.abspath(path), fmt, writable, self.cache_bytes,
-                               metadata_only)
-            layer.filename = path
-            layer.reuse_ok = lambda: self._inflight == 0
+                               metadata_only, filename=path, reuse_ok=self._reuse_ok)
             self.layers.append(layer)
             if self.locking:
                 lock_image(layer.io.fd, path, WRITER if writable else READER)
-            if writable and layer.format == "qcow2":
+            if writable:
                 layer.repair_if_dirty()
             if not layer.backing_name:
                 return
@@ -149,10 +152,15 @@ class Chain:
             writable = False
 
     def _share_cache(self):
-        """Split the L2 cache budget between the qcow2 layers."""
-        q = [layer for layer in self.layers if layer.format == "qcow2"]
-        for layer in q:
-            layer.l2_cache.capacity = max(4, self.cache_bytes // len(q) // layer.cluster_size)
+        """Split the table cache budget between the layers that cache tables."""
+        cached = [layer for layer in self.layers if layer.has_cache]
+        for layer in cached:
+            layer.share_cache(self.cache_bytes // len(cached))
+
+    def _reuse_ok(self):
+        """May a layer reuse clusters it freed? Not while a read that planned before
+        the free may still read them."""
+        return self._inflight == 0
 
     # --- properties -------------------------------------------------------
 
@@ -177,27 +185,26 @@ class Chain:
             raise ValueError(f"range [{offset}, {offset + length}) is outside the "
                              f"virtual disk of {self.virtual_size} bytes")
 
-    def _plan(self, layers, depth, off, n, rel, ops):
-        """Append the I/O that produces guest [off, off+n) from layers[depth:]; zeros
-        need no op (the buffer starts zeroed)."""
-        layer = layers[depth]
-        for s, ln, kind, aux in layer.extents(off, n):
-            r = rel + s - off
+    def _plan(self, layers, depth, off, n):
+        """The I/O that produces guest [off, off+n) from layers[depth:]:
+        (offset in the buffer, length, kind, layer, where). Zeros need no op (the
+        buffer starts zeroed)."""
+        ops = []
+        for s, ln, d, kind, aux in walk(layers, depth, off, n, len(layers)):
             if kind == DATA:
-                ops.append((r, ln, DATA, layer, aux))
+                ops.append((s - off, ln, DATA, layers[d], aux))
             elif kind == COMPRESSED:
-                ops.append((r, ln, COMPRESSED, layer, (aux, s & (layer.cluster_size - 1))))
-            elif kind == UNALLOCATED and depth + 1 < len(layers):
-                lim = min(s + ln, layers[depth + 1].virtual_size)
-                if lim > s:
-                    self._plan(layers, depth + 1, s, lim - s, r, ops)
+                layer = layers[d]
+                ops.append((s - off, ln, COMPRESSED, layer,
+                            (aux, s & (layer.cluster_size - 1))))
+        return ops
 
     def read(self, offset, length):
         """The guest's bytes at [offset, offset+length)."""
         self._check_range(offset, length)
         with self._lock:
             layer = self.layers[0]
-            host = layer.fast_host(offset, length) if layer.format == "qcow2" else None
+            host = layer.fast_host(offset, length)
             if host is not None:
                 self._inflight += 1
         if host is None:
@@ -211,13 +218,13 @@ class Chain:
     def read_from(self, depth, offset, length):
         """The view of the chain from layers[depth] down: what layers[depth-1] sees of
         its backing file. Past layers[depth]'s end it is zeros (a short backing file)."""
-        ops = []
+        ops = ()
         with self._lock:
             layers = self.layers
             if depth < len(layers):
                 lim = min(offset + length, layers[depth].virtual_size)
                 if lim > offset:
-                    self._plan(layers, depth, offset, lim - offset, 0, ops)
+                    ops = self._plan(layers, depth, offset, lim - offset)
             self._inflight += 1
         try:
             if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
@@ -249,38 +256,23 @@ class Chain:
 
         With want_zero, the answers of `qemu-img map`: holes in a raw file are zeros,
         and so are holes inside the data clusters of an image that looks preallocated
-        (see Qcow2Image.looks_preallocated)."""
+        (see Qcow2Image.data_runs)."""
         self._check_range(offset, length)
         out = []
         with self._lock:
-            self._status(self.layers, 0, offset, length, want_zero, out)
-        return out
-
-    def _status(self, layers, depth, off, n, want_zero, out):
-        layer = layers[depth]
-        exts = layer.extents(off, n, want_zero) if layer.format == "raw" \
-            else layer.extents(off, n)
-        for s, ln, kind, aux in exts:
-            if kind == DATA:
-                if want_zero and layer.format == "qcow2" and layer.looks_preallocated():
-                    for hs, hl, is_data in host_data_runs(layer.io.fd, aux, ln):
-                        _emit(out, Extent(s + hs - aux, hl, depth, True, not is_data,
-                                          True, hs))
+            layers = self.layers
+            for s, ln, d, kind, aux in walk(layers, 0, offset, length, len(layers),
+                                            want_zero):
+                if kind == DATA:
+                    for rs, rl, zero, host in layers[d].data_runs(s, ln, aux, want_zero):
+                        append_run(out, Extent(rs, rl, d, True, zero, True, host), 6)
+                elif kind == COMPRESSED:
+                    append_run(out, Extent(s, ln, d, True, False, True, None), 6)
+                elif kind == ZERO:
+                    append_run(out, Extent(s, ln, d, True, True, False, aux), 6)
                 else:
-                    _emit(out, Extent(s, ln, depth, True, False, True, aux))
-            elif kind == COMPRESSED:
-                _emit(out, Extent(s, ln, depth, True, False, True, None))
-            elif kind == ZERO:
-                _emit(out, Extent(s, ln, depth, True, True, False, aux))
-            else:
-                lim = s
-                if depth + 1 < len(layers):
-                    lim = min(s + ln, layers[depth + 1].virtual_size)
-                    if lim > s:
-                        self._status(layers, depth + 1, s, lim - s, want_zero, out)
-                    lim = max(lim, s)
-                if lim < s + ln:
-                    _emit(out, Extent(lim, s + ln - lim, depth, False, True, False, None))
+                    append_run(out, Extent(s, ln, d, False, True, False, None), 6)
+        return out
 
     def range_status(self, top_i, base_i, off, n):
         """Runs (start, length, depth, kind) of [off, off+n) as layers[top_i] sees it,
@@ -291,25 +283,12 @@ class Chain:
         out = []
         with self._lock:
             layers = self.layers
-            lim = min(off + n, layers[top_i].virtual_size)
-            if lim > off:
-                self._range_walk(layers, top_i, base_i, off, lim - off, out)
+            lim = max(off, min(off + n, layers[top_i].virtual_size))
+            for s, ln, d, kind, _aux in walk(layers, top_i, off, lim - off, base_i):
+                append_run(out, (s, ln, d, _RANGE_KIND[kind]))
             if lim < off + n:
-                _add_run(out, max(lim, off), off + n - max(lim, off), top_i, ZERO)
+                append_run(out, (lim, off + n - lim, top_i, ZERO))
         return out
-
-    def _range_walk(self, layers, depth, base_i, off, n, out):
-        for s, ln, kind, _aux in layers[depth].extents(off, n):
-            if kind != UNALLOCATED:
-                _add_run(out, s, ln, depth, ZERO if kind == ZERO else DATA)
-            elif depth + 1 == base_i:
-                _add_run(out, s, ln, base_i, UNALLOCATED)
-            else:
-                lim = max(s, min(s + ln, layers[depth + 1].virtual_size))
-                if lim > s:
-                    self._range_walk(layers, depth + 1, base_i, s, lim - s, out)
-                if lim < s + ln:
-                    _add_run(out, lim, s + ln - lim, depth, ZERO)
 
     # --- writing ----------------------------------------------------------
 
@@ -330,8 +309,7 @@ class Chain:
         self._check_write(offset, len(data))
         with self._lock:
             layer = self.layers[0]
-            host = layer.fast_host(offset, len(data), for_write=True) \
-                if layer.format == "qcow2" and layer.prepared_for_write else None
+            host = layer.fast_host(offset, len(data), for_write=True)
             if host is not None:
                 layer.io.pwrite(data, host)     # owned cluster: overwrite in place
             else:
@@ -395,12 +373,11 @@ class Chain:
         if self.locking:
             unlock_image(layer.io.fd)
         try:
-            new = open_layer(layer.path, layer.format, writable, self.cache_bytes)
-            new.filename = layer.filename
-            new.reuse_ok = lambda: self._inflight == 0
+            new = open_layer(layer.path, layer.format, writable, self.cache_bytes,
+                             filename=layer.filename, reuse_ok=self._reuse_ok)
             if self.locking:
                 lock_image(new.io.fd, new.path, WRITER if writable else READER)
-            if writable and new.format == "qcow2":
+            if writable:
                 new.repair_if_dirty()
         except BaseException:
             if self.locking:
@@ -474,7 +451,7 @@ class Chain:
         err = None
         for layer in layers:
             try:
-                if flush and not layer.read_only and layer.format == "qcow2":
+                if flush and not layer.read_only:
                     layer.mark_clean()
                 if self.locking and layer.io.fd >= 0:
                     unlock_image(layer.io.fd)
@@ -491,25 +468,37 @@ class Chain:
         self._close_layers(layers)
 
 
-def _add_run(out, start, length, depth, kind):
-    if out and out[-1][2] == depth and out[-1][3] == kind \
-            and out[-1][0] + out[-1][1] == start:
-        out[-1] = (out[-1][0], out[-1][1] + length, depth, kind)
-    else:
-        out.append((start, length, depth, kind))
+def walk(layers, depth, off, n, bottom, want_zero=False):
+    """The one walk over a chain: (start, length, depth, kind, aux) runs covering
+    [off, off+n) as layers[depth] sees it, each part from the first layer, going down,
+    that allocates it (kind and aux as that layer's `extents` gives them).
+
+    The short-backing-file rule lives here: a part past the end of a layer's backing
+    file reads as zeros and never reaches deeper layers; it comes as EOF at the depth
+    of that layer (as it does where a layer has no backing file at all). A part no
+    layer above layers[bottom] allocates comes as (UNALLOCATED, depth=bottom): there
+    layers[bottom] answers, which is how a commit sees base. bottom=len(layers) walks
+    the whole chain."""
+    for s, ln, kind, aux in layers[depth].extents(off, n, want_zero):
+        if kind != UNALLOCATED:
+            yield s, ln, depth, kind, aux
+        elif depth + 1 == bottom < len(layers):
+            yield s, ln, bottom, UNALLOCATED, None
+        else:
+            lim = s
+            if depth + 1 < len(layers):
+                lim = max(s, min(s + ln, layers[depth + 1].virtual_size))
+                if lim > s:
+                    yield from walk(layers, depth + 1, s, lim - s, bottom, want_zero)
+            if lim < s + ln:
+                yield lim, s + ln - lim, depth, EOF, None
 
 
-def _emit(out, e):
-    if out:
-        p = out[-1]
-        if (p.depth == e.depth and p.present == e.present and p.zero == e.zero
-                and p.data == e.data and p.start + p.length == e.start
-                and ((p.offset is None and e.offset is None) or
-                     (p.offset is not None and e.offset is not None
-                      and p.offset + p.length == e.offset))):
-            out[-1] = p._replace(length=p.length + e.length)
-            return
-    out.append(e)
+EOF = 4     # a walk's kind for zeros past a short backing file (not a layer's kind)
+# range_status: a commit copies data (compressed or not), writes zeros (allocated, or
+# past a short layer of the range), and leaves to base what nothing above allocates
+_RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO,
+               UNALLOCATED: UNALLOCATED}
 
 
 def open_chain(path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False):

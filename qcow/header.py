@@ -52,6 +52,12 @@ MAX_L1_BYTES = 32 << 20      # QEMU's cap on the L1 table
 MAX_REFTABLE_BYTES = 8 << 20  # QEMU's cap on the refcount table
 MAX_BACKING_NAME = 1023
 
+# byte offset and format of the fields rewritten on their own (the header's layout is
+# qcow2.rst's; everything else is written whole, by pack_cluster0)
+_FIELDS = {"size": (24, ">Q"), "l1_size": (36, ">I"), "l1_table_offset": (40, ">Q"),
+           "refcount_table_offset": (48, ">Q"), "refcount_table_clusters": (56, ">I"),
+           "incompatible_features": (72, ">Q"), "autoclear_features": (88, ">Q")}
+
 HEADER_PROBE_BYTES = 4096   # header, extensions and backing name usually fit in it
 V2_HEADER_LEN = 72
 V3_HEADER_LEN = 104
@@ -203,6 +209,17 @@ class Header:
             raise ValueError("header, extensions and backing name exceed cluster 0")
         out[:len(self.pack_fixed())] = self.pack_fixed()
         return bytes(out)
+
+    def pack_fields(self, *names):
+        """(bytes, offset) of these fixed-header fields, adjacent and in this order, with
+        their current values: one write updates them in place."""
+        offset = _FIELDS[names[0]][0]
+        raw = b""
+        for name in names:
+            at, fmt = _FIELDS[name]
+            assert at == offset + len(raw), f"header fields {names} are not adjacent"
+            raw += struct.pack(fmt, getattr(self, name))
+        return raw, offset
 
     def set_extension(self, ext_type, data):
         for ext in self.extensions:

@@ -36,6 +36,7 @@ from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                        compressed_descriptor, compressed_host_clusters, table_from_bytes,
                        table_to_bytes)
 from .rawio import RawIO
+from .runs import append_run
 from .refcount import Refcounts
 from .snapshot import parse_snapshot_table
 
@@ -44,16 +45,10 @@ _NOT_PLAIN = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 
 
 def append_extent(out, start, length, kind, aux):
-    """Append (start, length, kind, aux), merging with the previous run when it continues
-    it (same kind; for host-mapped kinds, the host offset continues too)."""
-    if out:
-        ps, pl, pk, pa = out[-1]
-        if pk == kind and kind != COMPRESSED and (
-                (pa is None and aux is None) or
-                (pa is not None and aux is not None and pa + pl == aux)):
-            out[-1] = (ps, pl + length, pk, pa)
-            return
-    out.append((start, length, kind, aux))
+    """Append (start, length, kind, aux), merged into the previous run when it continues
+    it (same kind, and the host offset continues too; COMPRESSED never merges: aux is
+    its L2 entry)."""
+    append_run(out, (start, length, kind, aux), host_index=3)
 
 
 class _Fill:
@@ -77,9 +72,12 @@ class _Fill:
 class Qcow2Image:
     format = "qcow2"
 
+    has_cache = True
+
     def __init__(self, path, writable=False, cache_bytes=32 << 20, metadata_only=False,
-                 rawio_factory=RawIO):
+                 rawio_factory=RawIO, filename=None, reuse_ok=None):
         self.path = path
+        self.filename = filename or path    # as the chain shows it (QEMU's filename)
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
         # Lock order (qcow.lockdep): chain -> flush -> layer. `lock` guards the
@@ -89,7 +87,8 @@ class Qcow2Image:
         # `lock`, briefly.
         self.lock = make_lock("layer")
         self.flush_lock = make_lock("flush")
-        self.reuse_ok = lambda: True      # the chain: False while reads are in flight
+        # the chain's say: False while a read that may use freed clusters is in flight
+        self.reuse_ok = reuse_ok or (lambda: True)
         try:
             self._open(cache_bytes, metadata_only)
         except BaseException:
@@ -184,11 +183,13 @@ class Qcow2Image:
 
     def fast_host(self, off, n, for_write=False):
         """Host offset of [off, off+n) when it lies in one plain data cluster whose L2
-        table is cached (for writes: owned, QCOW_OFLAG_COPIED); else None, and the
-        caller takes the general path. The per-request fast path of the mount."""
+        table is cached (for writes: owned, QCOW_OFLAG_COPIED, in an image already
+        prepared for writing); else None, and the caller takes the general path. The
+        per-request fast path of the mount."""
         cb = self.cluster_bits
         ci = off >> cb
-        if (off + n - 1) >> cb != ci or self.extended_l2:
+        if (off + n - 1) >> cb != ci or self.extended_l2 or (
+                for_write and not self.prepared_for_write):
             return None
         l1i, l2i = divmod(ci, self.l2_entries)
         if l1i >= len(self.l1):
@@ -204,11 +205,12 @@ class Qcow2Image:
             return None
         return host + (off & (self.cluster_size - 1))
 
-    def extents(self, off, n):
+    def extents(self, off, n, want_zero=False):
         """Runs (start, length, kind, aux) covering [off, off+n) of this layer alone.
 
         kind is UNALLOCATED, ZERO (aux: host offset if preallocated, else None), DATA
         (aux: host offset of `start`) or COMPRESSED (aux: the L2 entry; one cluster).
+        want_zero changes nothing here (see data_runs).
         """
         out = []
         end = off + n
@@ -279,6 +281,19 @@ class Qcow2Image:
                 append_extent(out, off, send - off, UNALLOCATED, None)
             off = send
 
+    def data_runs(self, start, length, host, want_zero):
+        """[(start, length, zero, host)] of a DATA run, for block status: with want_zero
+        and an image that looks preallocated, holes in the file inside data clusters
+        read as zeros (what `qemu-img map` reports)."""
+        if want_zero and self.looks_preallocated():
+            return [(start + hs - host, hl, not is_data, hs)
+                    for hs, hl, is_data in self.io.data_runs(host, length)]
+        return [(start, length, False, host)]
+
+    def share_cache(self, nbytes):
+        """The chain's share of its cache budget for this layer's L2 tables."""
+        self.l2_cache.capacity = max(4, nbytes // self.cluster_size)
+
     def looks_preallocated(self):
         """QEMU's guess (qcow2_detect_metadata_preallocation) that clusters were
         allocated without being written: more clusters counted than the file really
@@ -321,11 +336,7 @@ class Qcow2Image:
         """[(start, length, allocated)] at this layer (zero clusters count as allocated)."""
         out = []
         for s, ln, kind, _ in self.extents(off, n):
-            alloc = kind != UNALLOCATED
-            if out and out[-1][2] == alloc:
-                out[-1] = (out[-1][0], out[-1][1] + ln, alloc)
-            else:
-                out.append((s, ln, alloc))
+            append_run(out, (s, ln, kind != UNALLOCATED))
         return out
 
     # --- writing ----------------------------------------------------------
@@ -343,7 +354,7 @@ class Qcow2Image:
         if h.version >= 3 and h.autoclear_features:
             # persistent bitmaps (bit 0) become stale as soon as we write: say so first
             h.autoclear_features = 0
-            self.io.pwrite(struct.pack(">Q", 0), 88)
+            self.io.pwrite(*h.pack_fields("autoclear_features"))
             self.io.sync()
         self.prepared_for_write = True
 
@@ -684,7 +695,7 @@ class Qcow2Image:
                 self._grow_l1(needed)
             h.size = new_size
             self._flush()
-            self.io.pwrite(struct.pack(">Q", new_size), 24)   # header after the tables
+            self.io.pwrite(*h.pack_fields("size"))     # header after the tables
             self.io.sync()
             self.virtual_size = new_size
 
@@ -702,7 +713,7 @@ class Qcow2Image:
         self.io.sync()                        # new L1 and its refcounts before the header
         old_off, old_len = h.l1_table_offset, len(self.l1)
         h.l1_table_offset, h.l1_size = new_off, entries
-        self.io.pwrite(struct.pack(">IQ", entries, new_off), 36)
+        self.io.pwrite(*h.pack_fields("l1_size", "l1_table_offset"))
         self.io.sync()                        # header before freeing the old table
         self.l1 = new
         self.l1_dirty.clear()
@@ -822,7 +833,7 @@ class Qcow2Image:
             with self.flush_lock:
                 with self.lock:
                     h.incompatible_features &= ~INCOMPAT_DIRTY
-                    self.io.pwrite(struct.pack(">Q", h.incompatible_features), 72)
+                    self.io.pwrite(*h.pack_fields("incompatible_features"))
                 self.io.sync()
 
     def close(self):

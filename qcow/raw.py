@@ -5,7 +5,6 @@ Every byte is "data at the same offset"; holes in the file read as zeros, and
 """
 
 import errno
-import os
 
 from .l2_table import DATA, ZERO
 from .lockdep import make_lock
@@ -19,8 +18,11 @@ class RawImage:
     cluster_size = 65536   # granularity for commit/mapping only; raw has no clusters
     encrypted = False
 
-    def __init__(self, path, writable=False, rawio_factory=RawIO, **_):
+    has_cache = False
+
+    def __init__(self, path, writable=False, rawio_factory=RawIO, filename=None, **_):
         self.path = path
+        self.filename = filename or path
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
         self.virtual_size = self.io.size()
@@ -31,7 +33,22 @@ class RawImage:
         if not want_zero:
             return [(off, n, DATA, off)]
         return [(s, ln, DATA if data else ZERO, s)
-                for s, ln, data in host_data_runs(self.io.fd, off, n)]
+                for s, ln, data in self.io.data_runs(off, n)]
+
+    def data_runs(self, start, length, host, want_zero):
+        return [(start, length, False, host)]      # holes came as ZERO from extents
+
+    def fast_host(self, off, n, for_write=False):
+        return off                                 # a raw file maps itself
+
+    def share_cache(self, nbytes):
+        """No tables to cache."""
+
+    def repair_if_dirty(self):
+        """No metadata to repair."""
+
+    def mark_clean(self):
+        """No dirty flag."""
 
     def is_allocated(self, off, n):
         return [(off, n, True)]
@@ -67,27 +84,3 @@ class RawImage:
     def close(self):
         with self.flush_lock:
             self.io.close()
-
-
-def host_data_runs(fd, off, n):
-    """[(start, length, is_data)] of a file region, from SEEK_DATA/SEEK_HOLE."""
-    out = []
-    end = off + n
-    pos = off
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = end            # only a hole up to EOF (and past it)
-        if data > pos:
-            stop = min(data, end)
-            out.append((pos, stop - pos, False))
-            pos = stop
-            continue
-        hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        stop = min(hole, end)
-        out.append((pos, stop - pos, True))
-        pos = stop
-    return out

@@ -4,6 +4,7 @@ Tests of crash consistency wrap this class (recording every write and flush); no
 else in the format layer calls os.pread/os.pwrite/os.fdatasync on an image directly.
 """
 
+import errno
 import os
 
 from .errors import CorruptImage
@@ -55,6 +56,29 @@ class RawIO:
             if n < total:
                 self.pwrite(b"".join(bytes(b) for b in group)[n:], offset + n)
             offset += total
+
+    def data_runs(self, off, n):
+        """[(start, length, is_data)] of a region of the file, from SEEK_DATA/SEEK_HOLE."""
+        out = []
+        end = off + n
+        pos = off
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = end            # only a hole up to EOF (and past it)
+            if data > pos:
+                stop = min(data, end)
+                out.append((pos, stop - pos, False))
+                pos = stop
+                continue
+            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            stop = min(hole, end)
+            out.append((pos, stop - pos, True))
+            pos = stop
+        return out
 
     def truncate(self, size):
         os.ftruncate(self.fd, size)

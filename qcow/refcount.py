@@ -225,7 +225,7 @@ class Refcounts:
         self.io.sync()                    # new table and its blocks durable first
         h.refcount_table_offset = t << self.cluster_bits
         h.refcount_table_clusters = new_clusters
-        self.io.pwrite(struct.pack(">QI", h.refcount_table_offset, new_clusters), 48)
+        self.io.pwrite(*h.pack_fields("refcount_table_offset", "refcount_table_clusters"))
         self.io.sync()                    # header switched before the old table is freed
         for c in range(old_off >> self.cluster_bits, (old_off >> self.cluster_bits) + old_clusters):
             self.add(c, -1)
