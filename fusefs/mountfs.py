@@ -109,7 +109,7 @@ class MountFS(pyfuse3.Operations):
         top = chain.layers[0]
         self._blksize = max(4096, min(getattr(top, "cluster_size", None) or 65536, 1 << 20))
 
-    # ---- data path (keep it short: see shared perf notes) -----------------------------
+    # ---- data path: keep it short (each 10 us of Python costs ~17% of 4 KiB IOPS) -----
 
     async def read(self, fh, off, size):
         n = self.size - off

@@ -122,46 +122,35 @@ class GuestLoad:
             os.close(fd)
 
     def _direct_writer(self, rnd, op, cls):
+        self._writer(rnd, op, cls, direct=True)
+
+    def _buffered_writer(self, rnd, op, cls):
+        self._writer(rnd, op, cls, direct=False)
+
+    def _writer(self, rnd, op, cls, direct):
+        """Random 4 KiB writes to the blocks of class `cls`, the model updated under its
+        lock; a buffered writer reads each block back through the page cache."""
+        how = "O_DIRECT" if direct else "buffered"
         buf = mmap.mmap(-1, BLOCK)
-        fd = os.open(self.disk, os.O_RDWR | os.O_DIRECT)
+        fd = os.open(self.disk, os.O_RDWR | (os.O_DIRECT if direct else 0))
         try:
             while not self.stop_flag.is_set():
                 off = self._block_of_class(rnd, cls) * BLOCK
                 data = rnd.randbytes(BLOCK)
                 buf[:] = data
                 with self.locks[cls]:
-                    op.start(f"O_DIRECT write {off}")
+                    op.start(f"{how} write {off}")
                     n = os.pwrite(fd, buf, off)
                     op.done()
                     assert n == BLOCK, n
                     self.model[off:off + BLOCK] = data
+                    if not direct:
+                        op.start(f"buffered read {off}")
+                        got = os.pread(fd, BLOCK, off)
+                        op.done()
+                        assert got == data, f"buffered read-back at {off} differs"
                 self.counts["writes"] += 1
                 if rnd.random() < 0.05:
-                    op.start("fsync")
-                    os.fsync(fd)
-                    op.done()
-                if self.pause:
-                    time.sleep(self.pause)
-        finally:
-            os.close(fd)
-
-    def _buffered_writer(self, rnd, op, cls):
-        fd = os.open(self.disk, os.O_RDWR)
-        try:
-            while not self.stop_flag.is_set():
-                off = self._block_of_class(rnd, cls) * BLOCK
-                data = rnd.randbytes(BLOCK)
-                with self.locks[cls]:
-                    op.start(f"buffered write {off}")
-                    assert os.pwrite(fd, data, off) == BLOCK
-                    op.done()
-                    self.model[off:off + BLOCK] = data
-                    op.start(f"buffered read {off}")
-                    got = os.pread(fd, BLOCK, off)
-                    op.done()
-                    assert got == data, f"buffered read-back at {off} differs"
-                self.counts["writes"] += 1
-                if rnd.random() < 0.1:
                     op.start("fdatasync")
                     os.fdatasync(fd)
                     op.done()
@@ -192,6 +181,21 @@ class GuestLoad:
         assert not alive, f"guest threads hung: {alive}"
         self.check()
         return self.counts
+
+
+def scattered_chain(d, size, base_written, writes, seed):
+    """base (64 KiB clusters, written over [0, base_written)) <- top (4 KiB clusters,
+    `writes` scattered 4 KiB writes) <- an empty active image: the deadlock report's
+    layout, where copying into base writes parts of base clusters base does not hold."""
+    from qemu_helpers import apply_ops, create
+    base = create(str(d / "base.qcow2"), size, cluster_size=64 << 10)
+    apply_ops(base, [("w", 0, base_written, 0x11)])
+    top = create(str(d / "top.qcow2"), size, backing="base.qcow2", cluster_size=BLOCK)
+    rnd = random.Random(seed)
+    apply_ops(top, [("w", b * BLOCK, BLOCK, 0x20 + i % 7)
+                    for i, b in enumerate(rnd.sample(range(size // BLOCK), writes))])
+    active = create(str(d / "active.qcow2"), size, backing="top.qcow2")
+    return base, top, active
 
 
 class HangWatch:

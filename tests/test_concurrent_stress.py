@@ -24,7 +24,7 @@ import pytest
 
 from mount_fixtures import mounter, read_file  # noqa: F401
 from qemu_helpers import apply_ops, create, run_qcowfs
-from stress_support import GuestLoad, HangWatch, dump_daemon
+from stress_support import GuestLoad, HangWatch, dump_daemon, scattered_chain
 from test_commit_support import SyncQMP, check_images, flat
 
 K, M = 1 << 10, 1 << 20
@@ -192,14 +192,7 @@ def test_issue_reproduction_fio_randread_during_commit(tmp_path, mounter):  # no
     clusters holding 6,000 scattered 4 KiB writes, an empty active overlay; fio 4 KiB
     O_DIRECT random reads with 4 jobs on disk.raw while `qcowfs commit MNT --top
     top.qcow2 --wait` runs. It used to deadlock (chain lock vs base's lock)."""
-    size = 256 * M
-    base = create(str(tmp_path / "base.qcow2"), size, cluster_size=64 * K)
-    apply_ops(base, [("w", 0, 192 * M, 0x11)])
-    top = create(str(tmp_path / "top.qcow2"), size, backing="base.qcow2", cluster_size=4 * K)
-    rnd = random.Random(6000)
-    apply_ops(top, [("w", b * 4 * K, 4 * K, 0x20 + i % 9)
-                    for i, b in enumerate(rnd.sample(range(size // (4 * K)), 6000))])
-    active = create(str(tmp_path / "active.qcow2"), size, backing="top.qcow2")
+    base, _top, active = scattered_chain(tmp_path, 256 * M, 192 * M, 6000, seed=6000)
     model = flat(active)
     m = mounter(active)
     fio = subprocess.Popen(

@@ -149,20 +149,14 @@ def test_commit_with_parallel_readers_does_not_deadlock(tmp_path):
     QEMU's view) while the commit's steps run. A thread that does not finish within a
     minute fails the test with every thread's stack."""
     import faulthandler
-
     import random
 
     from commit.engine import _step, start_commit
+    from stress_support import scattered_chain
     from test_commit_support import flat
 
     size = 64 * M
-    base = create(str(tmp_path / "base.qcow2"), size, cluster_size=64 * K)
-    apply_ops(base, [("w", 0, size // 2, 0x11)])
-    top = create(str(tmp_path / "top.qcow2"), size, backing="base.qcow2", cluster_size=4 * K)
-    rnd = random.Random(3000)
-    apply_ops(top, [("w", b * 4 * K, 4 * K, 0x20 + i % 7)
-                    for i, b in enumerate(rnd.sample(range(size // (4 * K)), 3000))])
-    active = create(str(tmp_path / "active.qcow2"), size, backing="top.qcow2")
+    _base, _top, active = scattered_chain(tmp_path, size, size // 2, 3000, seed=3000)
     want = flat(active)
     errors, stop = [], threading.Event()
     chain = qcow.open_chain(active, writable=True)
