@@ -8,9 +8,9 @@ import trio
 import trio.testing
 
 from commit.job import JobContext, JobManager
-from fusefs.qmp import QMPError
+from fusefs.qmp import QMPError, check_arguments
 from qcow.errors import JobError, QcowError
-from test_qmp_support import MiB, FakeJobs
+from test_qmp_support import TEST_SCHEMA, MiB, FakeJobs
 
 
 class Events:
@@ -309,7 +309,12 @@ def test_block_commit_arguments():
     async def main():
         async with trio.open_nursery() as n:
             jm, ev = await start_manager(n, fake.factory)
-            bc = jm.commands()["block-commit"]
+            handler = jm.commands()["block-commit"]
+
+            async def bc(args):  # as the control socket calls it: the schema first
+                check_arguments(args, TEST_SCHEMA["block-commit"])
+                return await handler(args)
+
             for args, message in (
                 ({"speed": -1}, "Parameter 'speed' expects a non-negative value"),
                 ({"speed": "fast"}, "Invalid parameter type for 'speed', expected: integer"),
