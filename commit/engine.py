@@ -144,21 +144,24 @@ def make_commit_factory(chain, default_guard_dirs=()):
     import trio
 
     async def factory(args):
-        top = args.get("top-node") or args.get("top")
-        base = args.get("base-node") or args.get("base")
+        # the control socket checked every type against commit.qapi.SCHEMA; an empty
+        # name is a name (refused as one), not an absent argument
+        top = args.get("top-node", args.get("top"))
+        base = args.get("base-node", args.get("base"))
         mode = args.get("x-mode", "simple")
-        job_id = args.get("job-id") or args.get("device") or "commit"
-        guard_dirs = list(default_guard_dirs) + list(args.get("x-guard-dirs", []))
+        job_id = args.get("job-id", args.get("device", "commit"))
+        guard_dirs = list(default_guard_dirs) + args.get("x-guard-dirs", [])
+        force = args.get("x-force", False)
+        delete = args.get("x-delete", False)
 
         def prepare():
             return start_commit(chain, top, base, mode, default_top_active=True,
-                                guard_dirs=guard_dirs, force=bool(args.get("x-force")),
-                                delete=bool(args.get("x-delete")))
+                                guard_dirs=guard_dirs, force=force, delete=delete)
 
         target, stranded, steps = await trio.to_thread.run_sync(prepare)
-        run = live_run(steps, delete=bool(args.get("x-delete")))
+        run = live_run(steps, delete=delete)
         extra = {}
-        if args.get("x-force"):
+        if force:
             # forced past the stranding guard: say so, and what it strands
             extra = {"x-forced": True, "x-stranded": [d.message() for d in stranded]}
         return job_id, "commit", run, extra
