@@ -158,7 +158,9 @@ def make_commit_factory(chain, default_guard_dirs=()):
             return start_commit(chain, top, base, mode, default_top_active=True,
                                 guard_dirs=guard_dirs, force=force, delete=delete)
 
-        target, stranded, steps = await trio.to_thread.run_sync(prepare)
+        # the stranding guard's scan may be long: cancelling the command (a shutdown)
+        # abandons it; nothing was opened for writing yet, so its result can be dropped
+        target, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)
         run = live_run(steps, delete=delete)
         extra = {}
         if force:
