@@ -42,16 +42,25 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
 
 
 def _finally_read_only(target, steps):
-    """Base is writable (with write locks) for the job's duration only: it goes back
-    to read-only (a backing file again) however the job ends, as QEMU does (iotest
-    249). Nothing is opened for writing before the job's first step."""
+    """Base (and, in restartable mode, every intermediate) is writable, with write
+    locks, for the job's duration only: each image the job reopened goes back to
+    read-only (a backing file again, locks as before) however the job ends, as QEMU
+    does (iotest 249). Nothing is opened for writing before the job's first step."""
+    chain = target.chain
+    was_read_only = {layer.path for layer in chain.layers if layer.read_only}
     try:
-        target.chain.reopen(target.base, True)
+        chain.reopen(target.base, True)
         return (yield from steps)
     finally:
-        chain, base = target.chain, target.base
-        if base in chain.layers and chain.index_of(base) > 0 and not base.read_only:
-            chain.reopen(base, False)
+        failed = None
+        for layer in chain.layers[1:]:      # the active layer (a pivoted base) stays
+            if not layer.read_only and layer.path in was_read_only:
+                try:
+                    chain.reopen(layer, False)
+                except Exception as e:      # the others still go back
+                    failed = failed or e
+        if failed is not None:
+            raise failed
 
 
 def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False,
