@@ -56,6 +56,12 @@ class RawIO:
                 self.pwrite(b"".join(bytes(b) for b in group)[n:], offset + n)
             offset += total
 
+    def reserve(self, offset, length):
+        """Give [offset, offset+length) disk space now (the file grows to cover it): a
+        later write there cannot fail with ENOSPC; this one does, if space lacks."""
+        assert self.writable, "reserve in an image opened read-only"
+        os.posix_fallocate(self.fd, offset, length)
+
     def truncate(self, size):
         os.ftruncate(self.fd, size)
 
