@@ -888,8 +888,9 @@ class QMPServer:
                 # the peer closed its side (or we gave up on it): flush, then stop
                 client.closed = True
                 client.wakeup.set()
-                with trio.move_on_after(5.0):
-                    await client.writer_done.wait()
+                if not client.overflow:     # a dropped client gets nothing more
+                    with trio.move_on_after(5.0):
+                        await client.writer_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             client.closed = True
