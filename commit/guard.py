@@ -210,6 +210,8 @@ def _check_dir(d):
         st = os.stat(d)
     except OSError as e:
         raise QcowError(d, f"guard directory: {e.strerror}") from None
+    except ValueError:      # a NUL byte: no such name can exist
+        raise QcowError(d.replace("\0", "\\0"), "guard directory: no such directory") from None
     if not stat_mod.S_ISDIR(st.st_mode):
         raise QcowError(d, "guard directory: not a directory")
 

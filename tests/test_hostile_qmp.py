@@ -197,6 +197,8 @@ def test_issue_cases_refused_and_nothing_deleted(tmp_path, mounter):  # noqa: F8
             ({"top": "mid.qcow2", "speed": 1e3}, "Invalid parameter type for 'speed', expected: integer"),
             ({"top": "mid.qcow2", "wat": 1}, "Parameter 'wat' is unexpected"),
             ({"top": "mid\0.qcow2"}, "is not an image of this chain"),
+            ({"top": "mid.qcow2", "x-guard-dirs": ["/tm\0p"]}, "guard directory: no such directory"),
+            ({"top": "mid.qcow2", "x-guard-dirs": "/tmp"}, "Invalid parameter type for 'x-guard-dirs', expected: array"),
         ):
             cls, desc_got = qmp.error_of("block-commit", args)
             assert cls == "GenericError" and desc in desc_got, (args, desc_got)
