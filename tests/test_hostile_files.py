@@ -18,7 +18,7 @@ import pytest
 
 from fusefs.daemonfiles import LogHandler, RepeatFilter
 from mount_fixtures import make_chain3, mounter, read_file  # noqa: F401
-from qemu_helpers import convert_raw, create, qemu_img, qemu_info_chain, run_qcowfs, sha256_tree
+from qemu_helpers import convert_raw, create, qemu_info_chain, run_qcowfs
 from test_commit_support import SyncQMP
 
 M = 1 << 20

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from commit.qapi import ENUMS, SCHEMA
 from mount_fixtures import make_chain3, mounter, pid_alive, read_file  # noqa: F401
-from qemu_helpers import convert_raw, qemu_img, sha256_tree
+from qemu_helpers import convert_raw, qemu_img, qemu_io, sha256_tree
 from test_commit_support import SyncQMP
 
 M = 1 << 20
@@ -84,7 +84,6 @@ def single(tmp_path, mounter):  # noqa: F811
     (tmp_path / "img").mkdir()
     img = str(tmp_path / "img" / "solo.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", img, str(4 * M))
-    from qemu_helpers import qemu_io
     qemu_io(img, "write -P 0x5c 0 1M", "write -P 0x6d 3M 512K")
     want = convert_raw(img)
     m = mounter(img)
