@@ -164,6 +164,18 @@ def test_guard_scan_skips_fifos_and_blocking_files(tmp_path, mounter):  # noqa: 
         ["top.qcow2", "base.qcow2"]
 
 
+def test_guard_scan_time_is_bounded(tmp_path, monkeypatch):
+    """A scan past its time bound stops with an error naming what it searched."""
+    from commit import guard
+    from qcow.errors import JobError
+    top = make_chain3(tmp_path)
+    d = os.path.dirname(top)
+    chain = [os.path.join(d, n) for n in ("top.qcow2", "mid.qcow2", "base.qcow2")]
+    monkeypatch.setattr(guard, "SCAN_SECONDS", 0.0)
+    with pytest.raises(JobError, match=f"stranding guard: scanning {d} took more than 0 s"):
+        guard.guard_commit(chain, 2, 1, "simple", [d], False)
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A tmpfs mounted inside the test's folder (unmounted even on failure)."""
