@@ -42,16 +42,25 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
 
 
 def _finally_read_only(target, steps):
-    """Base is writable (with write locks) for the job's duration only: it goes back
-    to read-only (a backing file again) however the job ends, as QEMU does (iotest
-    249). Nothing is opened for writing before the job's first step."""
+    """Base (and, in restartable mode, every intermediate) is writable, with write
+    locks, for the job's duration only: each image the job reopened goes back to
+    read-only (a backing file again, locks as before) however the job ends, as QEMU
+    does (iotest 249). Nothing is opened for writing before the job's first step."""
+    chain = target.chain
+    was_read_only = {layer.path for layer in chain.layers if layer.read_only}
     try:
-        target.chain.reopen(target.base, True)
+        chain.reopen(target.base, True)
         return (yield from steps)
     finally:
-        chain, base = target.chain, target.base
-        if base in chain.layers and chain.index_of(base) > 0 and not base.read_only:
-            chain.reopen(base, False)
+        failed = None
+        for layer in chain.layers[1:]:      # the active layer (a pivoted base) stays
+            if not layer.read_only and layer.path in was_read_only:
+                try:
+                    chain.reopen(layer, False)
+                except Exception as e:      # the others still go back
+                    failed = failed or e
+        if failed is not None:
+            raise failed
 
 
 def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False,
@@ -144,21 +153,26 @@ def make_commit_factory(chain, default_guard_dirs=()):
     import trio
 
     async def factory(args):
-        top = args.get("top-node") or args.get("top")
-        base = args.get("base-node") or args.get("base")
+        # the control socket checked every type against commit.qapi.SCHEMA; an empty
+        # name is a name (refused as one), not an absent argument
+        top = args.get("top-node", args.get("top"))
+        base = args.get("base-node", args.get("base"))
         mode = args.get("x-mode", "simple")
-        job_id = args.get("job-id") or args.get("device") or "commit"
-        guard_dirs = list(default_guard_dirs) + list(args.get("x-guard-dirs", []))
+        job_id = args.get("job-id", args.get("device", "commit"))
+        guard_dirs = list(default_guard_dirs) + args.get("x-guard-dirs", [])
+        force = args.get("x-force", False)
+        delete = args.get("x-delete", False)
 
         def prepare():
             return start_commit(chain, top, base, mode, default_top_active=True,
-                                guard_dirs=guard_dirs, force=bool(args.get("x-force")),
-                                delete=bool(args.get("x-delete")))
+                                guard_dirs=guard_dirs, force=force, delete=delete)
 
-        target, stranded, steps = await trio.to_thread.run_sync(prepare)
-        run = live_run(steps, delete=bool(args.get("x-delete")))
+        # the stranding guard's scan may be long: cancelling the command (a shutdown)
+        # abandons it; nothing was opened for writing yet, so its result can be dropped
+        target, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)
+        run = live_run(steps, delete=delete)
         extra = {}
-        if args.get("x-force"):
+        if force:
             # forced past the stranding guard: say so, and what it strands
             extra = {"x-forced": True, "x-stranded": [d.message() for d in stranded]}
         return job_id, "commit", run, extra

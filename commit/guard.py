@@ -30,6 +30,11 @@ The scan reads headers only, without locks (like `qemu-img -U`): the directories
 holding the chain's images (not recursive) plus every guard directory (recursive).
 Files are identified by (st_dev, st_ino), so a symlink, a hard link or a path through
 `..` to a chain image matches it and an unrelated file of the same name does not.
+Only regular files are read, opened with O_NONBLOCK (a FIFO or a device never blocks
+the scan) and never on a pseudo file system (/proc, /sys, tracefs...: their "regular"
+files can block or have side effects); a walk never enters another file system's
+mount (/proc, /sys, /dev included) unless it is a named guard directory; a scan that
+takes longer than SCAN_SECONDS stops with an error.
 Backing names are resolved as the chain resolves them (`qcow.chain.resolve_backing`:
 relative to the directory of the naming image's path as given, no lexical
 normalisation, so `link/../x` means what the kernel says). Each file's header is read
@@ -44,6 +49,7 @@ import json
 import os
 import shlex
 import stat as stat_mod
+import time
 from dataclasses import asdict, dataclass
 
 from qcow.chain import MAX_CHAIN, probe_format, resolve_backing
@@ -53,6 +59,15 @@ from qcow.header import read_backing_info
 __all__ = ["Dependant", "find_dependants", "guard_commit", "dependants_report"]
 
 MODES = ("simple", "restartable")
+SCAN_SECONDS = 120.0
+
+# file systems whose files are never images: reading them can block (trace_pipe,
+# /proc/kmsg) or do things; our own flat views are raw by definition
+_PSEUDO_FS = frozenset((
+    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "configfs", "cgroup", "cgroup2",
+    "pstore", "bpf", "fusectl", "efivarfs", "devtmpfs", "devpts", "mqueue", "binfmt_misc",
+    "autofs", "rpc_pipefs", "nsfs", "hugetlbfs", "fuse.qcowfs",
+))
 
 
 # --------------------------------------------------------------------------- results
@@ -195,6 +210,8 @@ def _check_dir(d):
         st = os.stat(d)
     except OSError as e:
         raise QcowError(d, f"guard directory: {e.strerror}") from None
+    except ValueError:      # a NUL byte: no such name can exist
+        raise QcowError(d.replace("\0", "\\0"), "guard directory: no such directory") from None
     if not stat_mod.S_ISDIR(st.st_mode):
         raise QcowError(d, "guard directory: not a directory")
 
@@ -202,19 +219,29 @@ def _check_dir(d):
 class _Scan:
     """One scan: header results cached by inode, chain verdicts by resolved path."""
 
-    def __init__(self, targets, stop_keys):
+    def __init__(self, targets, stop_keys, guard_dirs=()):
         self.targets = targets          # key -> chain path, the images that break dependants
         self.stop_keys = stop_keys      # keys of the committed chain (kept members stop a walk)
         self.headers = {}               # key -> HeaderInfo | None
         self.verdict = {}               # path -> (route, backing_name, target key) | None
         self.files = 0                  # files examined (for the benchmark)
+        self.pseudo = _pseudo_devices()
+        self.guard_dirs = guard_dirs
+        self.deadline = time.monotonic() + SCAN_SECONDS
+
+    def check_time(self, where):
+        if time.monotonic() > self.deadline:
+            dirs = ", ".join(self.guard_dirs) or where
+            raise JobError(where, f"stranding guard: scanning {dirs} took more than "
+                                  f"{SCAN_SECONDS:g} s; name narrower guard directories")
 
     # --- one file's header -----------------------------------------------------
 
     def header(self, path, key):
         if key in self.headers:
             return self.headers[key]
-        self.headers[key] = info = _read_header(path)
+        self.check_time(path)
+        self.headers[key] = info = _read_header(path, self.pseudo)
         return info
 
     # --- one candidate's backing chain -------------------------------------------
@@ -263,20 +290,48 @@ class _Scan:
         return result
 
 
-def _read_header(path):
-    """qcow.header.HeaderInfo from the header alone, no lock; None when the file is not
-    a regular file, cannot be read, or its header does not parse (hostile headers must
-    not stop the scan)."""
+def _pseudo_devices():
+    """st_dev of every mounted pseudo file system (from /proc/self/mountinfo)."""
+    devs = set()
     try:
-        if not stat_mod.S_ISREG(os.stat(path).st_mode):
-            return None      # never open a FIFO or a device
-        return read_backing_info(path)
-    except (OSError, QcowError):
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return devs
+    for line in lines:
+        fields = line.split(b" ")
+        try:
+            fstype = fields[fields.index(b"-") + 1].decode(errors="replace")
+            major, minor = fields[2].split(b":")
+        except (ValueError, IndexError):
+            continue
+        if fstype in _PSEUDO_FS:
+            devs.add(os.makedev(int(major), int(minor)))
+    return devs
+
+
+def _read_header(path, pseudo):
+    """qcow.header.HeaderInfo from the header alone, no lock; None when the file is not
+    a regular file of a real file system, cannot be read, or its header does not parse
+    (hostile headers must not stop the scan). A symlink is followed to a regular file
+    only: the file is opened non-blocking and checked before anything is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError):
         return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode) or st.st_dev in pseudo:
+                return None
+            return read_backing_info(path, f)
+        except (OSError, QcowError):
+            return None
 
 
-def _candidates(flat_dirs, recursive_dirs):
-    """(path, key, is_symlink) of every regular file in scope, each directory once."""
+def _candidates(flat_dirs, recursive_dirs, scan):
+    """(path, key, is_symlink) of every regular file in scope, each directory once. A
+    recursive walk stays on the file system of the directory it started from."""
     listed = set()          # dir keys whose files were listed
     descended = set()       # dir keys walked recursively
 
@@ -308,13 +363,15 @@ def _candidates(flat_dirs, recursive_dirs):
             continue
         listed.add(k)
         yield from files_of(d, entries(d))
-    stack = list(reversed(recursive_dirs))
+    stack = [(d, None) for d in reversed(recursive_dirs)]
     while stack:
-        d = stack.pop()
+        d, dev = stack.pop()
+        scan.check_time(d)
         k = dir_key(d)
         if k is None or k in descended:
             continue
         descended.add(k)
+        root_dev = k[0] if dev is None else dev
         ents = entries(d)
         if k not in listed:
             listed.add(k)
@@ -322,11 +379,12 @@ def _candidates(flat_dirs, recursive_dirs):
         subdirs = []
         for e in ents:
             try:
-                if e.is_dir(follow_symlinks=False):
+                if e.is_dir(follow_symlinks=False) and \
+                        e.stat(follow_symlinks=False).st_dev == root_dev:
                     subdirs.append(e.path)
             except OSError:
                 continue
-        stack.extend(reversed(sorted(subdirs)))
+        stack.extend((s, root_dev) for s in reversed(sorted(subdirs)))
 
 
 def _scan(chain_paths, targets, guard_dirs, exclude):
@@ -349,14 +407,14 @@ def _scan(chain_paths, targets, guard_dirs, exclude):
             skip.add(_key(os.stat(_absolute(p))))
         except OSError:
             pass
-    scan = _Scan(targets, stop)
+    scan = _Scan(targets, stop, guard_dirs)
     flat = []
     for p in chain_paths:
         d = os.path.dirname(p)
         if d not in flat:
             flat.append(d)
     found = {}
-    for path, key, is_link in _candidates(flat, guard_dirs):
+    for path, key, is_link in _candidates(flat, guard_dirs, scan):
         scan.files += 1
         if key in skip:
             continue

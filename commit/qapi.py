@@ -1,7 +1,19 @@
 """QMP's command plumbing shared by the job manager (commit/job.py) and the control
-socket (fusefs/qmp.py): QEMU's error classes, the error a handler raises, and argument
-checking with QAPI's messages. No I/O, no trio.
+socket (fusefs/qmp.py): QEMU's error classes, the error a handler raises, and the one
+schema every command's arguments are checked against, with QAPI's messages, before
+anything runs. No I/O, no trio.
+
+The schema (`SCHEMA`) is written in QAPI's own notation, one dict per command:
+argument name -> type, a leading '*' marking an optional argument. A type is a
+built-in ('str', 'int', 'size', 'bool', 'number', 'any'), the name of an enum in
+`ENUMS`, or a one-item list for an array of that type (['str']). A command adds itself
+with `SCHEMA["my-command"] = {"device": "str", "*speed": "int"}`; a command without an
+entry takes no arguments. The control socket (fusefs.qmp.QMPProtocol) checks every
+command against it before the command's handler runs, so handlers trust their
+arguments.
 """
+
+import math
 
 GENERIC_ERROR = "GenericError"
 COMMAND_NOT_FOUND = "CommandNotFound"
@@ -18,45 +30,101 @@ class QMPError(Exception):
         super().__init__(desc)
 
 
-_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array", float: "number"}
+ENUMS = {
+    "QMPCapability": ("oob",),
+    "BlockdevOnError": ("report", "ignore", "enospc", "stop", "auto"),
+    "x-CommitMode": ("simple", "restartable"),
+}
+
+_JOB_VERB = {"device": "str"}
+_JOB_ID = {"id": "str"}
+
+SCHEMA = {
+    # built into the protocol (fusefs/qmp.py)
+    "qmp_capabilities": {"*enable": ["QMPCapability"]},
+    "query-version": {},
+    "query-commands": {},
+    # the daemon (fusefs/daemon.py)
+    "query-named-block-nodes": {"*flat": "bool"},
+    "quit": {},
+    # jobs (commit/job.py); block-commit's x- members are qcowfs extensions
+    "query-block-jobs": {},
+    "query-jobs": {},
+    "block-job-cancel": {"device": "str", "*force": "bool"},
+    "block-job-set-speed": {"device": "str", "speed": "int"},
+    "block-job-pause": _JOB_VERB,
+    "block-job-resume": _JOB_VERB,
+    "block-job-complete": _JOB_VERB,
+    "job-pause": _JOB_ID,
+    "job-resume": _JOB_ID,
+    "job-complete": _JOB_ID,
+    "job-cancel": _JOB_ID,
+    "job-dismiss": _JOB_ID,
+    "block-commit": {
+        "*job-id": "str", "*device": "str",
+        "*base-node": "str", "*base": "str", "*top-node": "str", "*top": "str",
+        "*speed": "int", "*on-error": "BlockdevOnError",
+        "*auto-finalize": "bool", "*auto-dismiss": "bool",
+        "*x-mode": "x-CommitMode", "*x-guard-dirs": ["str"],
+        "*x-force": "bool", "*x-delete": "bool",
+    },
+}
+
+# QAPI type -> the JSON type named in "expected: ..." and a test of the value
+_INT64 = (-(1 << 63), 1 << 63)
+_UINT64 = (0, 1 << 64)
 
 
-def check_args(arguments, required=None, optional=None):
-    """Validate a command's arguments the way QEMU's QAPI visitor does.
+def _is_int(v, bounds):
+    return type(v) is int and bounds[0] <= v < bounds[1]
 
-    `required`/`optional` map a parameter name to a type (str, int, bool, dict, list,
-    float) or a tuple of types. Raises `QMPError(GenericError, ...)` with QEMU's text.
-    Returns a dict with every optional parameter present (None when absent).
-    """
-    required = required or {}
-    optional = optional or {}
+
+_BUILTINS = {
+    "str": ("string", lambda v: isinstance(v, str)),
+    "int": ("integer", lambda v: _is_int(v, _INT64)),
+    "size": ("integer", lambda v: _is_int(v, _UINT64)),
+    "bool": ("boolean", lambda v: isinstance(v, bool)),
+    "number": ("number", lambda v: type(v) in (int, float) and math.isfinite(v)),
+    "any": ("any", lambda v: True),
+}
+
+
+def check_value(name, typ, value):
+    """Raise QMPError unless `value` is of QAPI type `typ` (`name` is for messages)."""
+    if isinstance(typ, list):
+        if not isinstance(value, list):
+            raise _type_error(name, "array")
+        for i, item in enumerate(value):
+            check_value(f"{name}[{i}]", typ[0], item)
+        return
+    if typ in ENUMS:
+        if not isinstance(value, str):
+            raise _type_error(name, "string")
+        if value not in ENUMS[typ]:
+            raise QMPError(GENERIC_ERROR, f"Parameter '{name}' does not accept value '{value}'")
+        return
+    expected, ok = _BUILTINS[typ]
+    if not ok(value):
+        raise _type_error(name, expected)
+
+
+def _type_error(name, expected):
+    return QMPError(GENERIC_ERROR, f"Invalid parameter type for '{name}', expected: {expected}")
+
+
+def check_arguments(arguments, members):
+    """Check `arguments` (a dict) against one command's `members` (QAPI notation), in
+    QEMU's order: each member in turn (missing, then its type), then unexpected keys.
+    Raises QMPError(GenericError) with QEMU's text."""
+    names = set()
+    for key, typ in members.items():
+        name = key.lstrip("*")
+        names.add(name)
+        if name not in arguments:
+            if not key.startswith("*"):
+                raise QMPError(GENERIC_ERROR, f"Parameter '{name}' is missing")
+            continue
+        check_value(name, typ, arguments[name])
     for key in arguments:
-        if key not in required and key not in optional:
+        if key not in names:
             raise QMPError(GENERIC_ERROR, f"Parameter '{key}' is unexpected")
-    result = {}
-    for spec, must in ((required, True), (optional, False)):
-        for key, typ in spec.items():
-            if key not in arguments:
-                if must:
-                    raise QMPError(GENERIC_ERROR, f"Parameter '{key}' is missing")
-                result[key] = None
-                continue
-            value = arguments[key]
-            types = typ if isinstance(typ, tuple) else (typ,)
-            ok = False
-            for t in types:
-                if t is int:
-                    ok = isinstance(value, int) and not isinstance(value, bool)
-                elif t is float:
-                    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                else:
-                    ok = isinstance(value, t)
-                if ok:
-                    break
-            if not ok:
-                raise QMPError(
-                    GENERIC_ERROR,
-                    f"Invalid parameter type for '{key}', expected: {_TYPE_NAMES.get(types[0], types[0].__name__)}",
-                )
-            result[key] = value
-    return result

@@ -67,7 +67,7 @@ def find_layer(chain, name):
             return layer
     try:
         st = os.stat(name)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
         st = None
     if st is not None:
         for layer in layers:

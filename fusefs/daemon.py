@@ -46,6 +46,8 @@ from commit.engine import make_commit_factory
 from commit.job import JobManager
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
+from fusefs.daemonfiles import (LogHandler, RepeatFilter, open_log, remove_pid_file,
+                                write_pid_file)
 from fusefs.qmp import default_socket_path
 from fusefs.watchdog import Watchdog, install_thread_dump
 
@@ -207,12 +209,15 @@ def cmd_mount(args):
 def spawn_daemon(cfg):
     os.makedirs(os.path.dirname(cfg.socket), mode=0o700, exist_ok=True)
     os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
+    logfd = open_log(cfg.log_file)
     r, w = os.pipe()
     env = dict(os.environ, **{READY_ENV: str(w)})
-    with open(cfg.log_file, "ab") as logf:
-        proc = subprocess.Popen(cfg.daemon_argv(), stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, pass_fds=(w,), env=env, cwd="/",
+    try:
+        proc = subprocess.Popen(cfg.daemon_argv(), stdin=subprocess.DEVNULL, stdout=logfd,
+                                stderr=logfd, pass_fds=(w,), env=env, cwd="/",
                                 start_new_session=True)
+    finally:
+        os.close(logfd)
     os.close(w)
     try:
         line = _read_line(r, START_TIMEOUT)
@@ -301,12 +306,15 @@ def _setup_logging(cfg, to_stderr):
     fmt = logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    fh = logging.FileHandler(cfg.log_file)
+    fh = LogHandler(cfg.log_file)
     fh.setFormatter(fmt)
+    fh.addFilter(RepeatFilter())
     root.addHandler(fh)
     if to_stderr:
-        root.addHandler(_TerminalHandler())
-    return fh.stream
+        term = _TerminalHandler()
+        term.addFilter(RepeatFilter())
+        root.addHandler(term)
+    return fh
 
 
 class _TerminalHandler(logging.StreamHandler):
@@ -328,15 +336,20 @@ def run_daemon(cfg, ready_fd=None):
     """The daemon itself (`mount --foreground`). Returns the exit code."""
     notify = _Readiness(ready_fd)
     try:
-        log_stream = _setup_logging(cfg, to_stderr=ready_fd is None)
+        log_handler = _setup_logging(cfg, to_stderr=ready_fd is None)
+    except QcowError as err:
+        notify.error(str(err))
+        raise
     except OSError as e:
         err = QcowError(cfg.log_file, f"cannot open the log file: {e.strerror}")
         notify.error(str(err))
         raise err from None
     log.info("starting: image %s, mountpoint %s, %s, control socket %s", cfg.image,
              cfg.mountpoint, "read-only" if cfg.read_only else "read-write", cfg.socket)
-    install_thread_dump(log_stream)         # kill -QUIT / -USR1: every stack to the log
-    cfg.watchdog = Watchdog(log_stream)
+    # kill -QUIT / -USR1: every thread's stack to the log (again after each rotation)
+    install_thread_dump(log_handler.stream)
+    log_handler.on_open = install_thread_dump
+    cfg.watchdog = Watchdog(lambda: log_handler.stream)
     daemon = None
     try:
         check_mountpoint(cfg.mountpoint)
@@ -374,6 +387,7 @@ class Daemon:
         self.stopping = None            # reason, once a shutdown was asked for
         self.exit_code = 0
         self._nursery = None
+        self._pid_written = False
 
     # -- start-up --------------------------------------------------------------------
 
@@ -382,6 +396,8 @@ class Daemon:
         from fusefs.mountfs import FallocateHook, MountFS
 
         cfg = self.cfg
+        write_pid_file(cfg.pid_file)
+        self._pid_written = True
         self.chain = qcow.open_chain(cfg.image, writable=not cfg.read_only,
                                      cache_bytes=cfg.cache_mib << 20, lock=True)
         top = self.chain.layers[0]
@@ -407,11 +423,6 @@ class Daemon:
         self.hook = FallocateHook(self.ops)
         self.hook.install()
         self.jobs = self._make_job_manager()
-        try:
-            with open(cfg.pid_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
-        except OSError as e:
-            log.warning("cannot write %s: %s", cfg.pid_file, e.strerror)
 
     def _make_job_manager(self):
         # The job commands (block-commit & co): the job machinery of commit/job.py with
@@ -594,11 +605,9 @@ class Daemon:
             self._close_fuse(pyfuse3)
         if self.chain is not None and not self._close_chain():
             self.exit_code = 1
-        for path in (self.cfg.pid_file,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if self._pid_written:
+            remove_pid_file(self.cfg.pid_file)
+            self._pid_written = False
 
 
 def block_nodes(chain):

@@ -46,7 +46,7 @@ from fusefs.watchdog import Watchdog
 log = logging.getLogger("qcowfs.mount")
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
-FH_BUFFERED, FH_DIRECT = 0, 1   # file handles: how the file was opened (O_DIRECT?)
+FH_BUFFERED, FH_DIRECT = 0, 1   # a file handle's low bit: how it was opened (O_DIRECT?)
 ATTR_TIMEOUT = 3600.0           # attributes never change behind the kernel's back
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -95,7 +95,7 @@ class MountFS(pyfuse3.Operations):
     def __init__(self, chain, name="disk.raw", read_only=False, threads=16, watchdog=None):
         super().__init__()
         # requests in flight, for the daemon's watchdog thread (begin/end per request)
-        self.watch = watchdog or Watchdog(None)
+        self.watch = watchdog or Watchdog(lambda: None)
         self.chain = chain
         self.name = os.fsencode(name)
         self.size = chain.virtual_size
@@ -103,10 +103,15 @@ class MountFS(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(threads)
         self.nursery = None         # set by the daemon: where fallocate requests run
         self.dirty = False          # written since the last flush of the chain
+        self._writers = set()       # handles opened for writing: only their close flushes
+        self._handles = 0           # file handles are (serial << 1) | FH_DIRECT or FH_BUFFERED
         self.max_read_seen = 0      # largest requests the kernel actually sent
         self.max_write_seen = 0
         self._stamp_ns = time.time_ns()
         top = chain.layers[0]
+        # the flat file is as private as the image it shows (--allow-other lets others
+        # in only as far as the top image's mode does)
+        self._file_mode = stat.S_IMODE(os.fstat(top.io.fd).st_mode) & ~(0o222 if read_only else 0)
         self._blksize = max(4096, min(getattr(top, "cluster_size", None) or 65536, 1 << 20))
 
     # ---- data path: keep it short (each 10 us of Python costs ~17% of 4 KiB IOPS) -----
@@ -138,7 +143,7 @@ class MountFS(pyfuse3.Operations):
         if off + n > self.size:
             # Past the end: a buffered write is cut short (as on a block device), an
             # O_DIRECT one refused whole (the kernel would turn a short one into EIO).
-            if off >= self.size or fh == FH_DIRECT:
+            if off >= self.size or fh & FH_DIRECT:
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             n = self.size - off
             buf = bytes(buf[:n])
@@ -159,9 +164,10 @@ class MountFS(pyfuse3.Operations):
         await self._flush("fsync")
 
     async def flush(self, fh):
-        # close(2): make the data durable as a file system would on close of a file
-        # written through it; free when nothing was written since the last flush.
-        if self.dirty:
+        # close(2) of a handle opened for writing: make the data durable as a file
+        # system would on close of a file written through it; free when nothing was
+        # written since the last flush. A reader's close never fails for a writer.
+        if self.dirty and fh in self._writers:
             await self._flush("flush")
 
     async def _flush(self, what):
@@ -212,7 +218,7 @@ class MountFS(pyfuse3.Operations):
             e.st_mode = stat.S_IFDIR | 0o755
             e.st_nlink = 2
         elif inode == FILE_INODE:
-            e.st_mode = stat.S_IFREG | (0o444 if self.read_only else 0o644)
+            e.st_mode = stat.S_IFREG | self._file_mode
             e.st_nlink = 1
             e.st_size = self.size
             e.st_blocks = self._host_blocks()
@@ -262,11 +268,16 @@ class MountFS(pyfuse3.Operations):
                                     else errno.ENOENT)
         if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
-        fh = FH_DIRECT if flags & os.O_DIRECT else FH_BUFFERED
+        if flags & os.O_TRUNC and self.size:
+            raise pyfuse3.FUSEError(errno.EPERM)     # as truncate: the size is the chain's
+        self._handles += 1
+        fh = self._handles << 1 | (FH_DIRECT if flags & os.O_DIRECT else FH_BUFFERED)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writers.add(fh)
         return pyfuse3.FileInfo(fh=fh, direct_io=DIRECT_IO, keep_cache=KEEP_CACHE)
 
     async def release(self, fh):
-        pass
+        self._writers.discard(fh)
 
     async def opendir(self, inode, ctx):
         if inode != pyfuse3.ROOT_INODE:

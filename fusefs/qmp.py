@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import trio
 
 from commit.qapi import (COMMAND_NOT_FOUND, DEVICE_NOT_ACTIVE, DEVICE_NOT_FOUND,  # noqa: F401
-                         GENERIC_ERROR, QMPError, check_args)
+                         GENERIC_ERROR, SCHEMA, QMPError, check_arguments)
 from qcow.errors import QcowError
 
 log = logging.getLogger("qcowfs.qmp")
@@ -103,9 +104,12 @@ _STRUCTURAL = {
     ord(":"): ":",
     ord(","): ",",
 }
-_RESYNC = frozenset(b"{}[],:")
 _DIGITS = frozenset(b"0123456789")
 _KEYWORD = frozenset(b"abcdefghijklmnopqrstuvwxyz")
+_WS_RUN = re.compile(rb"[ \t\n\r]+")
+_DIGIT_RUN = re.compile(rb"[0-9]+")
+_KEYWORD_RUN = re.compile(rb"[a-z]+")
+_RESYNC_AT = re.compile(rb"[{}\[\],:\x00-\x08\x0a-\x1f\xfe\xff]")
 _SPECIAL_DQ = re.compile(rb'[\\"\x00-\x1f]')
 _SPECIAL_SQ = re.compile(rb"[\\'\x00-\x1f]")
 
@@ -126,8 +130,10 @@ class JSONStreamer:
     error of its own.
     """
 
-    MAX_TOKEN_SIZE = 16 << 20  # bytes in one value (QEMU: 64 MiB; our commands are tiny)
-    MAX_TOKEN_COUNT = 1 << 20
+    # QEMU allows 64 MiB and 2**20 tokens in one value; our commands are tiny, and a
+    # client must not make the daemon hold much memory for it.
+    MAX_TOKEN_SIZE = 1 << 20  # bytes in one value
+    MAX_TOKEN_COUNT = 1 << 14
     MAX_NESTING = 256  # QEMU allows 1024; we parse recursively
 
     def __init__(self):
@@ -139,6 +145,12 @@ class JSONStreamer:
         self._size = 0
         self._braces = 0
         self._brackets = 0
+        self.limit_hit = False  # a value went past a limit: the peer is abusive
+
+    @property
+    def pending(self):
+        """Bytes held for the value not complete yet."""
+        return self._size + len(self._tok)
 
     # -- lexer
     def feed(self, data):
@@ -148,9 +160,11 @@ class JSONStreamer:
         while i < n:
             c = data[i]
             st = self._state
+            # runs of the same class are taken in one regex match: a client streaming
+            # blanks or digits costs little
             if st == _START:
                 if c in _WS:
-                    i += 1
+                    i = _WS_RUN.match(data, i).end()
                 elif c in _STRUCTURAL:
                     self._token(_STRUCTURAL[c], bytes((c,)), out)
                     i += 1
@@ -184,18 +198,27 @@ class JSONStreamer:
                 i = self._string(data, i, out)
             elif st == _KEYWORD_ST:
                 if c in _KEYWORD:
-                    self._tok.append(c)
-                    i += 1
+                    j = _KEYWORD_RUN.match(data, i).end()
+                    self._tok += data[i:j]
+                    i = j
                     if len(self._tok) > self.MAX_TOKEN_SIZE:
                         self._limit_error("JSON token size limit exceeded", out)
                 else:  # lookahead: c is not consumed
                     self._state = _START
                     self._token("keyword", bytes(self._tok), out)
             elif st == _RECOVERY:
-                if c in _RESYNC or (c < 0x20 and c != 0x09) or c >= 0xFE:
-                    self._state = _START  # reprocess c
+                m = _RESYNC_AT.search(data, i)
+                if m is None:
+                    i = n
                 else:
-                    i += 1
+                    i = m.start()
+                    self._state = _START  # reprocess it
+            elif st in (_N_INT, _N_FRAC, _N_EXPDIG) and c in _DIGITS:
+                j = _DIGIT_RUN.match(data, i).end()
+                self._tok += data[i:j]
+                i = j
+                if len(self._tok) > self.MAX_TOKEN_SIZE:
+                    self._limit_error("JSON token size limit exceeded", out)
             else:
                 i += self._number(c, out)
         return out
@@ -323,6 +346,7 @@ class JSONStreamer:
         out.append((False, f"stray '{text}'"))
 
     def _limit_error(self, message, out):
+        self.limit_hit = True
         self._reset_value()
         self._state = _RECOVERY
         self._tok = bytearray()
@@ -346,18 +370,15 @@ class JSONStreamer:
             self._brackets -= 1
         self._tokens.append((kind, text))
         self._size += len(text)
-        if self._size > self.MAX_TOKEN_SIZE:
-            self._reset_value()
-            out.append((False, "JSON token size limit exceeded"))
-            return
-        if len(self._tokens) > self.MAX_TOKEN_COUNT:
-            self._reset_value()
-            out.append((False, "JSON token count limit exceeded"))
-            return
-        if self._braces + self._brackets > self.MAX_NESTING:
-            self._reset_value()
-            out.append((False, "JSON nesting depth limit exceeded"))
-            return
+        for over, message in ((self._size > self.MAX_TOKEN_SIZE, "JSON token size limit exceeded"),
+                              (len(self._tokens) > self.MAX_TOKEN_COUNT, "JSON token count limit exceeded"),
+                              (self._braces + self._brackets > self.MAX_NESTING,
+                               "JSON nesting depth limit exceeded")):
+            if over:
+                self.limit_hit = True
+                self._reset_value()
+                out.append((False, message))
+                return
         if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0:
             return  # value not complete yet
         tokens = self._tokens
@@ -397,13 +418,17 @@ class _Parser:
         self.pos += 1
         if kind == "string":
             return _unescape(text)
-        if kind == "integer":
+        if kind == "integer" and len(text) <= 20:  # int() refuses over 4300 digits
             v = int(text)
             if -(1 << 63) <= v < (1 << 64):
                 return v
-            return float(text)
-        if kind == "float":
-            return float(text)
+        if kind in ("integer", "float"):
+            # past 64 bits QEMU takes a double, as here; one past the double's range
+            # would have no JSON spelling in a reply (QEMU sends 'inf')
+            v = float(text)
+            if not math.isfinite(v):
+                raise JSONParseError("number out of range")
+            return v
         if kind == "keyword":
             if text == b"true":
                 return True
@@ -529,7 +554,7 @@ class Request:
 
 
 def _dumps(obj):
-    return json.dumps(obj).encode() + b"\r\n"
+    return json.dumps(obj, allow_nan=False).encode() + b"\r\n"
 
 
 def format_event(event, data=None, timestamp=None):
@@ -554,8 +579,9 @@ class QMPProtocol:
 
     BUILTINS = ("qmp_capabilities", "query-version", "query-commands")
 
-    def __init__(self, commands, *, version=None, package=None):
+    def __init__(self, commands, *, schema=None, version=None, package=None):
         self.commands = commands
+        self.schema = SCHEMA if schema is None else schema
         self.version = dict(version or QEMU_VERSION)
         self.package = package if package is not None else _package()
         self.negotiated = False
@@ -587,6 +613,16 @@ class QMPProtocol:
             return None
         return format_event(event, data, timestamp)
 
+    @property
+    def abusive(self):
+        """The peer sent a value past the parser's limits (size, tokens, nesting)."""
+        return self._streamer.limit_hit
+
+    @property
+    def pending(self):
+        """Bytes of an incomplete value held for this client."""
+        return self._streamer.pending
+
     def feed(self, data):
         actions = []
         for ok, value in self._streamer.feed(data):
@@ -612,27 +648,27 @@ class QMPProtocol:
             return self.error(req, GENERIC_ERROR, "QMP input member 'arguments' must be an object")
         req.command = msg["execute"]
         req.arguments = args
-        if req.command == "qmp_capabilities":
-            return self._capabilities(req)
-        if not self.negotiated:
+        if req.command != "qmp_capabilities" and not self.negotiated:
             return self.error(
                 req, COMMAND_NOT_FOUND, "Expecting capabilities negotiation with 'qmp_capabilities'"
             )
+        if req.command not in self.BUILTINS and req.command not in self.commands:
+            return self.error(req, COMMAND_NOT_FOUND, f"The command {req.command} has not been found")
+        members = self.schema.get(req.command, {})
+        try:
+            # nothing runs before its arguments passed the schema (None: a test's
+            # command that takes anything)
+            if members is not None:
+                check_arguments(args, members)
+        except QMPError as e:
+            return self.error(req, e.cls, e.desc)
+        if req.command == "qmp_capabilities":
+            return self._capabilities(req)
         if req.command == "query-version":
-            try:
-                check_args(args)
-            except QMPError as e:
-                return self.error(req, e.cls, e.desc)
             return self.reply(req, {"qemu": self.version, "package": self.package})
         if req.command == "query-commands":
-            try:
-                check_args(args)
-            except QMPError as e:
-                return self.error(req, e.cls, e.desc)
             names = sorted(set(self.BUILTINS) | set(self.commands))
             return self.reply(req, [{"name": n} for n in names])
-        if req.command not in self.commands:
-            return self.error(req, COMMAND_NOT_FOUND, f"The command {req.command} has not been found")
         return req
 
     def _capabilities(self, req):
@@ -640,16 +676,8 @@ class QMPProtocol:
             return self.error(
                 req, COMMAND_NOT_FOUND, "Capabilities negotiation is already complete, command ignored"
             )
-        try:
-            a = check_args(req.arguments, optional={"enable": list})
-            for cap in a["enable"] or ():
-                if not isinstance(cap, str):
-                    raise QMPError(GENERIC_ERROR, "Invalid parameter type for 'enable', expected: string")
-                if cap != "oob":
-                    raise QMPError(GENERIC_ERROR, f"Parameter 'enable' does not accept value '{cap}'")
-                raise QMPError(GENERIC_ERROR, f"Capability '{cap}' not available")
-        except QMPError as e:
-            return self.error(req, e.cls, e.desc)
+        for cap in req.arguments.get("enable", ()):
+            return self.error(req, GENERIC_ERROR, f"Capability '{cap}' not available")
         self.negotiated = True
         return self.reply(req, {})
 
@@ -658,12 +686,12 @@ class QMPProtocol:
 
 
 class _Client:
-    MAX_QUEUED = 16 << 20  # a client that stops reading is dropped past this
+    MAX_QUEUED = 1 << 20  # a client that does not read its replies and events is dropped past this
 
     def __init__(self, server, stream, number):
         self.stream = stream
         self.number = number
-        self.proto = QMPProtocol(server.commands, package=server.package)
+        self.proto = QMPProtocol(server.commands, schema=server.schema, package=server.package)
         self.queue = []
         self.queued = 0
         self.wakeup = trio.Event()
@@ -677,14 +705,24 @@ class _Client:
         if self.closed:
             return
         if self.queued + len(data) > self.MAX_QUEUED:
-            log.warning("QMP client %d does not read its messages; dropping it", self.number)
-            self.overflow = True
-            self.closed = True
-            self.wakeup.set()
+            self.drop("does not read its messages")
             return
         self.queue.append(data)
         self.queued += len(data)
         self.wakeup.set()
+
+    def drop(self, why):
+        """Disconnect now, without sending what is queued."""
+        log.warning("QMP client %d %s; disconnecting it", self.number, why)
+        self.overflow = True
+        self.closed = True
+        self.wakeup.set()
+        if not self.in_handler:
+            self.reader_scope.cancel()
+
+    @property
+    def buffered(self):
+        return self.queued + self.proto.pending
 
 
 class QMPServer:
@@ -694,11 +732,22 @@ class QMPServer:
     means `{}`); the dict is consulted live, so commands may be added after construction.
     A handler raises `QMPError(cls, desc)` for an error reply; a `QcowError` becomes a
     GenericError with its message; anything else is logged and becomes a GenericError.
+    Arguments are checked against `schema` (default: commit.qapi.SCHEMA) first.
+
+    A client cannot starve the mount: input is parsed in slices with a checkpoint
+    between them, and a client is disconnected when it sends a value past the parser's
+    limits, lets its unread output pass `_Client.MAX_QUEUED`, or would push the bytes
+    buffered for all clients past MAX_BUFFERED. At most MAX_CLIENTS are served.
     """
 
-    def __init__(self, socket_path, commands, *, package=None, backlog=16):
+    MAX_CLIENTS = 32
+    MAX_BUFFERED = 8 << 20
+    SLICE = 4096  # bytes parsed between two checkpoints
+
+    def __init__(self, socket_path, commands, *, schema=None, package=None, backlog=16):
         self.socket_path = os.fspath(socket_path)
         self.commands = commands
+        self.schema = schema
         self.package = package if package is not None else _package()
         self.backlog = backlog
         self._clients = set()
@@ -763,10 +812,15 @@ class QMPServer:
         self._prepare_path()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with _short_address(self.socket_path) as addr:
-                await sock.bind(addr)
-            os.chmod(self.socket_path, 0o600)
-            self._inode = os.stat(self.socket_path).st_ino
+            # created 0600 by the umask: a chmod by name after bind() could be sent
+            # through a symlink planted in its place
+            old_umask = os.umask(0o177)
+            try:
+                with _short_address(self.socket_path) as addr:
+                    await sock.bind(addr)
+            finally:
+                os.umask(old_umask)
+            self._inode = os.lstat(self.socket_path).st_ino
             sock.listen(self.backlog)
         except OSError as e:
             sock.close()
@@ -778,7 +832,8 @@ class QMPServer:
 
     def _remove_socket_file(self):
         try:
-            if self._inode is not None and os.stat(self.socket_path).st_ino == self._inode:
+            st = os.lstat(self.socket_path)
+            if self._inode is not None and stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode:
                 os.unlink(self.socket_path)
         except OSError:
             pass
@@ -805,6 +860,11 @@ class QMPServer:
                             continue
                         raise
                     self._numbers += 1
+                    if len(self._clients) >= self.MAX_CLIENTS:
+                        log.warning("control socket: %d clients already; refusing client %d",
+                                    len(self._clients), self._numbers)
+                        conn.close()
+                        continue
                     nursery.start_soon(self._serve_client, conn, self._numbers)
         finally:
             self.serving = False
@@ -828,8 +888,9 @@ class QMPServer:
                 # the peer closed its side (or we gave up on it): flush, then stop
                 client.closed = True
                 client.wakeup.set()
-                with trio.move_on_after(5.0):
-                    await client.writer_done.wait()
+                if not client.overflow:     # a dropped client gets nothing more
+                    with trio.move_on_after(5.0):
+                        await client.writer_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             client.closed = True
@@ -863,23 +924,39 @@ class QMPServer:
     async def _reader(self, client):
         while not client.closed:
             try:
-                data = await client.stream.receive_some(65536)
+                data = await client.stream.receive_some(self.SLICE * 4)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             if not data:
                 return
-            for action in client.proto.feed(data):
+            for start in range(0, len(data), self.SLICE):
+                await trio.lowlevel.checkpoint()
+                await self._handle(client, client.proto.feed(data[start:start + self.SLICE]))
                 if client.closed:
                     return
-                if isinstance(action, bytes):
-                    client.send(action)
-                else:
-                    client.in_handler = True
-                    try:
-                        reply = await self._execute(client, action)
-                    finally:
-                        client.in_handler = False
-                    client.send(reply)
+                if client.proto.abusive:
+                    client.drop("sent a value past the parser's limits")
+                    return
+                if self._buffered() > self.MAX_BUFFERED:
+                    client.drop(f"pushed the control socket's buffers past {self.MAX_BUFFERED} bytes")
+                    return
+
+    def _buffered(self):
+        return sum(c.buffered for c in self._clients if not c.closed)
+
+    async def _handle(self, client, actions):
+        for action in actions:
+            if client.closed:
+                return
+            if isinstance(action, bytes):
+                client.send(action)
+            else:
+                client.in_handler = True
+                try:
+                    reply = await self._execute(client, action)
+                finally:
+                    client.in_handler = False
+                client.send(reply)
 
     async def _execute(self, client, req):
         handler = self.commands.get(req.command)
@@ -1080,7 +1157,8 @@ __all__ = [
     "JSONStreamer",
     "QMPConnection",
     "QMPCallError",
-    "check_args",
+    "check_arguments",
+    "SCHEMA",
     "default_socket_path",
     "format_event",
     "qmp_call",

@@ -32,7 +32,7 @@ def install_thread_dump(stream):
 
 class Watchdog:
     def __init__(self, stream, limit=None, period=1.0):
-        self.stream = stream
+        self.stream = stream            # () -> the file the stacks go to (the log's now)
         self.limit = limit if limit is not None else float(
             os.environ.get("QCOWFS_WATCHDOG_SECONDS", DEFAULT_LIMIT))
         self.period = min(period, self.limit / 2)
@@ -95,7 +95,8 @@ class Watchdog:
         for handler in logging.getLogger().handlers:
             handler.flush()
         try:
-            faulthandler.dump_traceback(file=self.stream, all_threads=True)
-            self.stream.flush()
-        except (OSError, ValueError):
+            stream = self.stream()
+            faulthandler.dump_traceback(file=stream, all_threads=True)
+            stream.flush()
+        except (OSError, ValueError, TypeError):
             pass

@@ -7,6 +7,7 @@ unknown extensions byte-for-byte (the spec asks us to preserve them).
 
 import os
 import struct
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -364,14 +365,15 @@ class HeaderInfo(NamedTuple):
     drained_into: str | None     # see EXT_QCOWFS_DRAINED
 
 
-def read_backing_info(path):
-    """HeaderInfo from the header alone, no locks.
+def read_backing_info(path, file=None):
+    """HeaderInfo from the header alone, no locks; from `file` (opened by the caller,
+    left open) when given.
 
     For scans over many files (the stranding guard): usually one 4 KiB read per file;
     the whole first cluster only when the header area is larger. A raw file gives
     HeaderInfo('raw', None, None, size, None). Corrupt qcow2 raises CorruptImage.
     """
-    with open(path, "rb") as f:
+    with (open(path, "rb") if file is None else nullcontext(file)) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_PROBE_BYTES)
         if head[:4] != QCOW_MAGIC:

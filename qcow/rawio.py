@@ -80,6 +80,12 @@ class RawIO:
             pos = stop
         return out
 
+    def reserve(self, offset, length):
+        """Give [offset, offset+length) disk space now (the file grows to cover it): a
+        later write there cannot fail with ENOSPC; this one does, if space lacks."""
+        assert self.writable, "reserve in an image opened read-only"
+        os.posix_fallocate(self.fd, offset, length)
+
     def truncate(self, size):
         os.ftruncate(self.fd, size)
 

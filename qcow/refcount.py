@@ -9,7 +9,11 @@ Ordering rules enforced here:
 - decrements are *deferred*: `free()` queues clusters, and the image's flush calls
   `apply_frees()` with what it took at its cut only once the L2/L1 entries that dropped
   them are durable, so a crash can leak a cluster but never leave an entry pointing at
-  a cluster with refcount 0.
+  a cluster with refcount 0;
+- space past the file's end is reserved (fallocated) before a cluster there is counted
+  (`_reserve`): a new L2 table or refcount block first written at a later flush has its
+  space already, so a full file system fails the write that needs space, at once and
+  with nothing changed, never the flush of what was acknowledged before.
 """
 
 import struct
@@ -65,7 +69,9 @@ class Refcounts:
         self.free_hint = 0
         self.pending_free = []
         # first cluster index past everything allocated: new structures go there
-        self.end = max(-(-self.io.size() // self.cs), self._last_counted() + 1)
+        file_end = -(-self.io.size() // self.cs)
+        self.end = max(file_end, self._last_counted() + 1)
+        self.reserved = file_end        # clusters below this have disk space
 
     # --- lookups --------------------------------------------------------
 
@@ -124,11 +130,26 @@ class Refcounts:
         cache's dependency on this cache writes them before any L2 entry using them.
         """
         start = self._find_free(n)
+        self._reserve(start + n)
         self.end = max(self.end, start + n)
-        for c in range(start, start + n):
-            self.add(c, 1)
+        counted = []
+        try:
+            for c in range(start, start + n):
+                self.add(c, 1)          # may need a new refcount block, hence space
+                counted.append(c)
+        except BaseException:
+            for c in counted:           # nothing half-allocated stays counted
+                self.add(c, -1)
+            raise
         self.free_hint = start + n
         return start << self.cluster_bits
+
+    def _reserve(self, end):
+        """Disk space for every cluster below `end` (a cluster index) now."""
+        if end > self.reserved:
+            self.io.reserve(self.reserved << self.cluster_bits,
+                            (end - self.reserved) << self.cluster_bits)
+            self.reserved = end
 
     def _find_free(self, n):
         c = self.free_hint
@@ -147,6 +168,7 @@ class Refcounts:
     def _bump(self, n):
         """n contiguous clusters past everything allocated (for refcount structures)."""
         start = self.end
+        self._reserve(start + n)
         self.end += n
         return start
 
@@ -205,6 +227,7 @@ class Refcounts:
         for k, bi in enumerate(missing):
             new[bi] = (rb_base + k) << self.cluster_bits
             blocks[bi] = bytearray(self.cs)
+        self._reserve(rb_base + len(missing))   # all of it, before anything is written
         self.end = rb_base + len(missing)
         # counts for the new table and the new blocks: in new blocks, or via the cache
         for c in list(range(t, t + new_clusters)) + [rb_base + k for k in range(len(missing))]:

@@ -1,8 +1,8 @@
 """A RawIO that records every write and flush barrier, for crash-consistency tests
 in the style of CrashMonkey / dm-log-writes.
 
-`Journal` collects, in program order, ("write", offset, bytes), ("sync",) and
-("truncate", size) events of one image file, plus markers the test adds itself
+`Journal` collects, in program order, ("write", offset, bytes), ("sync",),
+("truncate", size) and ("reserve", offset, length) (fallocate: the file grows) events of one image file, plus markers the test adds itself
 (e.g. ("flushed", n) once `Qcow2Image.flush()` has returned). `crash_state` builds the
 file as a crash after the first `k` events could leave it: the file as it was at the
 start, every write before the last completed sync, then a random subset of the writes
@@ -38,6 +38,12 @@ class Journal:
                 if off > len(buf):
                     buf.extend(bytes(off - len(buf)))
                 buf[off:off + len(data)] = data
+            elif e[0] == "reserve":
+                if keep is not None and not keep(i):
+                    continue
+                end = e[1] + e[2]
+                if end > len(buf):
+                    buf.extend(bytes(end - len(buf)))
             elif e[0] == "truncate":
                 if keep is not None and not keep(i):
                     continue
@@ -65,7 +71,7 @@ class Journal:
         """A possible file after a crash once events[:upto] were issued."""
         s = self.last_sync(upto)
         chosen = {i for i in range(s + 1, upto)
-                  if self.events[i][0] in ("write", "truncate") and rng.random() < keep_prob}
+                  if self.events[i][0] in ("write", "truncate", "reserve") and rng.random() < keep_prob}
         return self.replay(upto, keep=lambda i: i < s or i in chosen)
 
 
@@ -89,6 +95,10 @@ class RecordingIO(RawIO):
             super().pwritev(buffers, offset)
         finally:
             self._vectored = False
+
+    def reserve(self, offset, length):
+        self.journal.events.append(("reserve", offset, length))
+        super().reserve(offset, length)
 
     def truncate(self, size):
         self.journal.events.append(("truncate", size))

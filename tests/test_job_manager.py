@@ -8,9 +8,9 @@ import trio
 import trio.testing
 
 from commit.job import JobContext, JobManager
-from fusefs.qmp import QMPError
+from fusefs.qmp import QMPError, check_arguments
 from qcow.errors import JobError, QcowError
-from test_qmp_support import MiB, FakeJobs
+from test_qmp_support import TEST_SCHEMA, MiB, FakeJobs
 
 
 class Events:
@@ -309,7 +309,12 @@ def test_block_commit_arguments():
     async def main():
         async with trio.open_nursery() as n:
             jm, ev = await start_manager(n, fake.factory)
-            bc = jm.commands()["block-commit"]
+            handler = jm.commands()["block-commit"]
+
+            async def bc(args):  # as the control socket calls it: the schema first
+                check_arguments(args, TEST_SCHEMA["block-commit"])
+                return await handler(args)
+
             for args, message in (
                 ({"speed": -1}, "Parameter 'speed' expects a non-negative value"),
                 ({"speed": "fast"}, "Invalid parameter type for 'speed', expected: integer"),
@@ -350,10 +355,11 @@ def test_unknown_ids():
                 with pytest.raises(QMPError) as e:
                     await cmds[name]({"id": "nope"})
                 assert (e.value.cls, e.value.desc) == ("GenericError", "Job not found")
+            # argument faults are the schema's (the control socket checks it first)
             with pytest.raises(QMPError, match="Parameter 'device' is missing"):
-                await cmds["block-job-cancel"]({})
+                check_arguments({}, TEST_SCHEMA["block-job-cancel"])
             with pytest.raises(QMPError, match="Invalid parameter type for 'device', expected: string"):
-                await cmds["block-job-cancel"]({"device": 5})
+                check_arguments({"device": 5}, TEST_SCHEMA["block-job-cancel"])
             n.cancel_scope.cancel()
 
     run_trio(main)

@@ -26,13 +26,13 @@ from fusefs.qmp import (
     QMPProtocol,
     QMPServer,
     Request,
-    check_args,
+    check_arguments,
     default_socket_path,
     qmp_call,
     qmp_execute_and_follow,
 )
 from qcow.errors import QcowError
-from test_qmp_support import Raw, ServerThread, qmp_session
+from test_qmp_support import TEST_SCHEMA, Raw, ServerThread, qmp_session
 
 GE = "GenericError"
 CNF = "CommandNotFound"
@@ -105,7 +105,9 @@ QEMU_CASES = [
     (b'{"a":1e}\n', [jpe("stray '1e}'")]),
     (b'{"a":True}\n', [jpe("stray 'T'"), jpe("expecting value")]),
     (b'{"execute":"x-none","arguments":{"x":1}}\n', [{"return": {}}]),  # x-none takes anything
-    (b'{"execute":"qmp_capabilities","arguments":{"x":1}}\n',
+    (b'{"execute":"qmp_capabilities","arguments":{"x":1}}\n',  # arguments first, as QEMU 7.2
+     [err(GE, "Parameter 'x' is unexpected")]),
+    (b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n',
      [err(CNF, "Capabilities negotiation is already complete, command ignored")]),
 ]
 
@@ -135,7 +137,7 @@ def test_greeting_shape():
 
 
 def test_commands_refused_before_negotiation_as_qemu():
-    p = QMPProtocol({"x-none": None})
+    p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     got = _replies(p, b'{"execute":"x-none","id":1}\n{"execute":"nosuch","id":2}\n{"id":5}\n')
     assert got == [
         err(CNF, "Expecting capabilities negotiation with 'qmp_capabilities'", id=1),
@@ -157,13 +159,13 @@ def test_commands_refused_before_negotiation_as_qemu():
 
 @pytest.mark.parametrize("data,expected", QEMU_CASES, ids=[repr(c[0])[:40] for c in QEMU_CASES])
 def test_protocol_matches_qemu(data, expected):
-    p = QMPProtocol({"x-none": None})
+    p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     _replies(p, b'{"execute":"qmp_capabilities"}')
     assert _replies(p, data) == expected
 
 
 def test_protocol_recovers_after_each_malformed_case():
-    p = QMPProtocol({"x-none": None})
+    p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     _replies(p, b'{"execute":"qmp_capabilities"}')
     for data, _ in QEMU_CASES:
         _replies(p, data)
@@ -171,7 +173,7 @@ def test_protocol_recovers_after_each_malformed_case():
 
 
 def test_unbalanced_value_waits_and_control_char_resets():
-    p = QMPProtocol({"x-none": None})
+    p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     _replies(p, b'{"execute":"qmp_capabilities"}')
     assert _replies(p, b'{"a":[1,2}\n{"execute":"x-none","id":3}\n{{{\n}}}\n') == []  # bracket still open
     assert _replies(p, b"\x00\n") == [jpe("stray ''")]
@@ -180,7 +182,7 @@ def test_unbalanced_value_waits_and_control_char_resets():
 
 def test_split_at_every_byte():
     msg = b'{"execute": "x-none", "arguments": {"s": "a\\"b\\u00e9\xc3\xa9"}, "id": [1, {"k": -1.5e-3}]}\r\n'
-    p = QMPProtocol({"x-none": None})
+    p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     _replies(p, b'{"execute":"qmp_capabilities"}')
     got = []
     for i in range(len(msg)):
@@ -253,20 +255,27 @@ def test_event_format():
     assert "data" not in json.loads(qmp.format_event("RESUME"))
 
 
-def test_check_args_messages():
-    assert check_args({"device": "j"}, {"device": str}, {"force": bool}) == {"device": "j", "force": None}
+def test_check_arguments_messages():
+    members = {"device": "str", "*force": "bool", "*speed": "int", "*dirs": ["str"], "*on-error": "BlockdevOnError"}
+    check_arguments({"device": "j", "force": False, "dirs": ["a"]}, members)
     with pytest.raises(QMPError, match="Parameter 'device' is missing"):
-        check_args({}, {"device": str})
+        check_arguments({}, members)
     with pytest.raises(QMPError, match="Parameter 'x' is unexpected"):
-        check_args({"device": "j", "x": 1}, {"device": str})
+        check_arguments({"device": "j", "x": 1}, members)
     with pytest.raises(QMPError, match="Invalid parameter type for 'device', expected: string"):
-        check_args({"device": 5}, {"device": str})
+        check_arguments({"device": 5}, members)
     with pytest.raises(QMPError, match="expected: integer"):
-        check_args({"speed": True}, {"speed": int})
+        check_arguments({"device": "j", "speed": True}, members)
     with pytest.raises(QMPError, match="expected: integer"):
-        check_args({"speed": 1.5}, {"speed": int})
+        check_arguments({"device": "j", "speed": 1.5}, members)
+    with pytest.raises(QMPError, match="expected: integer"):
+        check_arguments({"device": "j", "speed": 1 << 63}, members)
     with pytest.raises(QMPError, match="expected: boolean"):
-        check_args({"force": 1}, {}, {"force": bool})
+        check_arguments({"device": "j", "force": 1}, members)
+    with pytest.raises(QMPError, match="Invalid parameter type for 'dirs\\[1\\]', expected: string"):
+        check_arguments({"device": "j", "dirs": ["a", 2]}, members)
+    with pytest.raises(QMPError, match="Parameter 'on-error' does not accept value 'x'"):
+        check_arguments({"device": "j", "on-error": "x"}, members)
 
 
 # ------------------------------------------------------------------ socket path

@@ -19,10 +19,29 @@ import time
 import trio
 
 from commit.job import JobManager
-from fusefs.qmp import QMPError, QMPServer
+from fusefs.qmp import SCHEMA, QMPError, QMPServer
 from qcow.errors import QcowError
 
 MiB = 1 << 20
+
+# The real schema plus the test commands below (None: takes any arguments) and
+# FakeJobs' block-commit extensions.
+TEST_SCHEMA = dict(
+    SCHEMA,
+    **{
+        "x-emit": {"event": "str", "*data": "any"},
+        "x-echo": None,
+        "x-qcow-error": {},
+        "x-crash": {},
+        "x-sleep": {"*seconds": "number"},
+        "x-none": None,
+        "block-commit": dict(
+            SCHEMA["block-commit"],
+            **{"*x-steps": "int", "*x-chunk": "int", "*x-active": "bool", "*x-fail-at": "int",
+               "*x-fail": "str", "*x-work": "number", "*x-refuse": "bool"},
+        ),
+    },
+)
 
 
 class FakeJobs:
@@ -136,7 +155,7 @@ class ServerThread:
             commands = dict(self.manager.commands())
             commands.update(self._builtin_commands())
             commands.update(self.extra_commands)
-            self.server = QMPServer(self.socket_path, commands)
+            self.server = QMPServer(self.socket_path, commands, schema=TEST_SCHEMA)
             self.manager.emit = self.server.emit
             await nursery.start(self.manager.run)
             await nursery.start(self.server.serve)

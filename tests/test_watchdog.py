@@ -32,7 +32,7 @@ def test_signal_writes_every_threads_stack_to_the_log(tmp_path, mounter, sig):  
 
 def test_watchdog_warns_once_with_stacks_for_a_stuck_request(tmp_path, caplog):
     out = open(tmp_path / "dump.txt", "w+")
-    dog = Watchdog(out, limit=0.3, period=0.05)
+    dog = Watchdog(lambda: out, limit=0.3, period=0.05)
     dog.start()
     try:
         caplog.set_level(logging.WARNING, logger="qcowfs.watchdog")
@@ -61,7 +61,7 @@ def test_watchdog_warns_once_with_stacks_for_a_stuck_request(tmp_path, caplog):
 
 def test_watchdog_warns_when_the_loop_stops_beating(tmp_path, caplog):
     out = open(tmp_path / "dump.txt", "w+")
-    dog = Watchdog(out, limit=0.3, period=0.05)
+    dog = Watchdog(lambda: out, limit=0.3, period=0.05)
     caplog.set_level(logging.WARNING, logger="qcowfs.watchdog")
     dog.loop_beat = time.monotonic()        # the heartbeat task ran once, then no more
     dog.start()
