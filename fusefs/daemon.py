@@ -44,9 +44,11 @@ FSTYPE = "fuse.qcowfs"
 
 from commit.engine import make_commit_factory
 from commit.job import JobManager
+from commit.stream import make_stream_factory
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
 from fusefs.qmp import default_socket_path
+from fusefs.snapshot import make_snapshot_command
 
 
 def _stem(socket_path):
@@ -413,7 +415,8 @@ class Daemon:
         # the commit engine's block-commit for this chain. Its command table is merged
         # into ours in commands(), its events go out through the control socket, and it
         # runs in _main's nursery.
-        return JobManager(make_commit_factory(self.chain), emit=self._emit)
+        return JobManager(make_commit_factory(self.chain), emit=self._emit,
+                          factories={"block-stream": make_stream_factory(self.chain)})
 
     # -- the command table of the control socket -----------------------------------
 
@@ -424,6 +427,8 @@ class Daemon:
         }
         if self.jobs is not None:
             table.update(self.jobs.commands())      # block-commit, query-block-jobs, ...
+            table["blockdev-snapshot-sync"] = make_snapshot_command(
+                self.chain, self.jobs, self.cfg.read_only)
         return table
 
     async def _qmp_query_named_block_nodes(self, arguments):

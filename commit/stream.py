@@ -1,0 +1,160 @@
+"""Stream (pull, QEMU's `block-stream`): copy into the active image every cluster it
+reads through from the layers above base, then make the active image name base as its
+backing file (or nothing, without base) and drop the layers in between.
+
+Why the guest view never changes, and a guest write always wins:
+- only ranges still unallocated in the active image are written, with exactly what the
+  active image reads there today (zeros past a short backing file included); the
+  layers below are read-only while the job runs, so that never changes;
+- the read from below happens outside the chain's lock; the write happens under it,
+  after checking again which parts are still unallocated in the active image. Guest
+  writes hold the same lock, so a range the guest wrote after the job read it is
+  allocated by then and is skipped;
+- nothing is ever removed from any image, so a cancel, a kill -9 or a power cut leaves
+  a valid chain with the same view; a new run copies only what is still unallocated.
+End (each step durable before the next, as for a commit): the active image flushed,
+then its header names base, then the chain drops the intermediates.
+"""
+
+from qcow.errors import JobError
+from qcow.l2_table import DATA, UNALLOCATED, ZERO
+
+from .completion import backing_name_for
+from .copy import SCAN_SLICE
+from .guard import guard_stream, stream_dependant_line
+from .steps import CHUNK, Copied, SetLen, chunks
+from .target import find_layer
+
+
+def _pending(chain, base_i, off, n):
+    """Runs (start, length, kind) of [off, off+n) that the active image reads through
+    from layers above base, kind DATA or ZERO; base's own answers are left out."""
+    with chain.lock:
+        out = []
+        for s, ln, _depth, kind in chain.range_status(1, base_i, off, n):
+            if kind == UNALLOCATED:
+                continue
+            for es, eln, ekind, _aux in chain.active.extents(s, ln):
+                if ekind == UNALLOCATED:
+                    out.append((es, eln, kind))
+        return out
+
+
+def _pull(chain, base_i, off, n):
+    """Copy up what [off, off+n) still reads through; returns the data bytes written."""
+    plan = [(s, ln, kind, chain.read_from(1, s, ln) if kind == DATA else None)
+            for s, ln, kind in _pending(chain, base_i, off, n)]
+    copied = 0
+    with chain.lock:
+        active = chain.active
+        below = chain.below_fn(active)
+        for s, ln, _kind, data in plan:
+            for es, eln, ekind, _aux in active.extents(s, ln):
+                if ekind != UNALLOCATED:
+                    continue            # the guest wrote it meanwhile: it wins
+                if data is None:
+                    active.write_zeroes(es, eln, below)
+                else:
+                    active.write(es, data[es - s:es - s + eln], below)
+                    copied += eln
+    return copied
+
+
+def stream_steps(chain, base_path):
+    """The algorithm (steps protocol of commit.steps). Returns the dropped layers."""
+    def base_index():
+        if base_path is None:
+            return len(chain.layers)
+        for i, layer in enumerate(chain.layers):
+            if layer.path == base_path:
+                return i
+        raise JobError(base_path, "left the chain while the job ran")
+
+    if base_index() <= 1:
+        yield SetLen(0)                 # base is the backing file already
+        return []
+    size = chain.virtual_size
+    cs = chain.active.cluster_size
+    total = 0
+    for off in range(0, size, SCAN_SLICE):
+        n = min(SCAN_SLICE, size - off)
+        total += sum(ln for _s, ln, kind in _pending(chain, base_index(), off, n)
+                     if kind == DATA)
+    yield SetLen(total)
+    for off in range(0, size, SCAN_SLICE):
+        runs = _pending(chain, base_index(), off, min(SCAN_SLICE, size - off))
+        for start, length, _kind in runs:
+            for pos, n in chunks(start, length, cs, CHUNK):
+                yield Copied(_pull(chain, base_index(), pos, n))
+        if not runs:
+            yield Copied(0)            # a pause and cancel point on sparse disks
+    active = chain.active
+    active.flush()
+    if base_path is None:
+        return chain.drop_backing(active)
+    base = chain.layers[base_index()]
+    return chain.drop_layers(active, base, backing_name_for(active, base))
+
+
+def start_stream(chain, base=None, guard_dirs=(), force=False, delete=False):
+    """(base layer or None, stranded dependants, steps): a checked request and its step
+    generator. Refuses (JobError) what cannot work: a read-only active image, a base
+    not below it; with delete, images outside the chain that read through the layers
+    it drops (the stranding guard), unless force."""
+    layers = chain.layers
+    active = layers[0]
+    if active.read_only:
+        raise JobError(active.filename, "the active image is read-only: nothing can be "
+                                        "streamed into it")
+    base_layer = find_layer(chain, base) if base else None
+    if base_layer is active:
+        raise JobError(active.filename, "base must be below the active image")
+    base_i = chain.index_of(base_layer) if base_layer is not None else len(layers)
+    for layer in layers[1:base_i]:
+        if getattr(layer, "encrypted", False):
+            raise JobError(layer.filename, "encrypted images cannot be streamed")
+    dropped = [layer.path for layer in layers[1:base_i]]
+    stranded = guard_stream([layer.path for layer in layers], dropped, guard_dirs, force) \
+        if delete else []
+    base_path = base_layer.path if base_layer is not None else None
+    return base_layer, stranded, stream_steps(chain, base_path)
+
+
+def make_stream_factory(chain, default_guard_dirs=()):
+    """The mount's block-stream: QMP arguments -> (job_id, 'stream', run, extra)."""
+    import trio
+
+    from .engine import live_run
+    from .qapi import check_args
+
+    async def factory(args):
+        a = _stream_args(args)
+        device = a["device"]
+        if device is not None and find_layer(chain, device) is not chain.active:
+            raise JobError(device, "block-stream streams into the active image only")
+        base = a["base-node"] or a["base"]
+        delete = bool(a["x-delete"])
+        guard_dirs = list(default_guard_dirs) + list(a["x-guard-dirs"] or [])
+
+        def prepare():
+            return start_stream(chain, base, guard_dirs, bool(a["x-force"]), delete)
+
+        _base, stranded, steps = await trio.to_thread.run_sync(prepare)
+        run = live_run(steps, delete=delete)
+        extra = {}
+        if a["x-force"]:
+            extra = {"x-forced": True,
+                     "x-stranded": [stream_dependant_line(d) for d in stranded]}
+        return a["job-id"] or device or "stream", "stream", run, extra
+
+    def _stream_args(args):
+        # QEMU's block-stream arguments (minus speed & co, which the job manager
+        # takes), type-checked here until one QMP schema covers every command
+        return check_args(args, optional={
+            "job-id": str, "device": str, "base": str, "base-node": str,
+            "x-delete": bool, "x-guard-dirs": list, "x-force": bool})
+
+    return factory
+
+
+__all__ = ["start_stream", "stream_steps", "make_stream_factory"]
