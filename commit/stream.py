@@ -35,16 +35,19 @@ def _pending(chain, base_i, off, n):
             if kind == UNALLOCATED:
                 continue
             for es, eln, ekind, _aux in chain.active.extents(s, ln):
-                if ekind == UNALLOCATED:
+                if ekind != UNALLOCATED:
+                    continue
+                if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == es:
+                    out[-1] = (out[-1][0], out[-1][1] + eln, kind)
+                else:
                     out.append((es, eln, kind))
         return out
 
 
 def _pull(chain, base_i, off, n):
-    """Copy up what [off, off+n) still reads through; returns the data bytes written."""
+    """Copy up what [off, off+n) still reads through from above base."""
     plan = [(s, ln, kind, chain.read_from(1, s, ln) if kind == DATA else None)
             for s, ln, kind in _pending(chain, base_i, off, n)]
-    copied = 0
     with chain.lock:
         active = chain.active
         below = chain.below_fn(active)
@@ -56,8 +59,6 @@ def _pull(chain, base_i, off, n):
                     active.write_zeroes(es, eln, below)
                 else:
                     active.write(es, data[es - s:es - s + eln], below)
-                    copied += eln
-    return copied
 
 
 def stream_steps(chain, base_path):
@@ -75,19 +76,16 @@ def stream_steps(chain, base_path):
         return []
     size = chain.virtual_size
     cs = chain.active.cluster_size
-    total = 0
+    runs = []
     for off in range(0, size, SCAN_SLICE):
-        n = min(SCAN_SLICE, size - off)
-        total += sum(ln for _s, ln, kind in _pending(chain, base_index(), off, n)
-                     if kind == DATA)
-    yield SetLen(total)
-    for off in range(0, size, SCAN_SLICE):
-        runs = _pending(chain, base_index(), off, min(SCAN_SLICE, size - off))
-        for start, length, _kind in runs:
-            for pos, n in chunks(start, length, cs, CHUNK):
-                yield Copied(_pull(chain, base_index(), pos, n))
-        if not runs:
-            yield Copied(0)            # a pause and cancel point on sparse disks
+        runs += _pending(chain, base_index(), off, min(SCAN_SLICE, size - off))
+    yield SetLen(sum(ln for _s, ln, kind in runs if kind == DATA))
+    for start, length, kind in runs:
+        for pos, n in chunks(start, length, cs, CHUNK):
+            _pull(chain, base_index(), pos, n)
+            # progress by the plan: a part the guest wrote meanwhile, or that the
+            # copy-on-write of a neighbour already filled, is done all the same
+            yield Copied(n if kind == DATA else 0)
     active = chain.active
     active.flush()
     if base_path is None:
