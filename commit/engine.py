@@ -13,6 +13,7 @@ from qcow.errors import JobError
 
 from .completion import delete_files
 from .guard import guard_commit
+from .intent import with_intent
 from .ratelimit import RateLimiter
 from .restartable import restartable_commit
 from .simple import simple_commit
@@ -21,7 +22,8 @@ from .target import resolve_target
 
 
 def start_commit(chain, top=None, base=None, mode="simple", active=False,
-                 default_top_active=False, guard_dirs=(), force=False, delete=False):
+                 default_top_active=False, guard_dirs=(), force=False, delete=False,
+                 job_id="commit"):
     """(target, stranded, steps): a checked request and its step generator. The steps
     return the dropped layers when they finish.
 
@@ -38,6 +40,7 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
         steps = restartable_commit(target)
     else:
         steps = simple_commit(target)
+    steps = with_intent(target, job_id, force, steps)     # resumed by the next mount
     return target, stranded, _finally_read_only(target, steps)
 
 
@@ -153,7 +156,7 @@ def make_commit_factory(chain, default_guard_dirs=()):
         def prepare():
             return start_commit(chain, top, base, mode, default_top_active=True,
                                 guard_dirs=guard_dirs, force=bool(args.get("x-force")),
-                                delete=bool(args.get("x-delete")))
+                                delete=bool(args.get("x-delete")), job_id=job_id)
 
         target, stranded, steps = await trio.to_thread.run_sync(prepare)
         run = live_run(steps, delete=bool(args.get("x-delete")))

@@ -46,6 +46,8 @@ def build_parser():
     s.add_argument("--allow-other", action="store_true")
     s.add_argument("--cache-mib", type=int, default=32, metavar="N")
     s.add_argument("--log-file", metavar="PATH")
+    s.add_argument("--no-resume", action="store_true",
+                   help="leave an interrupted commit of the chain as it is")
 
     s = sub.add_parser("unmount", help="flush, release locks and unmount")
     s.add_argument("mountpoint")

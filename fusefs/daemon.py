@@ -43,7 +43,9 @@ STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to e
 FSTYPE = "fuse.qcowfs"
 
 from commit.engine import make_commit_factory
+from commit.intent import clear_record, describe, pending_commit
 from commit.job import JobManager
+from commit.qapi import QMPError
 from commit.stream import make_stream_factory
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
@@ -83,6 +85,7 @@ class MountConfig:
         self.name = args.name
         self.allow_other = bool(args.allow_other)
         self.cache_mib = args.cache_mib
+        self.no_resume = bool(getattr(args, "no_resume", False))
         self.socket = os.path.abspath(args.control_socket or
                                       default_socket_path(self.mountpoint))
         self.log_file = os.path.abspath(getattr(args, "log_file", None) or
@@ -97,6 +100,8 @@ class MountConfig:
             argv.append("--read-only")
         if self.allow_other:
             argv.append("--allow-other")
+        if self.no_resume:
+            argv.append("--no-resume")
         return argv
 
 
@@ -217,6 +222,9 @@ def spawn_daemon(cfg):
     os.close(w)
     try:
         line = _read_line(r, START_TIMEOUT)
+        while line.startswith("NOTE "):         # a line for the user (a resumed commit)
+            print(f"qcowfs: {line[5:]}", file=sys.stderr)
+            line = _read_line(r, START_TIMEOUT)
     except BaseException:           # e.g. Ctrl-C while waiting: take the daemon along
         proc.terminate()
         _reap(proc, cfg)
@@ -290,6 +298,14 @@ class _Readiness:
 
     def ready(self):
         self._send("READY")
+
+    def note(self, message):
+        """A line the user sees on `qcowfs mount`'s stderr (before READY)."""
+        if self.fd is not None:
+            try:
+                os.write(self.fd, ("NOTE " + message.replace("\n", " ") + "\n").encode())
+            except OSError:
+                pass
 
     def error(self, message):
         self._send("ERROR " + message)
@@ -370,6 +386,7 @@ class Daemon:
         self.server = None
         self.fuse_state = "none"        # none -> mounted -> running -> stopped -> closed
         self.stopping = None            # reason, once a shutdown was asked for
+        self.resume = None              # block-commit arguments of an interrupted commit
         self.exit_code = 0
         self._nursery = None
 
@@ -404,11 +421,50 @@ class Daemon:
         self.hook = FallocateHook(self.ops)
         self.hook.install()
         self.jobs = self._make_job_manager()
+        self._check_pending_commit()
         try:
             with open(cfg.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
         except OSError as e:
             log.warning("cannot write %s: %s", cfg.pid_file, e.strerror)
+
+    def _check_pending_commit(self):
+        """An interrupted commit recorded in the chain (commit/intent.py): say so in one
+        line, and resume it once the mount serves (unless read-only or --no-resume)."""
+        found = pending_commit(self.chain)
+        if found is None:
+            return
+        layer, record = found
+        what = f"{layer.path}: {describe(record)}"
+        if "error" in record:
+            self._note(f"{what}; ignored")
+            return
+        if self.cfg.read_only:
+            self._note(f"{what} is pending; not resumed on a read-only mount")
+            return
+        if self.cfg.no_resume:
+            self._note(f"{what} is pending; left as it is (--no-resume)")
+            return
+        paths = {lyr.path for lyr in self.chain.layers}
+        if record["top"] not in paths or record["base"] not in paths:
+            clear_record(self.chain, layer)
+            self._note(f"{what} had finished; its record is removed")
+            return
+        self._note(f"{what}: resuming it")
+        self.resume = {"job-id": record["job-id"], "top": record["top"],
+                       "base": record["base"], "x-mode": record["mode"]}
+        if record.get("force"):
+            self.resume["x-force"] = True
+
+    def _note(self, line):
+        log.warning("%s", line)
+        self.notify.note(line)
+
+    async def _resume_commit(self):
+        try:
+            await self.commands()["block-commit"](dict(self.resume))
+        except (QcowError, QMPError) as e:
+            log.error("cannot resume the interrupted commit: %s", e)
 
     def _make_job_manager(self):
         # The job commands (block-commit & co): the job machinery of commit/job.py with
@@ -483,6 +539,8 @@ class Daemon:
                 self.server = qmp.QMPServer(self.cfg.socket, self.commands())
                 await nursery.start(self.server.serve)
                 nursery.start_soon(self._announce_ready)
+                if self.resume is not None:
+                    nursery.start_soon(self._resume_commit)
                 self.fuse_state = "running"
                 try:
                     # fallocate requests run as tasks of this inner nursery, so none is
