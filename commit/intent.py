@@ -1,7 +1,7 @@
 """A commit's durable intent, so that an interrupted commit resumes on the next mount.
 
 Before its first write a (non-active) commit records what it does — job id, mode, top,
-base, forced — in a qcowfs header extension (EXT_QCOWFS_COMMIT) of the overlay of its
+base, forced, speed — in a qcowfs header extension (EXT_QCOWFS_COMMIT) of the overlay of its
 top: that image stays in the chain until the very end (a restartable commit drops the
 drained layers below it, never it), is always qcow2 (a raw base could hold nothing),
 and QEMU ignores and keeps the extension. The record is removed when the job
@@ -22,7 +22,7 @@ from qcow.header import EXT_QCOWFS_COMMIT
 log = logging.getLogger("qcowfs.commit")
 
 
-def with_intent(target, job_id, force, steps):
+def with_intent(target, job_id, force, speed, steps):
     """Wrap a commit's steps: the record is written before the first step and removed
     once the steps return or are closed (a cancel); an error leaves it."""
     if target.active:
@@ -30,7 +30,7 @@ def with_intent(target, job_id, force, steps):
     chain = target.chain
     overlay = chain.layers[target.top_index - 1].path
     record = {"job-id": job_id, "mode": target.mode, "top": target.top_path,
-              "base": target.base_path, "force": bool(force)}
+              "base": target.base_path, "force": bool(force), "speed": int(speed or 0)}
     recorded = _set(chain, overlay, record)
     try:
         result = yield from steps

@@ -512,7 +512,7 @@ class JobManager:
     `(job_id, job_type, run, extra)` where `run` is `async def run(ctx: JobContext)`
     and `extra` holds x- fields added to the job's query-block-jobs entry and events.
     `factories` maps more job-starting commands (block-stream) to factories with the
-    same contract. Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
+    same contract. A factory with a true `wants_speed` attribute also gets `speed`. Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
     count). Events go to `self.emit(event, data)` (set it to `QMPServer.emit`).
     Start it with `await nursery.start(manager.run)` (without that, jobs run as trio
     system tasks).
@@ -768,6 +768,8 @@ class JobManager:
             raise QMPError(GENERIC_ERROR, f"on-error={g['on-error']} is not supported by qcowfs (only 'report')")
         async with self._commit_lock:
             self._check_one_job()
+            if getattr(factory, "wants_speed", False):
+                args["speed"] = speed        # e.g. recorded with a commit's intent
             result = factory(args)
             if hasattr(result, "__await__"):
                 result = await result

@@ -455,6 +455,8 @@ class Daemon:
                        "base": record["base"], "x-mode": record["mode"]}
         if record.get("force"):
             self.resume["x-force"] = True
+        if isinstance(record.get("speed"), int) and record["speed"] > 0:
+            self.resume["speed"] = record["speed"]
 
     def _note(self, line):
         log.warning("%s", line)

@@ -45,7 +45,7 @@ EXT_DATA_FILE = 0x44415441
 EXT_QCOWFS_DRAINED = 0x71667364
 # qcowfs's own: a commit job's intent, recorded in the overlay of its top before its
 # first write and removed when it completes or is cancelled; data = JSON {"job-id",
-# "mode", "top", "base", "force"}. Still there at mount: the commit was interrupted
+# "mode", "top", "base", "force", "speed"}. Still there at mount: the commit was interrupted
 # (kill -9, crash) and the mount resumes it.
 EXT_QCOWFS_COMMIT = 0x71667363
 
