@@ -17,7 +17,7 @@ then its header names base, then the chain drops the intermediates.
 """
 
 from qcow.errors import JobError
-from qcow.l2_table import DATA, UNALLOCATED, ZERO
+from qcow.l2_table import DATA, UNALLOCATED
 
 from .completion import backing_name_for
 from .copy import SCAN_SLICE
