@@ -45,20 +45,29 @@ def _pending(chain, base_i, off, n):
 
 
 def _pull(chain, base_i, off, n):
-    """Copy up what [off, off+n) still reads through from above base."""
-    plan = [(s, ln, kind, chain.read_from(1, s, ln) if kind == DATA else None)
-            for s, ln, kind in _pending(chain, base_i, off, n)]
+    """Copy up what [off, off+n) still reads through from above base.
+
+    What the active image sees below it is read first, outside the lock, over whole
+    clusters of the active image: a write into part of a cluster copies the rest of
+    it from that buffer, so nothing calls back into the chain under a layer's lock."""
+    cs = chain.active.cluster_size
+    lo = off // cs * cs
+    hi = -(-(off + n) // cs) * cs          # a tail cluster's end may pass the disk's end
+    view = chain.read_from(1, lo, hi - lo)
+
+    def below(o, ln):
+        assert lo <= o and o + ln <= hi, (o, ln, lo, hi)
+        return view[o - lo:o - lo + ln]
+
     with chain.lock:
         active = chain.active
-        below = chain.below_fn(active)
-        for s, ln, _kind, data in plan:
-            for es, eln, ekind, _aux in active.extents(s, ln):
-                if ekind != UNALLOCATED:
-                    continue            # the guest wrote it meanwhile: it wins
-                if data is None:
-                    active.write_zeroes(es, eln, below)
-                else:
-                    active.write(es, data[es - s:es - s + eln], below)
+        for s, ln, kind in _pending(chain, base_i, off, n):
+            # _pending looked again under the lock: what the guest wrote meanwhile is
+            # allocated now and left out (the guest wins)
+            if kind == DATA:
+                active.write(s, below(s, ln), below)
+            else:
+                active.write_zeroes(s, ln, below)
 
 
 def stream_steps(chain, base_path):
