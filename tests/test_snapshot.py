@@ -147,7 +147,14 @@ def test_snapshot_refusals(tmp_path, mounter):  # noqa: F811
         assert _files(qmp.execute("query-named-block-nodes")) == [
             "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
     assert not new.exists()
+    # another folder: the new image names the active image by its absolute path
+    other = tmp_path / "elsewhere" / "o.qcow2"
+    other.parent.mkdir()
+    cp = _cli("snapshot", m, other)
+    assert cp.returncode == 0, (cp.stderr, m.log())
+    assert qemu_info_chain(str(other), share=True)[0]["backing-filename"] == c.active
     m.unmount()
+    check_images([str(other)])
     m = mounter(c.active, "--read-only")
     refused(_cli("snapshot", m, new), "read-only")
     assert not new.exists()
