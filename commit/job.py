@@ -512,7 +512,8 @@ class JobManager:
     `(job_id, job_type, run, extra)` where `run` is `async def run(ctx: JobContext)`
     and `extra` holds x- fields added to the job's query-block-jobs entry and events.
     `factories` maps more job-starting commands (block-stream) to factories with the
-    same contract. A factory with a true `wants_speed` attribute also gets `speed`. Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
+    same contract. A factory with a true `wants_speed` attribute also gets `speed`.
+    Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
     count). Events go to `self.emit(event, data)` (set it to `QMPServer.emit`).
     Start it with `await nursery.start(manager.run)` (without that, jobs run as trio
     system tasks).
