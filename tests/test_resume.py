@@ -263,3 +263,31 @@ def test_mount_cli_has_no_resume():
     cp = subprocess.run([sys.executable, "-m", "fusefs", "mount", "--help"],
                         capture_output=True, text=True, timeout=60)
     assert "--no-resume" in cp.stdout
+
+
+def test_simple_commit_resumes_from_scratch(tmp_path, mounter):  # noqa: F811
+    """A simple-mode commit killed midway: the mount resumes it from the start (len is
+    the whole range again), it finishes, the record is gone and the chain reduced."""
+    c = build_live_chain(tmp_path / "img", size=32 * M)
+    v0 = flat(c.active)
+    _run_script(offline_script(c.active, tmp_path / "p", kill_after=2 * M, mode="simple",
+                               speed=8 * M), _env(), expect_kill=True)
+    (rec,) = _pending(c.active)
+    assert rec["mode"] == "simple"
+    first_len = int((tmp_path / "p").read_text().split()[-1])
+    m, notes = _mount_noting(mounter, c.active)
+    assert len(notes) == 1 and "resuming" in notes[0] and "simple" in notes[0], notes
+    with SyncQMP(m.socket) as qmp:
+        wait_until(lambda: _completed_in_log(m), 60, "the resumed commit")
+        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2",
+                                                                  "base.qcow2"]
+    done = _completed_in_log(m)
+    assert done["device"] == "commit" and done["len"] == first_len, (done, first_len)
+    assert read_file(m.disk, direct=True) == v0
+    m.unmount()
+    assert flat(c.active) == v0 and _pending(c.active) == []
+    check_images([c.base, c.active], allow_leaks=True)
+
+
+def _files(nodes):
+    return [os.path.basename(n["file"]) for n in nodes]
