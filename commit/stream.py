@@ -28,12 +28,19 @@ from .target import find_layer
 
 def _pending(chain, base_i, off, n):
     """Runs (start, length, kind) of [off, off+n) that the active image reads through
-    from layers above base, kind DATA or ZERO; base's own answers are left out."""
+    from layers above base, kind DATA or ZERO; base's own answers are left out, and so
+    are zeros where base reads zeros too (past its end; everywhere without base)."""
     with chain.lock:
+        layers = chain.layers
+        zeros_matter_below = layers[base_i].virtual_size if base_i < len(layers) else 0
         out = []
         for s, ln, _depth, kind in chain.range_status(1, base_i, off, n):
             if kind == UNALLOCATED:
                 continue
+            if kind != DATA:
+                ln = min(s + ln, zeros_matter_below) - s
+                if ln <= 0:
+                    continue
             for es, eln, ekind, _aux in chain.active.extents(s, ln):
                 if ekind != UNALLOCATED:
                     continue
