@@ -18,7 +18,7 @@ import time
 import pytest
 
 from mount_fixtures import mounter, read_file  # noqa: F401  (fixture)
-from qemu_helpers import apply_ops, create, qemu_img, qemu_info_chain
+from qemu_helpers import apply_ops, create, qemu_img, qemu_info_chain, qemu_map
 from test_commit_live import build_live_chain, kill9
 from test_commit_support import (K, M, SyncQMP, Writer, build, chain_names, check_images,
                                  compare_with_pending, flat)
@@ -256,3 +256,29 @@ def test_stream_nothing_to_do_and_read_only(tmp_path, mounter):  # noqa: F811
         "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
     check_images(c.images)
 
+
+
+def test_stream_keeps_a_large_disk_sparse(tmp_path, mounter):  # noqa: F811
+    """A 64 GiB active image over a 4 MiB backing file that has a zero cluster over
+    base data: streaming writes the data and that zero cluster, not 64 GiB of zeros
+    past the backing file's end (which reads as zeros without it too)."""
+    d = tmp_path / "img"
+    d.mkdir()
+    base = create(str(d / "base.qcow2"), 4 * M)
+    apply_ops(base, [("w", 0, 4 * M, 0x11)])
+    mid = create(str(d / "mid.qcow2"), 4 * M, backing="base.qcow2")
+    apply_ops(mid, [("w", M, 64 * K, 0x22), ("z", 2 * M, 64 * K)])
+    active = create(str(d / "active.qcow2"), 64 << 30, backing="mid.qcow2")
+    head = flat(mid)
+    m = mounter(active)
+    cp = _stream_cli(m, "--wait")
+    assert cp.returncode == 0, (cp.stderr, m.log())
+    with open(m.disk, "rb") as f:
+        assert f.read(4 * M) == head
+        f.seek(40 << 30)
+        assert f.read(M) == bytes(M)
+    m.unmount()
+    assert chain_names(active) == [("active.qcow2", None, 64 << 30)]
+    ext = [e for e in qemu_map(active) if e["data"] or e.get("offset")]
+    assert sum(e["length"] for e in ext) <= 4 * M, ext
+    check_images([active])
