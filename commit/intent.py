@@ -65,6 +65,33 @@ def _set(chain, path, record):
     return True
 
 
+def resume_plan(chain, read_only, no_resume):
+    """What a mount does about a commit record in its chain: None when there is none,
+    else (one line for the user, block-commit arguments to resume it or None)."""
+    found = pending_commit(chain)
+    if found is None:
+        return None
+    layer, record = found
+    what = f"{layer.path}: {describe(record)}"
+    if "error" in record:
+        return f"{what}; ignored", None
+    if read_only:
+        return f"{what} is pending; not resumed on a read-only mount", None
+    if no_resume:
+        return f"{what} is pending; left as it is (--no-resume)", None
+    paths = {lyr.path for lyr in chain.layers}
+    if record["top"] not in paths or record["base"] not in paths:
+        clear_record(chain, layer)      # it got as far as dropping top: done
+        return f"{what} had finished; its record is removed", None
+    args = {"job-id": record["job-id"], "top": record["top"], "base": record["base"],
+            "x-mode": record["mode"]}
+    if record.get("force"):
+        args["x-force"] = True
+    if isinstance(record.get("speed"), int) and record["speed"] > 0:
+        args["speed"] = record["speed"]
+    return f"{what}: resuming it", args
+
+
 def pending_commit(chain):
     """(layer, record) of the first layer holding a commit record, or None."""
     for layer in chain.layers:

@@ -43,7 +43,7 @@ STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to e
 FSTYPE = "fuse.qcowfs"
 
 from commit.engine import make_commit_factory
-from commit.intent import clear_record, describe, pending_commit
+from commit.intent import resume_plan
 from commit.job import JobManager
 from commit.qapi import QMPError
 from commit.stream import make_stream_factory
@@ -429,34 +429,12 @@ class Daemon:
             log.warning("cannot write %s: %s", cfg.pid_file, e.strerror)
 
     def _check_pending_commit(self):
-        """An interrupted commit recorded in the chain (commit/intent.py): say so in one
-        line, and resume it once the mount serves (unless read-only or --no-resume)."""
-        found = pending_commit(self.chain)
-        if found is None:
-            return
-        layer, record = found
-        what = f"{layer.path}: {describe(record)}"
-        if "error" in record:
-            self._note(f"{what}; ignored")
-            return
-        if self.cfg.read_only:
-            self._note(f"{what} is pending; not resumed on a read-only mount")
-            return
-        if self.cfg.no_resume:
-            self._note(f"{what} is pending; left as it is (--no-resume)")
-            return
-        paths = {lyr.path for lyr in self.chain.layers}
-        if record["top"] not in paths or record["base"] not in paths:
-            clear_record(self.chain, layer)
-            self._note(f"{what} had finished; its record is removed")
-            return
-        self._note(f"{what}: resuming it")
-        self.resume = {"job-id": record["job-id"], "top": record["top"],
-                       "base": record["base"], "x-mode": record["mode"]}
-        if record.get("force"):
-            self.resume["x-force"] = True
-        if isinstance(record.get("speed"), int) and record["speed"] > 0:
-            self.resume["speed"] = record["speed"]
+        """An interrupted commit recorded in the chain: say so in one line; it is
+        resumed once the mount serves (see commit/intent.py)."""
+        plan = resume_plan(self.chain, self.cfg.read_only, self.cfg.no_resume)
+        if plan is not None:
+            line, self.resume = plan
+            self._note(line)
 
     def _note(self, line):
         log.warning("%s", line)
