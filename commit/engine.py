@@ -13,6 +13,7 @@ from qcow.errors import JobError
 
 from .completion import delete_files
 from .guard import guard_commit
+from .intent import with_intent
 from .ratelimit import RateLimiter
 from .restartable import restartable_commit
 from .simple import simple_commit
@@ -21,7 +22,8 @@ from .target import resolve_target
 
 
 def start_commit(chain, top=None, base=None, mode="simple", active=False,
-                 default_top_active=False, guard_dirs=(), force=False, delete=False):
+                 default_top_active=False, guard_dirs=(), force=False, delete=False,
+                 job_id="commit", speed=0):
     """(target, stranded, steps): a checked request and its step generator. The steps
     return the dropped layers when they finish.
 
@@ -38,6 +40,7 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
         steps = restartable_commit(target)
     else:
         steps = simple_commit(target)
+    steps = with_intent(target, job_id, force, speed, steps)  # resumed by the next mount
     return target, stranded, _finally_read_only(target, steps)
 
 
@@ -69,7 +72,7 @@ def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False
     Returns (dropped paths, stranded dependants)."""
     with qcow.open_chain(image, writable=True) as chain:
         target, stranded, steps = start_commit(chain, top, base, mode, guard_dirs=guard_dirs,
-                                               force=force, delete=delete)
+                                               force=force, delete=delete, speed=speed)
         if target.active:
             raise JobError(image, "an offline commit cannot be active; commit the "
                                   "image's backing file, or mount it")
@@ -165,7 +168,8 @@ def make_commit_factory(chain, default_guard_dirs=()):
 
         def prepare():
             return start_commit(chain, top, base, mode, default_top_active=True,
-                                guard_dirs=guard_dirs, force=force, delete=delete)
+                                guard_dirs=guard_dirs, force=force, delete=delete,
+                                job_id=job_id, speed=args.get("speed", 0))
 
         # the stranding guard's scan may be long: cancelling the command (a shutdown)
         # abandons it; nothing was opened for writing yet, so its result can be dropped
@@ -177,4 +181,5 @@ def make_commit_factory(chain, default_guard_dirs=()):
             extra = {"x-forced": True, "x-stranded": [d.message() for d in stranded]}
         return job_id, "commit", run, extra
 
+    factory.wants_speed = True          # kept in the commit's intent record
     return factory

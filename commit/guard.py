@@ -56,7 +56,7 @@ from qcow.chain import MAX_CHAIN, probe_format, resolve_backing
 from qcow.errors import JobError, QcowError
 from qcow.header import read_backing_info
 
-__all__ = ["Dependant", "find_dependants", "guard_commit", "dependants_report"]
+__all__ = ["Dependant", "find_dependants", "guard_commit", "guard_stream", "dependants_report"]
 
 MODES = ("simple", "restartable")
 SCAN_SECONDS = 120.0
@@ -584,3 +584,27 @@ def dependants_report(image, guard_dirs, as_json=False):
         print(_printable(f"no image depends on {image} (searched {', '.join(scope)})"),
               file=sys.stderr)
     return 0
+
+
+def guard_stream(chain_layer_paths, dropped, guard_dirs, force):
+    """The check before a stream that deletes the images it drops (`--delete`):
+    streaming itself changes no image anyone else reads, but an image outside the
+    chain reading through a dropped one loses its backing file. Raises JobError (a
+    summary line, then one line per dependant) unless force; returns them."""
+    paths = [os.fspath(p) for p in chain_layer_paths]
+    deps = find_dependants(paths, [], list(dropped), guard_dirs)
+    if deps and not force:
+        n = len(deps)
+        lines = [f"refusing to stream with --delete: {n} image{'s' if n > 1 else ''} "
+                 f"outside the chain read{'s' if n == 1 else ''} through the images it "
+                 f"would delete; nothing was touched (stream without --delete keeps "
+                 f"them; --force deletes anyway)"]
+        raise JobError(paths[0], "\n".join(lines + [stream_dependant_line(d)
+                                                     for d in deps]))
+    return deps
+
+
+def stream_dependant_line(d):
+    through = f" (through {d.via})" if d.via != d.path else ""
+    return _printable(f"{d.path}: reads through {d.depends_on}{through}, which "
+                      f"stream --delete deletes")

@@ -511,14 +511,18 @@ class JobManager:
     validates them (raising QcowError or QMPError for user faults) and returns
     `(job_id, job_type, run, extra)` where `run` is `async def run(ctx: JobContext)`
     and `extra` holds x- fields added to the job's query-block-jobs entry and events.
+    `factories` maps more job-starting commands (block-stream) to factories with the
+    same contract. A factory with a true `wants_speed` attribute also gets `speed`.
     Only one job runs at a time (a concluded job kept by auto-dismiss=false does not
     count). Events go to `self.emit(event, data)` (set it to `QMPServer.emit`).
     Start it with `await nursery.start(manager.run)` (without that, jobs run as trio
     system tasks).
     """
 
-    def __init__(self, commit_factory=None, *, emit=None):
+    def __init__(self, commit_factory=None, *, emit=None, factories=None):
         self.commit_factory = commit_factory
+        # more job-starting commands, e.g. {"block-stream": factory}: same contract
+        self.factories = dict(factories or {})
         self.emit = emit
         self._jobs = {}  # id -> (Job, JobContext), newest last
         self._nursery = None
@@ -552,6 +556,11 @@ class JobManager:
     def get(self, job_id):
         entry = self._jobs.get(job_id)
         return entry[0] if entry else None
+
+    @property
+    def start_lock(self):
+        """Held while a job starts: hold it to keep any job from starting meanwhile."""
+        return self._commit_lock
 
     def has_running_jobs(self):
         return any(job.status not in FINISHED for job, _ in self._jobs.values())
@@ -689,7 +698,17 @@ class JobManager:
             cmds[f"job-{verb}"] = self._verb_handler("id", self._any_job, verb)
         if self.commit_factory is not None:
             cmds["block-commit"] = self._qmp_block_commit
+        for name, factory in self.factories.items():
+            cmds[name] = self._job_starter(factory)
         return cmds
+
+    async def _qmp_block_commit(self, args):
+        return await self._qmp_start_job(self.commit_factory, args)
+
+    def _job_starter(self, factory):
+        async def handler(args):
+            return await self._qmp_start_job(factory, args)
+        return handler
 
     def _verb_handler(self, key, lookup, verb):
         async def handler(args):
@@ -730,7 +749,7 @@ class JobManager:
         self._jobs.pop(job.id, None)
         self._notify()
 
-    async def _qmp_block_commit(self, args):
+    async def _qmp_start_job(self, factory, args):
         args = dict(args)
         generic = {k: args.pop(k) for k in list(args) if k in _JOB_KEYS}
         speed = generic.get("speed", 0)
@@ -743,7 +762,9 @@ class JobManager:
             raise QMPError(GENERIC_ERROR, f"on-error={on_error} is not supported by qcowfs (only 'report')")
         async with self._commit_lock:
             self._check_one_job()
-            result = self.commit_factory(args)
+            if getattr(factory, "wants_speed", False):
+                args["speed"] = speed        # e.g. recorded with a commit's intent
+            result = factory(args)
             if hasattr(result, "__await__"):
                 result = await result
             job_id, job_type, run, extra = result

@@ -34,6 +34,7 @@ ENUMS = {
     "QMPCapability": ("oob",),
     "BlockdevOnError": ("report", "ignore", "enospc", "stop", "auto"),
     "x-CommitMode": ("simple", "restartable"),
+    "NewImageMode": ("existing", "absolute-paths"),
 }
 
 _JOB_VERB = {"device": "str"}
@@ -67,6 +68,17 @@ SCHEMA = {
         "*auto-finalize": "bool", "*auto-dismiss": "bool",
         "*x-mode": "x-CommitMode", "*x-guard-dirs": ["str"],
         "*x-force": "bool", "*x-delete": "bool",
+    },
+    "block-stream": {
+        "*job-id": "str", "*device": "str", "*base": "str", "*base-node": "str",
+        "*speed": "int", "*on-error": "BlockdevOnError",
+        "*auto-finalize": "bool", "*auto-dismiss": "bool",
+        "*x-guard-dirs": ["str"], "*x-force": "bool", "*x-delete": "bool",
+    },
+    # the daemon (fusefs/snapshot.py)
+    "blockdev-snapshot-sync": {
+        "*device": "str", "*node-name": "str", "snapshot-file": "str",
+        "*snapshot-node-name": "str", "*format": "str", "*mode": "NewImageMode",
     },
 }
 

@@ -22,6 +22,8 @@ _HANDLERS = {
     "mount": ("fusefs.daemon", "cmd_mount"),
     "unmount": ("fusefs.daemon", "cmd_unmount"),
     "commit": ("fusefs.jobcmds", "cmd_commit"),
+    "stream": ("fusefs.jobcmds", "cmd_stream"),
+    "snapshot": ("fusefs.jobcmds", "cmd_snapshot"),
     "jobs": ("fusefs.jobcmds", "cmd_jobs"),
     "cancel": ("fusefs.jobcmds", "cmd_job_verb"),
     "pause": ("fusefs.jobcmds", "cmd_job_verb"),
@@ -44,6 +46,8 @@ def build_parser():
     s.add_argument("--allow-other", action="store_true")
     s.add_argument("--cache-mib", type=int, default=32, metavar="N")
     s.add_argument("--log-file", metavar="PATH")
+    s.add_argument("--no-resume", action="store_true",
+                   help="leave an interrupted commit of the chain as it is")
 
     s = sub.add_parser("unmount", help="flush, release locks and unmount")
     s.add_argument("mountpoint")
@@ -63,6 +67,24 @@ def build_parser():
     s.add_argument("--delete", action="store_true")
     s.add_argument("--guard-dir", action="append", default=[], metavar="DIR")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--control-socket", metavar="PATH")
+
+    s = sub.add_parser("stream", help="pull the backing chain (down to base) into the "
+                                      "active image of a mount")
+    s.add_argument("mountpoint")
+    s.add_argument("--base", metavar="IMG")
+    s.add_argument("--speed", type=int, default=0, metavar="BYTES_PER_S")
+    s.add_argument("--job-id", metavar="ID")
+    s.add_argument("--wait", action="store_true")
+    s.add_argument("--delete", action="store_true")
+    s.add_argument("--guard-dir", action="append", default=[], metavar="DIR")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--control-socket", metavar="PATH")
+
+    s = sub.add_parser("snapshot", help="live external snapshot: NEW_IMAGE becomes the "
+                                        "active image of a mount")
+    s.add_argument("mountpoint")
+    s.add_argument("new_image")
     s.add_argument("--control-socket", metavar="PATH")
 
     s = sub.add_parser("jobs", help="list the jobs of a mount")

@@ -43,12 +43,16 @@ STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to e
 FSTYPE = "fuse.qcowfs"
 
 from commit.engine import make_commit_factory
+from commit.intent import resume_plan
 from commit.job import JobManager
+from commit.qapi import QMPError
+from commit.stream import make_stream_factory
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
 from fusefs.daemonfiles import (LogHandler, RepeatFilter, open_log, remove_pid_file,
                                 write_pid_file)
 from fusefs.qmp import default_socket_path
+from fusefs.snapshot import make_snapshot_command
 from fusefs.watchdog import Watchdog, install_thread_dump
 
 
@@ -84,6 +88,7 @@ class MountConfig:
         self.name = args.name
         self.allow_other = bool(args.allow_other)
         self.cache_mib = args.cache_mib
+        self.no_resume = bool(getattr(args, "no_resume", False))
         self.socket = os.path.abspath(args.control_socket or
                                       default_socket_path(self.mountpoint))
         self.log_file = os.path.abspath(getattr(args, "log_file", None) or
@@ -98,6 +103,8 @@ class MountConfig:
             argv.append("--read-only")
         if self.allow_other:
             argv.append("--allow-other")
+        if self.no_resume:
+            argv.append("--no-resume")
         return argv
 
 
@@ -221,6 +228,9 @@ def spawn_daemon(cfg):
     os.close(w)
     try:
         line = _read_line(r, START_TIMEOUT)
+        while line.startswith("NOTE "):         # a line for the user (a resumed commit)
+            print(f"qcowfs: {line[5:]}", file=sys.stderr)
+            line = _read_line(r, START_TIMEOUT)
     except BaseException:           # e.g. Ctrl-C while waiting: take the daemon along
         proc.terminate()
         _reap(proc, cfg)
@@ -294,6 +304,14 @@ class _Readiness:
 
     def ready(self):
         self._send("READY")
+
+    def note(self, message):
+        """A line the user sees on `qcowfs mount`'s stderr (before READY)."""
+        if self.fd is not None:
+            try:
+                os.write(self.fd, ("NOTE " + message.replace("\n", " ") + "\n").encode())
+            except OSError:
+                pass
 
     def error(self, message):
         self._send("ERROR " + message)
@@ -385,6 +403,7 @@ class Daemon:
         self.server = None
         self.fuse_state = "none"        # none -> mounted -> running -> stopped -> closed
         self.stopping = None            # reason, once a shutdown was asked for
+        self.resume = None              # block-commit arguments of an interrupted commit
         self.exit_code = 0
         self._nursery = None
         self._pid_written = False
@@ -423,13 +442,33 @@ class Daemon:
         self.hook = FallocateHook(self.ops)
         self.hook.install()
         self.jobs = self._make_job_manager()
+        self._check_pending_commit()
+
+    def _check_pending_commit(self):
+        """An interrupted commit recorded in the chain: say so in one line; it is
+        resumed once the mount serves (see commit/intent.py)."""
+        plan = resume_plan(self.chain, self.cfg.read_only, self.cfg.no_resume)
+        if plan is not None:
+            line, self.resume = plan
+            self._note(line)
+
+    def _note(self, line):
+        log.warning("%s", line)
+        self.notify.note(line)
+
+    async def _resume_commit(self):
+        try:
+            await self.commands()["block-commit"](dict(self.resume))
+        except (QcowError, QMPError) as e:
+            log.error("cannot resume the interrupted commit: %s", e)
 
     def _make_job_manager(self):
         # The job commands (block-commit & co): the job machinery of commit/job.py with
         # the commit engine's block-commit for this chain. Its command table is merged
         # into ours in commands(), its events go out through the control socket, and it
         # runs in _main's nursery.
-        return JobManager(make_commit_factory(self.chain), emit=self._emit)
+        return JobManager(make_commit_factory(self.chain), emit=self._emit,
+                          factories={"block-stream": make_stream_factory(self.chain)})
 
     # -- the command table of the control socket -----------------------------------
 
@@ -440,6 +479,8 @@ class Daemon:
         }
         if self.jobs is not None:
             table.update(self.jobs.commands())      # block-commit, query-block-jobs, ...
+            table["blockdev-snapshot-sync"] = make_snapshot_command(
+                self.chain, self.jobs, self.cfg.read_only)
         return table
 
     async def _qmp_query_named_block_nodes(self, arguments):
@@ -496,6 +537,8 @@ class Daemon:
                 self.server = qmp.QMPServer(self.cfg.socket, self.commands())
                 await nursery.start(self.server.serve)
                 nursery.start_soon(self._announce_ready)
+                if self.resume is not None:
+                    nursery.start_soon(self._resume_commit)
                 self.fuse_state = "running"
                 try:
                     # fallocate requests run as tasks of this inner nursery, so none is

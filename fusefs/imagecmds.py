@@ -38,6 +38,8 @@ def layer_info(layer, below):
         d["format-specific"] = {"type": "qcow2", "data": data}
         if layer.snapshots:
             d["snapshots"] = [{"id": s.id, "name": s.name} for s in layer.snapshots]
+        if h.pending_commit:
+            d["x-pending-commit"] = h.pending_commit     # see commit/intent.py
         if layer.backing_name:
             d["backing-filename"] = layer.backing_name
             d["full-backing-filename"] = below.filename if below else layer.backing_name
@@ -79,6 +81,10 @@ def cmd_info(args):
             lines.append("encrypted: yes")
         if d.get("snapshots"):
             lines.append("snapshots: " + ", ".join(s["name"] for s in d["snapshots"]))
+        if d.get("x-pending-commit"):
+            from commit.intent import describe
+            lines.append(f"pending commit: {describe(d['x-pending-commit'])} (the next "
+                         f"'qcowfs mount' resumes it)")
         fs = d.get("format-specific")
         if fs:
             lines.append("Format specific information:")

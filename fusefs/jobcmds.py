@@ -1,12 +1,14 @@
-"""`qcowfs commit`, `jobs`, `cancel|pause|resume|complete`: the command-line side of jobs.
+"""`qcowfs commit`, `stream`, `snapshot`, `jobs`, `cancel|pause|resume|complete`: the
+command-line side of jobs and live chain changes.
 
 A live commit (TARGET is a mountpoint) talks QMP to the mount's control socket
 (`--control-socket PATH`, else `fusefs.qmp.default_socket_path(MOUNTPOINT)`); an
 offline commit (TARGET is an image file) runs `commit.engine` in this process.
 
 Choices (virsh's where it has one):
-- the job id defaults to ``commit`` (one job per mount at a time, so a fixed name is
-  unambiguous and easy to type: ``qcowfs cancel /mnt commit``); ``--job-id`` overrides;
+- the job id defaults to ``commit`` (``stream`` for a stream; one job per mount at a
+  time, so a fixed name is unambiguous and easy to type: ``qcowfs cancel /mnt
+  commit``); ``--job-id`` overrides;
 - without ``--top`` the active image's backing file is committed (virsh), with
   ``--active`` the active image itself (QMP's default when `top` is absent);
 - ``--wait`` follows the job's events to its end (progress bar on stderr when it is a
@@ -28,6 +30,7 @@ from qcow.errors import QcowError
 from .qmp import QMPCallError, QMPConnection, default_socket_path
 
 DEFAULT_JOB_ID = "commit"
+DEFAULT_STREAM_JOB_ID = "stream"
 POLL_INTERVAL = 0.25  # seconds between progress polls while waiting for events
 REPLY_TIMEOUT = 300.0  # block-commit may scan guard directories before it answers
 
@@ -289,6 +292,56 @@ def _offline_commit(args):
     return 0
 
 
+# --------------------------------------------------------------------------- stream
+
+
+def _live_target(args, label):
+    """The mount at `label`: a qcowfs mountpoint (or any directory with --control-socket)."""
+    if not args.control_socket and not os.path.ismount(os.path.realpath(label)):
+        raise QcowError(label, "is not a mountpoint (this command works on a qcowfs mount)")
+
+
+def cmd_stream(args):
+    label = args.mountpoint
+    _live_target(args, label)
+    with _connect(args, label) as conn:
+        nodes = conn.execute("query-named-block-nodes")
+        job_id = args.job_id or DEFAULT_STREAM_JOB_ID
+        arguments = {"job-id": job_id}
+        if args.base is not None:
+            node = _match_node(nodes, args.base, "base", label)
+            arguments["base"] = node["file"] if node is not None else args.base
+        if args.speed:
+            arguments["speed"] = args.speed
+        if args.delete:
+            arguments["x-delete"] = True
+        if args.guard_dir:
+            arguments["x-guard-dirs"] = [os.path.abspath(d) for d in args.guard_dir]
+        if args.force:
+            arguments["x-force"] = True
+        conn.execute("block-stream", arguments)
+        if not args.wait:
+            print(job_id)
+            return 0
+        return _follow_commit(conn, job_id, pivot=False, label=label)
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+def cmd_snapshot(args):
+    label = args.mountpoint
+    _live_target(args, label)
+    new = os.path.abspath(args.new_image)
+    if os.path.lexists(new):
+        raise QcowError(args.new_image, "already exists; a snapshot creates a new image")
+    with _connect(args, label) as conn:
+        nodes = conn.execute("query-named-block-nodes")
+        conn.execute("blockdev-snapshot-sync", {"node-name": nodes[0]["node-name"],
+                                                "snapshot-file": new, "format": "qcow2"})
+    return 0
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -374,4 +427,5 @@ def _wait_end(conn, job_id, verb, label):
             return 0
 
 
-__all__ = ["cmd_commit", "cmd_jobs", "cmd_job_verb", "DEFAULT_JOB_ID", "QMPCallError"]
+__all__ = ["cmd_commit", "cmd_stream", "cmd_snapshot", "cmd_jobs", "cmd_job_verb", "DEFAULT_JOB_ID",
+           "QMPCallError"]

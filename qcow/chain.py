@@ -413,6 +413,52 @@ class Chain:
         self.release_dropped(dropped)
         return dropped
 
+    def drop_backing(self, overlay):
+        """Make `overlay` stand alone (a stream without base): its header names no
+        backing file (durably), then every layer below it leaves the chain."""
+        with self._lock:
+            i = self.index_of(overlay)
+            if overlay.read_only:
+                raise QcowError(overlay.path, "overlay is read-only; cannot rewrite its "
+                                              "backing file name")
+            overlay.set_backing(None, None)
+            dropped = self.layers[i + 1:]
+            self.layers = self.layers[:i + 1]
+            self._retire(dropped)
+            self._share_cache()
+            return dropped
+
+    def push_overlay(self, path):
+        """A live external snapshot: the new (empty) image at `path`, whose backing
+        file is the active image, becomes the active layer, locked as QEMU locks it;
+        the old active image is flushed and reopened read-only. One hold of the lock:
+        between two guest requests."""
+        path = os.fspath(path)
+        with self._lock:
+            old = self.layers[0]
+            new = open_layer(os.path.abspath(path), "qcow2", True, self.cache_bytes)
+            try:
+                new.filename = path
+                new.reuse_ok = lambda: self._inflight == 0
+                if self.locking:
+                    lock_image(new.io.fd, new.path, WRITER)
+                if new.backing_name is None or not os.path.samefile(
+                        resolve_backing(new.backing_name, path), old.path):
+                    raise ChainError(path, "does not name the active image as its "
+                                           "backing file")
+            except BaseException:
+                self._close_layers([new], flush=False)
+                raise
+            self.layers = [new] + self.layers
+            try:
+                self.reopen(old, False)
+            except BaseException:
+                self.layers = self.layers[1:]
+                self._close_layers([new], flush=False)
+                raise
+            self._share_cache()
+            return new
+
     def pivot_to(self, layer):
         """Make `layer` the active image (active commit): the layers above it leave.
         The caller may hold the chain's lock (the switch is then atomic with its last

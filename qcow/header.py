@@ -5,6 +5,7 @@ one `CorruptImage`/`UnsupportedImage` line before any table is read. Serialising
 unknown extensions byte-for-byte (the spec asks us to preserve them).
 """
 
+import json
 import os
 import struct
 from contextlib import nullcontext
@@ -43,6 +44,11 @@ EXT_DATA_FILE = 0x44415441
 # committed into. Such a file is a leftover of that commit, not an image anyone may
 # depend on (the stranding guard skips it).
 EXT_QCOWFS_DRAINED = 0x71667364
+# qcowfs's own: a commit job's intent, recorded in the overlay of its top before its
+# first write and removed when it completes or is cancelled; data = JSON {"job-id",
+# "mode", "top", "base", "force", "speed"}. Still there at mount: the commit was interrupted
+# (kill -9, crash) and the mount resumes it.
+EXT_QCOWFS_COMMIT = 0x71667363
 
 COMPRESSION_DEFLATE = 0
 COMPRESSION_ZSTD = 1
@@ -152,6 +158,22 @@ class Header:
     def drained_into(self):
         data = self.extension(EXT_QCOWFS_DRAINED)
         return data.decode("utf-8", "replace") if data is not None else None
+
+    @property
+    def pending_commit(self):
+        """The commit intent record (a dict), or None; a record that does not parse is
+        reported as {"error": ...} rather than refusing the image (QEMU ignores it)."""
+        data = self.extension(EXT_QCOWFS_COMMIT)
+        if data is None:
+            return None
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return {"error": "unreadable commit record"}
+        if not isinstance(record, dict) or not all(
+                isinstance(record.get(k), str) for k in ("job-id", "mode", "top", "base")):
+            return {"error": "unreadable commit record"}
+        return record
 
     def feature_names(self):
         """{(kind, bit): name} from the feature name table extension, if any."""

@@ -735,6 +735,11 @@ class Qcow2Image:
         self._rewrite_cluster0(
             lambda h: h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode()))
 
+    def set_extension(self, ext_type, data):
+        """Set (bytes) or remove (None) one header extension, header written last.
+        QcowError if the header would no longer fit in cluster 0."""
+        self._rewrite_cluster0(lambda h: h.set_extension(ext_type, data))
+
     def _rewrite_cluster0(self, change):
         """Apply `change` to the header and write cluster 0 in one request, after
         everything else of the image is durable (the header goes last)."""

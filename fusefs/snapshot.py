@@ -1,0 +1,79 @@
+"""The live external snapshot of a mounted chain (QMP `blockdev-snapshot-sync`).
+
+A new empty qcow2 overlay is created whose backing file is the active image (named
+relative, by its file name, when both sit in one folder; else by absolute path); then,
+in one hold of the chain's lock (between two guest requests), it becomes the active
+layer with QEMU's write locks and the old active image is reopened read-only, so it
+stops changing and can be copied (`qemu-img convert`) while the guest keeps writing.
+Refused with one line when the new file exists, the mount is read-only, or a job runs
+(a stream or active commit would lose its target; one job at a time keeps it simple).
+"""
+
+import logging
+import os
+
+import trio
+
+from commit.qapi import GENERIC_ERROR, QMPError
+from commit.target import find_layer
+from qcow.create import create_overlay
+from qcow.errors import QcowError
+
+log = logging.getLogger("qcowfs.snapshot")
+
+
+def _check_supported(args):
+    """What qcowfs does not do of blockdev-snapshot-sync (types were checked against
+    commit.qapi.SCHEMA by the control socket)."""
+    fmt = args.get("format", "qcow2")
+    if fmt != "qcow2":
+        raise QMPError(GENERIC_ERROR, f"format '{fmt}' is not supported for snapshots "
+                                      f"(only qcow2)")
+    mode = args.get("mode", "absolute-paths")
+    if mode != "absolute-paths":
+        raise QMPError(GENERIC_ERROR, f"mode '{mode}' is not supported (only "
+                                      f"absolute-paths: qcowfs creates the new image)")
+
+
+def backing_name(new_path, active_path):
+    """The name the new overlay's header gives the active image."""
+    if os.path.dirname(new_path) == os.path.dirname(active_path):
+        return os.path.basename(active_path)
+    return active_path
+
+
+def take_snapshot(chain, new_path):
+    """Create the overlay and make it the active layer (blocking: a worker thread)."""
+    old = chain.active
+    create_overlay(new_path, old.virtual_size, backing_name(new_path, old.path), old.format)
+    try:
+        chain.flush()                 # outside the lock: the switch then has little to do
+        chain.push_overlay(new_path)
+    except BaseException:
+        os.unlink(new_path)
+        raise
+    log.info("snapshot: %s is the active image now; %s is read-only", new_path, old.path)
+
+
+def make_snapshot_command(chain, jobs, read_only):
+    """The handler of blockdev-snapshot-sync for a mount."""
+    async def handler(args):
+        _check_supported(args)
+        async with jobs.start_lock:          # no job starts during the switch
+            node = args.get("node-name", args.get("device"))
+            if node is not None and find_layer(chain, node) is not chain.active:
+                raise QcowError(node, "is not the active image: only the active image "
+                                      "can be snapshotted")
+            new_path = os.path.abspath(args["snapshot-file"])
+            if read_only:
+                raise QcowError(new_path, "the mount is read-only: no snapshot")
+            running = [job.id for job in jobs.jobs() if job.status not in ("concluded", "null")]
+            if running:
+                raise QcowError(new_path, f"job '{running[0]}' is running; take the "
+                                          f"snapshot once it has ended")
+            if os.path.lexists(new_path):
+                raise QcowError(new_path, "already exists; a snapshot creates a new image")
+            await trio.to_thread.run_sync(take_snapshot, chain, new_path)
+        return {}
+
+    return handler
