@@ -24,11 +24,11 @@ import struct
 from array import array
 
 from . import compressed
+from .bitmaps import bitmap_regions, region_clusters
 from .errors import CorruptImage, QcowError, UnsupportedImage, eio
-from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_QCOWFS_DRAINED,
-                     HEADER_PROBE_BYTES,
-                     EXT_FDE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
-                     parse_header)
+from .header import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FDE,
+                     EXT_QCOWFS_DRAINED, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT,
+                     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, parse_header)
 from .lockdep import make_lock
 from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                        QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
@@ -346,13 +346,22 @@ class Qcow2Image:
             raise OSError(errno.EROFS, f"{self.path}: image is opened read-only")
 
     def _prepare_write(self):
-        """Before the first modification: clear autoclear bits we do not maintain."""
+        """Before the first modification: clear autoclear bits we do not maintain, and
+        drop persistent bitmaps (qcow.bitmaps), which would go stale: the header
+        without them is durable before their clusters are freed (deferred frees)."""
         if self.prepared_for_write:
             return
         self._check_writable()
         h = self.header
-        if h.version >= 3 and h.autoclear_features:
-            # persistent bitmaps (bit 0) become stale as soon as we write: say so first
+        if h.version >= 3 and h.extension(EXT_BITMAPS) is not None:
+            clusters = region_clusters(self, bitmap_regions(self))
+            h.autoclear_features = 0
+            h.set_extension(EXT_BITMAPS, None)
+            self.io.pwrite(h.pack_cluster0(), 0)
+            self.io.sync()
+            for c in clusters:
+                self.refcounts.free(c)
+        elif h.version >= 3 and h.autoclear_features:
             h.autoclear_features = 0
             self.io.pwrite(*h.pack_fields("autoclear_features"))
             self.io.sync()
