@@ -8,11 +8,10 @@ where the refcount is 1. Repair sets each refcount to the referenced count and f
 COPIED flags, then flushes.
 """
 
-import struct
 from dataclasses import dataclass, field
 
 from .errors import QcowError
-from .header import EXT_BITMAPS
+from .bitmaps import bitmap_regions
 from .l2_table import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
                        QCOW_OFLAG_COPIED, compressed_host_clusters, table_from_bytes)
 from .refcount import REFT_OFFSET_MASK, Refcounts
@@ -118,23 +117,8 @@ class _Walker:
         self.walk_bitmaps()
 
     def walk_bitmaps(self):
-        ext = self.image.header.extension(EXT_BITMAPS)
-        if not ext or len(ext) < 24:
-            return
-        _nb, _res, dir_size, dir_off = struct.unpack(">IIQQ", ext[:24])
-        self.add(dir_off, dir_size)
-        raw = self.image.io.pread(dir_size, dir_off)
-        pos = 0
-        while pos + 24 <= len(raw):
-            table_off, table_size, _flags, _type, _gran, name_size, extra = struct.unpack(
-                ">QIIBBHI", raw[pos:pos + 24])
-            self.add(table_off, table_size * 8)
-            tbl = self.image.io.pread(table_size * 8, table_off)
-            for (e,) in struct.iter_unpack(">Q", tbl):
-                if e & L1E_OFFSET_MASK:
-                    self.add(e & L1E_OFFSET_MASK, self.cs)
-            pos += 24 + extra + name_size
-            pos += -pos % 8
+        for off, nbytes in bitmap_regions(self.image):
+            self.add(off, nbytes)
 
 
 def _snapshot_table_end(img):

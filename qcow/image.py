@@ -24,11 +24,11 @@ import struct
 from array import array
 
 from . import compressed
+from .bitmaps import bitmap_regions, region_clusters
 from .errors import CorruptImage, QcowError, UnsupportedImage, eio
-from .header import (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_QCOWFS_DRAINED,
-                     HEADER_PROBE_BYTES,
-                     EXT_FDE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
-                     parse_header)
+from .header import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FDE,
+                     EXT_QCOWFS_DRAINED, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT,
+                     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, parse_header)
 from .lockdep import make_lock
 from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                        QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
@@ -67,6 +67,28 @@ class _Fill:
 
     def read(self, s, ln):
         return self.got[(s, ln)]
+
+
+class _HostRun:
+    """In-place writes whose host offsets continue each other, sent as one pwritev."""
+
+    def __init__(self, io):
+        self.io = io
+        self.bufs = []
+        self.start = self.end = 0
+
+    def add(self, host, data):
+        if self.bufs and host != self.end:
+            self.flush()
+        if not self.bufs:
+            self.start = host
+        self.bufs.append(data)
+        self.end = host + len(data)
+
+    def flush(self):
+        if self.bufs:
+            self.io.pwritev(self.bufs, self.start)
+            self.bufs = []
 
 
 class Qcow2Image:
@@ -346,13 +368,22 @@ class Qcow2Image:
             raise OSError(errno.EROFS, f"{self.path}: image is opened read-only")
 
     def _prepare_write(self):
-        """Before the first modification: clear autoclear bits we do not maintain."""
+        """Before the first modification: clear autoclear bits we do not maintain, and
+        drop persistent bitmaps (qcow.bitmaps), which would go stale: the header
+        without them is durable before their clusters are freed (deferred frees)."""
         if self.prepared_for_write:
             return
         self._check_writable()
         h = self.header
-        if h.version >= 3 and h.autoclear_features:
-            # persistent bitmaps (bit 0) become stale as soon as we write: say so first
+        if h.version >= 3 and h.extension(EXT_BITMAPS) is not None:
+            clusters = region_clusters(self, bitmap_regions(self))
+            h.autoclear_features = 0
+            h.set_extension(EXT_BITMAPS, None)
+            self.io.pwrite(h.pack_cluster0(), 0)
+            self.io.sync()
+            for c in clusters:
+                self.refcounts.free(c)
+        elif h.version >= 3 and h.autoclear_features:
             h.autoclear_features = 0
             self.io.pwrite(*h.pack_fields("autoclear_features"))
             self.io.sync()
@@ -484,6 +515,7 @@ class Qcow2Image:
         end = off + len(mv)
         cb, cs = self.cluster_bits, self.cluster_size
         batch = []   # consecutive fresh clusters allocated together
+        in_place = _HostRun(self.io)
         pos = 0
         while off < end:
             ci = off >> cb
@@ -492,7 +524,7 @@ class Qcow2Image:
             a, b = off - cstart, min(cs, end - cstart)
             chunk = mv[pos:pos + b - a]
             table = self._l2_for_write(l1i)
-            fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below)
+            fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below, in_place)
             if fresh is None:
                 self._flush_batch(batch)
                 batch = []
@@ -501,10 +533,12 @@ class Qcow2Image:
             pos += b - a
             off = cstart + b
         self._flush_batch(batch)
+        in_place.flush()
 
-    def _write_cluster(self, table, l2i, cstart, a, b, chunk, below):
+    def _write_cluster(self, table, l2i, cstart, a, b, chunk, below, in_place):
         """Write into one cluster. In place when this layer owns the cluster
-        (QCOW_OFLAG_COPIED); otherwise return what a fresh cluster must hold."""
+        (QCOW_OFLAG_COPIED), through `in_place` (runs of them go out as one request);
+        otherwise return what a fresh cluster must hold."""
         ext = self.extended_l2
         cs = self.cluster_size
         if ext:
@@ -516,7 +550,7 @@ class Qcow2Image:
         if owned:
             if ext:
                 buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
-                self.io.pwrite(buf, host + sa)
+                in_place.add(host + sa, buf)
                 new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)
                 if new_bitmap != bitmap:
                     table[2 * l2i + 1] = new_bitmap
@@ -525,11 +559,11 @@ class Qcow2Image:
                 # preallocated zero cluster: it becomes data, zeros around the write
                 buf = bytearray(cs)
                 buf[a:b] = chunk
-                self.io.pwrite(buf, host)
+                in_place.add(host, buf)
                 table[l2i] = entry & ~QCOW_OFLAG_ZERO
                 self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
             else:
-                self.io.pwrite(chunk, host + a)
+                in_place.add(host + a, chunk)
             return None
         buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
         new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT) if ext else 0
