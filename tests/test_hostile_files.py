@@ -17,7 +17,7 @@ import time
 import pytest
 
 from fusefs.daemonfiles import LogHandler, RepeatFilter
-from mount_fixtures import make_chain3, mounter, read_file  # noqa: F401
+from mount_fixtures import daemons_for, make_chain3, mounter, read_file, wait_until  # noqa: F401
 from qemu_helpers import convert_raw, create, qemu_info_chain, run_qcowfs
 from test_commit_support import SyncQMP
 
@@ -203,7 +203,7 @@ def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):  # n
     # The stopped daemon's own clean exit is not what this test is about (after a
     # SIGSTOP with a request pending it sometimes stays silent for a while): end it.
     os.kill(pid, signal.SIGKILL)
-    hung.wait_gone()
+    wait_until(lambda: not daemons_for(hung.mountpoint), 30, "the stopped daemon's end")
     assert [os.path.basename(x["filename"]) for x in qemu_info_chain(top)] == \
         ["top.qcow2", "mid.qcow2", "base.qcow2"]
 

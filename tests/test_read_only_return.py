@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from mount_fixtures import mounter, read_file  # noqa: F401
+from mount_fixtures import mounter, read_file, wait_until  # noqa: F401
 from qemu_helpers import apply_ops, create, patch, qcow2_layout
 from test_commit_support import SyncQMP, check_images, flat
 
@@ -56,8 +56,8 @@ def test_cancelled_restartable_commit_reopens_read_only(tmp_path, mounter):  # n
         qmp.execute("block-commit", {"job-id": "r", "top": mid2, "base": base,
                                      "x-mode": "restartable", "speed": 2 * M})
         qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "running")
-        ok, err = qemu_info_ok(mid1)
-        assert not ok and "lock" in err            # the job holds it for writing
+        # its first step (after recording its intent) reopens the range for writing
+        wait_until(lambda: "lock" in qemu_info_ok(mid1)[1], 30, "the job's write lock on mid1")
         qmp.execute("block-job-cancel", {"device": "r"})
         qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
         assert_back_to_read_only(qmp, [base, mid1, mid2])
