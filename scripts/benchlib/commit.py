@@ -119,7 +119,7 @@ def live_commit_run(ctx, kind, chain_dir, work, *, active, load, notes):
             t0 = time.monotonic()
             _block_commit(q, kind, active, args)
             if reader is not None:
-                probe = QueryProbe(m.qmp)
+                probe = QueryProbe(m.probe)
             t_ready = t_cs = None
             if active:
                 _, t_ready = q.wait_event({"BLOCK_JOB_READY"}, JOB)

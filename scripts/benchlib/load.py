@@ -63,25 +63,33 @@ class QueryProbe:
     long the control socket keeps a client waiting under guest load."""
 
     def __init__(self, path):
-        self.q = QMP(path)
+        self.path = path
         self.waits = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
-        while not self._stop.wait(0.02):
-            t = time.monotonic()
-            try:
-                self.q.cmd("query-block-jobs")
-            except Exception:           # noqa: BLE001 - the mount went away
-                return
-            self.waits.append(time.monotonic() - t)
+        # The client is made in this thread: qemu.qmp's legacy client runs the asyncio
+        # loop of the thread that made it, and the main thread's loop is busy there.
+        try:
+            q = QMP(self.path)
+        except NA:
+            return
+        try:
+            while not self._stop.wait(0.02):
+                t = time.monotonic()
+                try:
+                    q.cmd("query-block-jobs")
+                except Exception:           # noqa: BLE001 - the mount went away
+                    return
+                self.waits.append(time.monotonic() - t)
+        finally:
+            q.close()
 
     def finish(self):
         self._stop.set()
         self._thread.join(60)
-        self.q.close()
         return max(self.waits) if self.waits else None
 
 

@@ -26,6 +26,10 @@ class Mounted:
     mount_time: float
     log: Path
     device: str = ""     # QSD: the root node for block-commit
+    probe: Path = None   # QMP socket for a second client (QSD's monitor takes one client)
+
+    def __post_init__(self):
+        self.probe = self.probe or self.qmp
 
 
 def mount(ctx, kind, image, work, notes=None, writable=True):
@@ -139,9 +143,11 @@ def _qsd_escape(s):
 def mount_qsd(ctx, image, work, notes=None, writable=True):
     work.mkdir(parents=True, exist_ok=True)
     exp, sock, logf = work / "qsd.raw", work / "qsd.sock", work / "qsd.log"
+    probe = work / "qsd-probe.sock"
     exp.unlink(missing_ok=True)
     exp.touch()
     sock.unlink(missing_ok=True)
+    probe.unlink(missing_ok=True)
     vsize = _virtual_size(image)
     argv = ctx.pin([
         "qemu-storage-daemon",
@@ -150,7 +156,9 @@ def mount_qsd(ctx, image, work, notes=None, writable=True):
         "--export", f"type=fuse,id=e,node-name=q,mountpoint={_qsd_escape(exp)},"
                     f"writable={'on' if writable else 'off'}",
         "--chardev", f"socket,id=qmp,path={_qsd_escape(sock)},server=on,wait=off",
-        "--monitor", "chardev=qmp"], ctx.server_cpu)
+        "--monitor", "chardev=qmp",
+        "--chardev", f"socket,id=probe,path={_qsd_escape(probe)},server=on,wait=off",
+        "--monitor", "chardev=probe"], ctx.server_cpu)
     ctx.mounts.add(str(exp))
     with open(logf, "wb") as lf:
         t = time.perf_counter()
@@ -168,7 +176,7 @@ def mount_qsd(ctx, image, work, notes=None, writable=True):
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.001)
-        yield Mounted(QSD, exp, sock, proc.pid, elapsed, logf, device="q")
+        yield Mounted(QSD, exp, sock, proc.pid, elapsed, logf, device="q", probe=probe)
     finally:
         _stop_qsd(ctx, proc, sock, exp, notes)
 
