@@ -428,7 +428,7 @@ def test_dependants_report_in_process(workdir, capsys):
 
 def _bench_module():
     spec = importlib.util.spec_from_file_location(
-        "bench_guard", REPO_ROOT / "scripts" / "bench_guard.py")
+        "bench_guard", REPO_ROOT / "scripts" / "benchlib" / "guard.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -436,7 +436,7 @@ def _bench_module():
 
 @pytest.mark.slow
 def test_scan_of_2000_files(tmp_path):
-    """Correctness on a big directory (the timing is scripts/bench_guard.py's)."""
+    """Correctness on a big directory (the timing is the guard section of scripts/bench.py)."""
     bench = _bench_module()
     chain, expected = bench.build_bench_dir(tmp_path / "images", 2000, dependants=7)
     assert len(os.listdir(tmp_path / "images")) == 2005 and len(expected) == 7
