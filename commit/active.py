@@ -15,6 +15,7 @@ right; the pivot itself rewrites no header (as in QEMU): from then on base is th
 to use.
 """
 
+from .completion import pivot
 from .copy import allocated_runs, copy_view
 from .steps import CHUNK, Copied, Ready, SetLen
 
@@ -128,7 +129,7 @@ def active_commit(target):
                 base.flush()
                 chain.write_observers.remove(mirror.observe)
                 if decision == "complete":
-                    return chain.pivot_to(base)
+                    return pivot(chain, base)
                 return []
     finally:
         with chain.lock:

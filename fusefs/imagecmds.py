@@ -36,6 +36,8 @@ def layer_info(layer, below):
             data = {"compat": "0.10", "compression-type": "zlib",
                     "refcount-bits": h.refcount_bits}
         d["format-specific"] = {"type": "qcow2", "data": data}
+        if h.drained_into:
+            d["x-leftover-committed-into"] = h.drained_into
         if layer.snapshots:
             d["snapshots"] = [{"id": s.id, "name": s.name} for s in layer.snapshots]
         if layer.backing_name:
@@ -77,6 +79,10 @@ def cmd_info(args):
                 lines.append(f"backing file format: {d['backing-filename-format']}")
         if d.get("encrypted"):
             lines.append("encrypted: yes")
+        if d.get("x-leftover-committed-into"):
+            lines.append(f"leftover: yes, a commit put its data into "
+                         f"{d['x-leftover-committed-into']} (mount refuses it without "
+                         f"--force)")
         if d.get("snapshots"):
             lines.append("snapshots: " + ", ".join(s["name"] for s in d["snapshots"]))
         fs = d.get("format-specific")
