@@ -93,7 +93,9 @@ def resolve_target(chain, top=None, base=None, mode="simple", active=False,
     elif top is None:
         if len(layers) == 2:
             raise JobError(layers[0].filename, "nothing below the active image to "
-                                               "commit; use --active")
+                                               f"commit (its backing file "
+                                               f"{layers[1].filename} is the base); use "
+                                               "--active")
         top_layer = layers[1]
     else:
         top_layer = find_layer(chain, top)

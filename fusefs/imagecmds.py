@@ -8,7 +8,7 @@ import json
 import sys
 
 import qcow
-from qcow.check import EXIT_FAILED, check_image, format_report
+from qcow.check import EXIT_FAILED, check_image, format_report, report_json
 from qcow.errors import QcowError
 from qcow.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from qcow.image import Qcow2Image
@@ -120,8 +120,9 @@ def cmd_map(args):
 
 
 def cmd_check(args):
+    repair = bool(args.repair or args.repair_mode)      # -r leaks|all as qemu-img
     try:
-        img = Qcow2Image(args.image, writable=args.repair, cache_bytes=16 << 20)
+        img = Qcow2Image(args.image, writable=repair, cache_bytes=16 << 20)
     except QcowError as e:
         print(f"qcowfs: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -129,18 +130,25 @@ def cmd_check(args):
         print(f"qcowfs: {args.image}: {e.strerror}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        lock_image(img.io.fd, args.image, WRITER if args.repair else READER)
-        if args.repair:
+        lock_image(img.io.fd, args.image, WRITER if repair else READER)
+        if repair:
             img.repair_if_dirty()
-        result = check_image(img, repair=args.repair)
-        if args.repair and (result.corruptions or result.leaks):
-            print("The following inconsistencies were found and repaired:\n\n"
-                  f"    {result.leaks} leaked clusters\n    {result.corruptions} "
-                  "corruptions\n\nDouble checking the fixed image now...")
+        result = check_image(img, repair=repair)
+        if repair and (result.corruptions or result.leaks):
+            if args.output == "human":
+                print("The following inconsistencies were found and repaired:\n\n"
+                      f"    {result.leaks} leaked clusters\n    {result.corruptions} "
+                      "corruptions\n\nDouble checking the fixed image now...")
+            fixed = result
             result = check_image(img)
+            result.leaks_fixed = fixed.leaks - result.leaks
+            result.corruptions_fixed = fixed.corruptions - result.corruptions
             if not result.corruptions and img.header.incompatible_features & INCOMPAT_DIRTY:
                 img.mark_clean()
-        print(format_report(result))
+        if args.output == "json":
+            print(json.dumps(report_json(result, args.image), indent=4))
+        else:
+            print(format_report(result))
         return result.exit_code
     except QcowError as e:
         print(f"qcowfs: {e}", file=sys.stderr)

@@ -151,7 +151,9 @@ def _commit_arguments(args, nodes, label):
         if len(nodes) < 2:
             raise QcowError(label, "the chain has a single image: nothing to commit")
         if len(nodes) == 2:
-            raise QcowError(label, "nothing below the active image to commit; use --active")
+            raise QcowError(label, f"nothing below the active image to commit (its "
+                                   f"backing file {nodes[1].get('file')} is the base); "
+                                   f"use --active")
         arguments["top"] = nodes[1]["file"]
     elif top_node is not None:
         arguments["top"] = top_node["file"]
@@ -318,12 +320,15 @@ def _offline_commit(args):
 
 
 def _offline_base(image, base):
-    """The file an offline active commit of `image` folds into (for the last line)."""
+    """The file an offline active commit of `image` folds into (for the last line);
+    None if it cannot tell (the commit itself then says why)."""
     import qcow
     from commit.target import find_layer
-    with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
-        layer = find_layer(chain, base) if base else chain.layers[-1]
-        return layer.path
+    try:
+        with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
+            return (find_layer(chain, base) if base else chain.layers[-1]).path
+    except QcowError:
+        return None
 
 
 # --------------------------------------------------------------------------- jobs
