@@ -191,7 +191,7 @@ Attach to a job of a mount and follow it with the same progress bar and exit cod
 
     s = _add(sub, "set-speed", "change a running job's speed limit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
-    s.add_argument("job_id", metavar="JOB_ID", help="the job")
+    s.add_argument("job_id", metavar="JOB_ID", help="the job (see 'qcowfs jobs')")
     s.add_argument("speed", metavar="RATE",
                    help="bytes/s with an optional binary unit (512K, 10M, 1G); 0: no "
                         "limit")
