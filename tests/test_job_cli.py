@@ -159,7 +159,8 @@ def test_commit_refusals(env, capsys, tmp_path):
 def test_commit_wait_success_and_failure(env, capsys):
     assert live(env, "--wait") == 0
     out, err = capsys.readouterr()
-    assert out == "" and err == ""  # no terminal: no progress bar
+    assert err == ""  # no terminal: no progress bar
+    assert out.startswith(f"Commit complete: {env.mnt} serves ")  # what serves the disk now
     assert env.fake.outcomes["commit"]["finished"]
     env.plan.fail_at = 1
     assert live(env, "--wait") == 1
