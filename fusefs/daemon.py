@@ -675,13 +675,17 @@ def cmd_unmount(args):
     pid = _daemon_pid(record, sock_path, mountpoint)
     clean = False
     try:
+        if fstype is None:
+            # its daemon answers, so it was detached lazily and still serves opens
+            raise QcowError(mountpoint, "already detached lazily; its daemon exits once "
+                                        "the flat file is closed")
         if not args.cancel_jobs:
             _refuse_if_jobs(conn, mountpoint)
         busy = holders(mountpoint)
         if busy and not args.lazy:
             _refuse_busy(mountpoint, busy)
         if busy:
-            return _lazy_detach(conn, mountpoint, busy)
+            return _lazy_detach(conn, mountpoint, busy, args.cancel_jobs)
         nodes = conn.execute("query-named-block-nodes") or []
         conn.execute("quit")
         # The daemon now cancels jobs, unmounts, closes the chain, says SHUTDOWN and
@@ -726,9 +730,13 @@ def _refuse_busy(mountpoint, busy):
                                 f"close it first, or use --lazy to detach anyway")
 
 
-def _lazy_detach(conn, mountpoint, busy):
+def _lazy_detach(conn, mountpoint, busy, cancel_jobs):
     """As `umount -l`: the mount leaves the namespace now; the daemon keeps serving
     the opens that remain and shuts down cleanly once the last one is closed."""
+    if cancel_jobs:
+        for job in conn.execute("query-block-jobs") or []:
+            if job.get("status") not in ("concluded", "null"):
+                conn.execute("block-job-cancel", {"device": job["device"], "force": True})
     cp = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
                         text=True)
     if cp.returncode != 0:

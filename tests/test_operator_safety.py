@@ -93,14 +93,21 @@ def test_unmount_without_proof_leaves_a_live_mount(tmp_path, mounter):
     check_clean(top)
 
 
-def test_unmount_after_kill_9_proves_death_by_record(tmp_path, mounter):
+@pytest.mark.parametrize("proof", ["record", "fuse"])
+def test_unmount_after_kill_9_proves_death(tmp_path, mounter, proof):
+    """The daemon is called gone by its record's dead pid, or without a record by
+    the aborted FUSE connection."""
     top = make_chain(tmp_path)
     m = mounter(top)
     pid = m.daemon_pid()
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not daemons_for(m.mountpoint), 30, "daemon death")
+    if proof == "fuse":
+        from fusefs.mountrecord import remove_record
+        remove_record(os.path.realpath(m.mountpoint))
     cp = run_qcowfs("unmount", m.mountpoint)          # no --control-socket
-    one_line_error(cp, "daemon was gone", f"pid {pid} has exited", "check --repair")
+    why = f"pid {pid} has exited" if proof == "record" else "FUSE connection is aborted"
+    one_line_error(cp, "daemon was gone", why, "check --repair")
     assert not m.is_mounted()
 
 
@@ -135,11 +142,13 @@ def test_unmount_refuses_while_open_and_lazy_detaches(tmp_path, mounter):
         with open(f"/proc/{holder.pid}/fd/0", "rb") as f:
             assert f.read(M) == expected[:M]
         assert daemons_for(m.mountpoint), "the daemon left while a file was open"
+        cp = run_qcowfs("unmount", m.mountpoint)
+        one_line_error(cp, "already detached lazily")
     finally:
         holder.kill()
         holder.wait()
     wait_until(lambda: not daemons_for(m.mountpoint), 60, "the daemon to finish")
-    assert "chain flushed and closed" in m.log()
+    assert "chain flushed and closed" in m.log() and "exit 0" in m.log()
     check_clean(top)
     assert convert_raw(top) == expected
 
