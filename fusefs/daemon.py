@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import trio
@@ -810,7 +811,6 @@ def _proof_of_death(mountpoint, record):
 
 def _fuse_dead_within(mountpoint, timeout):
     """_fuse_dead, but a daemon that is alive and stuck does not hang us."""
-    import threading
     answer = []
     t = threading.Thread(target=lambda: answer.append(_fuse_dead(mountpoint)), daemon=True)
     t.start()
