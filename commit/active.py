@@ -16,6 +16,7 @@ right; the pivot itself rewrites no header (as in QEMU): from then on base is th
 to use.
 """
 
+from .completion import pivot
 from .copy import allocated_runs, copy_view
 from .steps import CHUNK, Copied, Ready, SetLen
 
@@ -127,7 +128,7 @@ def active_commit(target):
                 if mirror.count:
                     continue
                 chain.write_observers.remove(mirror.observe)
-                dropped = chain.pivot_to(base) if decision == "complete" else []
+                dropped = pivot(chain, base) if decision == "complete" else []
             # no guest write reaches base through the mirror any more: make base's
             # copy durable, and close what left, without holding the chain's lock
             base.flush()

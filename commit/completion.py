@@ -66,6 +66,15 @@ def mark_leftover(chain, layer, base):
     layer.mark_drained(base.path)
 
 
+def pivot(chain, base):
+    """End of an active commit (chain lock held, base in sync and durable): the old
+    active image and the intermediates are marked leftovers first, so none of them is
+    mounted later as if it still held the disk; then the chain serves base."""
+    for layer in chain.layers[:chain.index_of(base)]:
+        mark_leftover(chain, layer, base)
+    return chain.pivot_to(base)
+
+
 def drop_range(target):
     """End of a (non-active) commit: zero past a short top, then drop (base, top]."""
     chain, base = target.chain, target.base

@@ -70,18 +70,18 @@ def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False
                 guard_dirs=(), force=False, progress=None):
     """Commit an unmounted chain to the end. progress(offset, length) after each step.
     Returns (dropped paths, stranded dependants)."""
-    with qcow.open_chain(image, writable=True) as chain:
+    with qcow.open_chain(image, writable=True, force=force) as chain:
         target, stranded, steps = start_commit(chain, top, base, mode, guard_dirs=guard_dirs,
                                                force=force, delete=delete, speed=speed)
-        if target.active:
-            raise JobError(image, "an offline commit cannot be active; commit the "
-                                  "image's backing file, or mount it")
         limiter = RateLimiter(speed)
         length = offset = 0
         gen = steps
+        value = None
         try:
             while True:
-                step = next(gen)
+                step = gen.send(value)
+                # offline nothing writes meanwhile: an active commit pivots once in sync
+                value = "complete" if isinstance(step, Ready) else None
                 if isinstance(step, SetLen):
                     length = step.length
                 elif isinstance(step, Copied):
@@ -151,11 +151,16 @@ def live_run(steps, delete=False):
     return run
 
 
-def make_commit_factory(chain, default_guard_dirs=()):
-    """The mount's block-commit: QMP arguments -> (job_id, 'commit', run)."""
+def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
+    """The mount's block-commit: QMP arguments -> (job_id, 'commit', run). A mount
+    made with --read-only (`read_only_mount` = its mountpoint) refuses every commit."""
     import trio
 
     async def factory(args):
+        if read_only_mount is not None:
+            raise JobError(read_only_mount, "is a read-only mount (--read-only): a "
+                                            "commit would write its images; remount it "
+                                            "without --read-only to commit")
         # the control socket checked every type against commit.qapi.SCHEMA; an empty
         # name is a name (refused as one), not an absent argument
         top = args.get("top-node", args.get("top"))

@@ -134,13 +134,18 @@ def start_stream(chain, base=None, guard_dirs=(), force=False, delete=False):
     return base_layer, stranded, stream_steps(chain, base_path)
 
 
-def make_stream_factory(chain, default_guard_dirs=()):
-    """The mount's block-stream: QMP arguments -> (job_id, 'stream', run, extra)."""
+def make_stream_factory(chain, default_guard_dirs=(), read_only_mount=None):
+    """The mount's block-stream: QMP arguments -> (job_id, 'stream', run, extra).
+    On a read-only mount (`read_only_mount` names it) it refuses."""
     import trio
 
     from .engine import live_run
 
     async def factory(args):
+        if read_only_mount is not None:
+            raise JobError(read_only_mount, "is a read-only mount (--read-only): a "
+                                            "stream would write its active image; "
+                                            "remount it without --read-only to stream")
         # the control socket checked every type against commit.qapi.SCHEMA
         device = args.get("device")
         if device is not None and find_layer(chain, device) is not chain.active:

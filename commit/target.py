@@ -92,10 +92,10 @@ def resolve_target(chain, top=None, base=None, mode="simple", active=False,
         top_layer = layers[0]
     elif top is None:
         if len(layers) == 2:
-            raise JobError(layers[0].filename, f"its backing file {layers[1].filename} "
-                                               "is the base: nothing to commit below it "
-                                               "(commit the active image itself with "
-                                               "--active on a mount)")
+            raise JobError(layers[0].filename, "nothing below the active image to "
+                                               f"commit (its backing file "
+                                               f"{layers[1].filename} is the base); use "
+                                               "--active")
         top_layer = layers[1]
     else:
         top_layer = find_layer(chain, top)

@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import trio
@@ -33,6 +34,7 @@ import trio
 import qcow
 from qcow.errors import ChainError, QcowError
 from qcow.header import QCOW_MAGIC
+from qcow.leftover import refuse_leftovers
 
 log = logging.getLogger("qcowfs.daemon")
 _CLI_PRINTS = {"cli_prints": True}     # log extra: the CLI prints this error itself
@@ -49,10 +51,13 @@ from commit.qapi import QMPError
 from commit.stream import make_stream_factory
 from commit.target import node_name        # node names block-commit's top/base accept
 from fusefs import qmp                     # the control socket
+from fusefs import mountrecord            # where CLI commands find this mount
 from fusefs.daemonfiles import (LogHandler, RepeatFilter, open_log, remove_pid_file,
                                 write_pid_file)
+from fusefs.holders import describe, holders
 from fusefs.qmp import default_socket_path
 from fusefs.snapshot import make_snapshot_command
+from fusefs.units import parse_mib
 from fusefs.watchdog import Watchdog, install_thread_dump
 
 
@@ -85,9 +90,11 @@ class MountConfig:
         self.image = os.path.abspath(args.image)
         self.mountpoint = os.path.realpath(args.mountpoint)
         self.read_only = bool(args.read_only)
+        self.nonempty = bool(getattr(args, "nonempty", False))
+        self.force = bool(getattr(args, "force", False))
         self.name = args.name
         self.allow_other = bool(args.allow_other)
-        self.cache_mib = args.cache_mib
+        self.cache_mib = parse_mib(args.cache_mib)
         self.no_resume = bool(getattr(args, "no_resume", False))
         self.socket = os.path.abspath(args.control_socket or
                                       default_socket_path(self.mountpoint))
@@ -105,6 +112,10 @@ class MountConfig:
             argv.append("--allow-other")
         if self.no_resume:
             argv.append("--no-resume")
+        if self.nonempty:
+            argv.append("--nonempty")
+        if self.force:
+            argv.append("--force")
         return argv
 
 
@@ -112,21 +123,31 @@ class MountConfig:
 
 def mount_fstype(path):
     """The file system type mounted at `path` ('fuse.qcowfs', ...), or None."""
+    return _mountinfo(path)[0]
+
+
+def mount_dev(path):
+    """The device ('0:52') of the mount at `path`: tells one mount from a later one."""
+    return _mountinfo(path)[1]
+
+
+def _mountinfo(path):
+    """(fstype, major:minor) of the topmost mount at `path`, or (None, None)."""
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = f.read().splitlines()
     except OSError:
-        return None
+        return None, None
     target = os.fsencode(path)
-    found = None
+    found = None, None
     for line in lines:
         fields = line.split(b" ")
         try:
             sep = fields.index(b"-")
         except ValueError:
             continue
-        if _unescape(fields[4]) == target:
-            found = fields[sep + 1].decode(errors="replace")   # the last one wins
+        if _unescape(fields[4]) == target:      # the last one wins
+            found = fields[sep + 1].decode(errors="replace"), fields[2].decode()
     return found
 
 
@@ -142,7 +163,7 @@ def _unescape(field):
     return bytes(out)
 
 
-def check_mountpoint(mountpoint):
+def check_mountpoint(mountpoint, nonempty=False):
     try:
         st = os.stat(mountpoint)
     except FileNotFoundError:
@@ -161,6 +182,9 @@ def check_mountpoint(mountpoint):
                                         "gone); clear it with 'qcowfs unmount' or "
                                         "'fusermount3 -u -z' first")
         raise QcowError(mountpoint, f"already mounted ({fstype}); unmount it first")
+    if not nonempty and os.listdir(mountpoint):
+        raise QcowError(mountpoint, "mountpoint is not empty (the mount would hide its "
+                                    "files); use --nonempty to mount over them")
 
 
 def _fuse_dead(mountpoint):
@@ -207,13 +231,14 @@ def cmd_mount(args):
     ready_fd = os.environ.pop(READY_ENV, None)
     if args.foreground:
         return run_daemon(cfg, int(ready_fd) if ready_fd else None)
-    check_mountpoint(cfg.mountpoint)
+    check_mountpoint(cfg.mountpoint, cfg.nonempty)
     check_image(cfg.image)
     check_socket_free(cfg.socket)
     return spawn_daemon(cfg)
 
 
 def spawn_daemon(cfg):
+    mountrecord.ensure_private_dir(mountrecord.runtime_dir())
     os.makedirs(os.path.dirname(cfg.socket), mode=0o700, exist_ok=True)
     os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
     logfd = open_log(cfg.log_file)
@@ -370,7 +395,7 @@ def run_daemon(cfg, ready_fd=None):
     cfg.watchdog = Watchdog(lambda: log_handler.stream)
     daemon = None
     try:
-        check_mountpoint(cfg.mountpoint)
+        check_mountpoint(cfg.mountpoint, cfg.nonempty)
         check_image(cfg.image)
         check_socket_free(cfg.socket)
         daemon = Daemon(cfg, notify)
@@ -417,8 +442,18 @@ class Daemon:
         cfg = self.cfg
         write_pid_file(cfg.pid_file)
         self._pid_written = True
-        self.chain = qcow.open_chain(cfg.image, writable=not cfg.read_only,
-                                     cache_bytes=cfg.cache_mib << 20, lock=True)
+        try:
+            self.chain = qcow.open_chain(cfg.image, writable=not cfg.read_only,
+                                         cache_bytes=cfg.cache_mib << 20, lock=True,
+                                         force=cfg.force)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise QcowError(e.filename or cfg.image, f"cannot open for writing "
+                            f"({e.strerror}); mount with --read-only to only read "
+                            f"it") from None
+        if cfg.read_only and not cfg.force:
+            refuse_leftovers(self.chain.layers)
         top = self.chain.layers[0]
         if top.format != "qcow2":
             raise ChainError(cfg.image, "not a qcow2 image (a raw image is already flat: "
@@ -443,6 +478,14 @@ class Daemon:
         self.hook.install()
         self.jobs = self._make_job_manager()
         self._check_pending_commit()
+        try:
+            mountrecord.write_record(cfg.mountpoint, socket=cfg.socket, pid=os.getpid(),
+                                     dev=mount_dev(cfg.mountpoint),
+                                     image=cfg.image, name=cfg.name,
+                                     read_only=cfg.read_only, log=cfg.log_file)
+        except (OSError, QcowError) as e:
+            log.warning("cannot write the mount record (commands will need "
+                        "--control-socket): %s", e)
 
     def _check_pending_commit(self):
         """An interrupted commit recorded in the chain: say so in one line; it is
@@ -467,8 +510,12 @@ class Daemon:
         # the commit engine's block-commit for this chain. Its command table is merged
         # into ours in commands(), its events go out through the control socket, and it
         # runs in _main's nursery.
-        return JobManager(make_commit_factory(self.chain), emit=self._emit,
-                          factories={"block-stream": make_stream_factory(self.chain)})
+        # A read-only mount changes no image: its block-commit and block-stream refuse.
+        read_only = self.cfg.mountpoint if self.cfg.read_only else None
+        return JobManager(make_commit_factory(self.chain, read_only_mount=read_only),
+                          emit=self._emit,
+                          factories={"block-stream": make_stream_factory(
+                              self.chain, read_only_mount=read_only)})
 
     # -- the command table of the control socket -----------------------------------
 
@@ -651,6 +698,7 @@ class Daemon:
         if self._pid_written:
             remove_pid_file(self.cfg.pid_file)
             self._pid_written = False
+        mountrecord.remove_record(self.cfg.mountpoint, pid=os.getpid())
 
 
 def block_nodes(chain):
@@ -672,21 +720,34 @@ def block_nodes(chain):
 
 def cmd_unmount(args):
     mountpoint = os.path.realpath(args.mountpoint)
-    sock_path = os.path.abspath(args.control_socket or default_socket_path(mountpoint))
-    log_path = default_log_path(sock_path)
+    record = mountrecord.read_record(mountpoint)
+    sock_path = mountrecord.socket_for(mountpoint, args.control_socket)
+    log_path = (record or {}).get("log") or default_log_path(sock_path)
     fstype = mount_fstype(mountpoint)
     if not os.path.exists(sock_path):
-        return _unmount_without_socket(mountpoint, sock_path, fstype, "no control socket")
+        return _unmount_without_socket(args, mountpoint, sock_path, fstype, record,
+                                       "no control socket")
     conn = qmp.QMPConnection(sock_path, label=mountpoint, timeout=30.0)
     try:
         conn.connect()
     except QcowError as e:
-        return _unmount_without_socket(mountpoint, sock_path, fstype, e.message)
-    pid = _read_pid(pid_file_path(sock_path), mountpoint)
+        return _unmount_without_socket(args, mountpoint, sock_path, fstype, record,
+                                       e.message)
+    pid = _daemon_pid(record, sock_path, mountpoint)
     clean = False
     try:
+        if fstype is None:
+            # its daemon answers, so it was detached lazily and still serves opens
+            raise QcowError(mountpoint, "already detached lazily; its daemon exits once "
+                                        "the flat file is closed")
         if not args.cancel_jobs:
             _refuse_if_jobs(conn, mountpoint)
+        busy = holders(mountpoint)
+        if busy and not args.lazy:
+            _refuse_busy(mountpoint, busy)
+        if busy:
+            return _lazy_detach(conn, mountpoint, busy, args.cancel_jobs)
+        nodes = conn.execute("query-named-block-nodes") or []
         conn.execute("quit")
         # The daemon now cancels jobs, unmounts, closes the chain, says SHUTDOWN and
         # closes the socket.
@@ -712,6 +773,37 @@ def cmd_unmount(args):
     if not clean:
         raise QcowError(mountpoint, f"mount daemon exited without a clean shutdown; "
                                     f"see {log_path}")
+    _say_pivoted(mountpoint, record, nodes)
+    return 0
+
+
+def _say_pivoted(mountpoint, record, nodes):
+    """After an active commit pivoted, the image mounted is no longer the disk."""
+    now = nodes[0].get("file") if nodes else None
+    was = (record or {}).get("image")
+    if now and was and now != was:
+        print(f"{mountpoint}: unmounted; the disk is now {now} (an active commit "
+              f"pivoted to it from {was})")
+
+
+def _refuse_busy(mountpoint, busy):
+    raise QcowError(mountpoint, f"busy: the flat file is in use ({describe(busy)}); "
+                                f"close it first, or use --lazy to detach anyway")
+
+
+def _lazy_detach(conn, mountpoint, busy, cancel_jobs):
+    """As `umount -l`: the mount leaves the namespace now; the daemon keeps serving
+    the opens that remain and shuts down cleanly once the last one is closed."""
+    if cancel_jobs:
+        for job in conn.execute("query-block-jobs") or []:
+            if job.get("status") not in ("concluded", "null"):
+                conn.execute("block-job-cancel", {"device": job["device"], "force": True})
+    cp = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
+                        text=True)
+    if cp.returncode != 0:
+        raise QcowError(mountpoint, f"lazy unmount failed: {cp.stderr.strip()}")
+    print(f"{mountpoint}: detached lazily while in use ({describe(busy)}); the daemon "
+          f"flushes, closes the images and exits once they are closed")
     return 0
 
 
@@ -729,23 +821,61 @@ def _refuse_if_jobs(conn, mountpoint):
                                     f"cancel or complete them, or use --cancel-jobs")
 
 
-def _unmount_without_socket(mountpoint, sock_path, fstype, err):
+def _daemon_pid(record, sock_path, mountpoint):
+    """The live daemon's pid: from the mount record, else the pid file by the socket."""
+    if record is not None and isinstance(record.get("pid"), int):
+        pid = _verified_pid(record["pid"], mountpoint)
+        if pid is not None:
+            return pid
+    return _read_pid(pid_file_path(sock_path), mountpoint)
+
+
+def _unmount_without_socket(args, mountpoint, sock_path, fstype, record, err):
     if fstype is None:
         raise QcowError(mountpoint, "not mounted")
     if fstype != FSTYPE:
         raise QcowError(mountpoint, f"not a qcowfs mount ({fstype})")
-    pid = _read_pid(pid_file_path(sock_path), mountpoint)
+    pid = _daemon_pid(record, sock_path, mountpoint)
     if pid is not None:
         # The daemon lives but its socket does not answer: stop it the other way.
+        busy = holders(mountpoint)
+        if busy and not args.lazy:
+            _refuse_busy(mountpoint, busy)
         os.kill(pid, signal.SIGTERM)
         if _wait_pid_exit(pid, STOP_TIMEOUT) and mount_fstype(mountpoint) is None:
             return 0
         raise QcowError(mountpoint, f"control socket {sock_path} does not answer ({err}) "
                                     f"and the daemon (pid {pid}) did not stop on SIGTERM")
+    proof = _proof_of_death(mountpoint, record)
+    if proof is None:
+        raise QcowError(mountpoint, f"control socket {sock_path} does not answer ({err}) "
+                                    f"and its daemon cannot be found; left as it is (give "
+                                    f"--control-socket PATH if the mount used one)")
     subprocess.run(["fusermount3", "-u", "-z", mountpoint], stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    raise QcowError(mountpoint, "its mount daemon was gone (killed?): removed the dead "
+    mountrecord.remove_record(mountpoint)
+    raise QcowError(mountpoint, f"its mount daemon was gone ({proof}): removed the dead "
                                 "mount; run 'qcowfs check --repair' on the image")
+
+
+def _proof_of_death(mountpoint, record):
+    """Why the daemon of the FUSE mount at `mountpoint` is certainly gone, or None."""
+    if (record is not None and isinstance(record.get("pid"), int)
+            and record.get("dev") == mount_dev(mountpoint)
+            and _verified_pid(record["pid"], mountpoint) is None):
+        return f"pid {record['pid']} has exited"
+    if _fuse_dead_within(mountpoint, 5.0):
+        return "the FUSE connection is aborted"
+    return None
+
+
+def _fuse_dead_within(mountpoint, timeout):
+    """_fuse_dead, but a daemon that is alive and stuck does not hang us."""
+    answer = []
+    t = threading.Thread(target=lambda: answer.append(_fuse_dead(mountpoint)), daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(answer and answer[0])
 
 
 def _read_pid(path, mountpoint=None):
@@ -754,9 +884,17 @@ def _read_pid(path, mountpoint=None):
     try:
         with open(path) as f:
             pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return _verified_pid(pid, mountpoint)
+
+
+def _verified_pid(pid, mountpoint=None):
+    """`pid` if it is a running qcowfs daemon (of `mountpoint`), else None."""
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    except (OSError, ValueError):
+    except OSError:
         return None
     if b"fusefs" not in argv or (mountpoint is not None and
                                  os.fsencode(mountpoint) not in argv):

@@ -8,7 +8,7 @@ import json
 import sys
 
 import qcow
-from qcow.check import EXIT_FAILED, check_image, format_report
+from qcow.check import EXIT_FAILED, check_image, format_report, report_json
 from qcow.errors import QcowError
 from qcow.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from qcow.image import Qcow2Image
@@ -36,6 +36,8 @@ def layer_info(layer, below):
             data = {"compat": "0.10", "compression-type": "zlib",
                     "refcount-bits": h.refcount_bits}
         d["format-specific"] = {"type": "qcow2", "data": data}
+        if h.drained_into:
+            d["x-leftover-committed-into"] = h.drained_into
         if layer.snapshots:
             d["snapshots"] = [{"id": s.id, "name": s.name} for s in layer.snapshots]
         if h.pending_commit:
@@ -79,6 +81,10 @@ def cmd_info(args):
                 lines.append(f"backing file format: {d['backing-filename-format']}")
         if d.get("encrypted"):
             lines.append("encrypted: yes")
+        if d.get("x-leftover-committed-into"):
+            lines.append(f"leftover: yes, a commit put its data into "
+                         f"{d['x-leftover-committed-into']} (mount refuses it without "
+                         f"--force)")
         if d.get("snapshots"):
             lines.append("snapshots: " + ", ".join(s["name"] for s in d["snapshots"]))
         if d.get("x-pending-commit"):
@@ -120,8 +126,9 @@ def cmd_map(args):
 
 
 def cmd_check(args):
+    repair = bool(args.repair or args.repair_mode)      # -r leaks|all as qemu-img
     try:
-        img = Qcow2Image(args.image, writable=args.repair, cache_bytes=16 << 20)
+        img = Qcow2Image(args.image, writable=repair, cache_bytes=16 << 20)
     except QcowError as e:
         print(f"qcowfs: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -129,18 +136,25 @@ def cmd_check(args):
         print(f"qcowfs: {args.image}: {e.strerror}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        lock_image(img.io.fd, args.image, WRITER if args.repair else READER)
-        if args.repair:
+        lock_image(img.io.fd, args.image, WRITER if repair else READER)
+        if repair:
             img.repair_if_dirty()
-        result = check_image(img, repair=args.repair)
-        if args.repair and (result.corruptions or result.leaks):
-            print("The following inconsistencies were found and repaired:\n\n"
-                  f"    {result.leaks} leaked clusters\n    {result.corruptions} "
-                  "corruptions\n\nDouble checking the fixed image now...")
+        result = check_image(img, repair=repair)
+        if repair and (result.corruptions or result.leaks):
+            if args.output == "human":
+                print("The following inconsistencies were found and repaired:\n\n"
+                      f"    {result.leaks} leaked clusters\n    {result.corruptions} "
+                      "corruptions\n\nDouble checking the fixed image now...")
+            fixed = result
             result = check_image(img)
+            result.leaks_fixed = fixed.leaks - result.leaks
+            result.corruptions_fixed = fixed.corruptions - result.corruptions
             if not result.corruptions and img.header.incompatible_features & INCOMPAT_DIRTY:
                 img.mark_clean()
-        print(format_report(result))
+        if args.output == "json":
+            print(json.dumps(report_json(result, args.image), indent=4))
+        else:
+            print(format_report(result))
         return result.exit_code
     except QcowError as e:
         print(f"qcowfs: {e}", file=sys.stderr)

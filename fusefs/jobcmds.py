@@ -2,7 +2,7 @@
 command-line side of jobs and live chain changes.
 
 A live commit (TARGET is a mountpoint) talks QMP to the mount's control socket
-(`--control-socket PATH`, else `fusefs.qmp.default_socket_path(MOUNTPOINT)`); an
+(`--control-socket PATH`, else the one the mount recorded: `fusefs.mountrecord`); an
 offline commit (TARGET is an image file) runs `commit.engine` in this process.
 
 Choices (virsh's where it has one):
@@ -15,7 +15,9 @@ Choices (virsh's where it has one):
   terminal) and exits 0 only on success; an active commit with ``--wait`` but without
   ``--pivot`` returns once the job is READY (virsh), leaving it mirroring;
   ``--pivot`` (needs ``--active``, implies ``--wait``) sends block-job-complete on READY;
-  Ctrl-C while waiting cancels the job (virsh);
+  Ctrl-C while waiting cancels the job (virsh); at the end one line says what the
+  mount serves now (``--quiet`` drops it);
+- ``wait`` attaches to a running job the same way, but Ctrl-C only detaches;
 - ``cancel`` and ``complete`` wait for the job to end and exit 0 only if it ended as
   asked; ``pause`` and ``resume`` return at once. ``cancel`` on a ready active commit is
   QEMU's soft cancel: the job ends without a pivot, the chain unchanged.
@@ -27,7 +29,9 @@ import sys
 
 from qcow.errors import QcowError
 
-from .qmp import QMPCallError, QMPConnection, default_socket_path
+from .mountrecord import socket_for
+from .qmp import QMPCallError, QMPConnection
+from .units import parse_rate
 
 DEFAULT_JOB_ID = "commit"
 DEFAULT_STREAM_JOB_ID = "stream"
@@ -38,15 +42,9 @@ REPLY_TIMEOUT = 300.0  # block-commit may scan guard directories before it answe
 # --------------------------------------------------------------------------- helpers
 
 
-def _socket_path(args, mountpoint):
-    if getattr(args, "control_socket", None):
-        return os.path.abspath(args.control_socket)
-    return default_socket_path(mountpoint)
-
-
 def _connect(args, label):
     """A negotiated connection to the control socket of the mount at `label`."""
-    path = _socket_path(args, os.path.realpath(label))
+    path = socket_for(os.path.realpath(label), getattr(args, "control_socket", None))
     conn = QMPConnection(path, label=label, timeout=REPLY_TIMEOUT)
     conn.connect()
     return conn
@@ -155,6 +153,10 @@ def _commit_arguments(args, nodes, label):
     elif args.top is None:
         if len(nodes) < 2:
             raise QcowError(label, "the chain has a single image: nothing to commit")
+        if len(nodes) == 2:
+            raise QcowError(label, f"nothing below the active image to commit (its "
+                                   f"backing file {nodes[1].get('file')} is the base); "
+                                   f"use --active")
         arguments["top"] = nodes[1]["file"]
     elif top_node is not None:
         arguments["top"] = top_node["file"]
@@ -164,7 +166,7 @@ def _commit_arguments(args, nodes, label):
         base_node = _match_node(nodes, args.base, "base", label)
         arguments["base"] = base_node["file"] if base_node is not None else args.base
     if args.speed:
-        arguments["speed"] = args.speed
+        arguments["speed"] = parse_rate(args.speed)
     if args.mode and args.mode != "simple":
         arguments["x-mode"] = args.mode
     if args.delete:
@@ -197,13 +199,36 @@ def _live_commit(args):
         if not wait:
             print(job_id)
             return 0
-        return _follow_commit(conn, job_id, pivot=args.pivot, label=label)
+        return _follow_and_say(conn, job_id, label, nodes, pivot=args.pivot,
+                               quiet=args.quiet, detach=False)
     finally:
         conn.close()
 
 
-def _follow_commit(conn, job_id, *, pivot, label):
-    """Follow a job's events to its end; 0 only on success (or READY without pivot)."""
+def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach):
+    """Follow the job; once it ended well, one line on what the mount serves now."""
+    end = _follow_commit(conn, job_id, pivot=pivot, label=label, detach=detach)
+    if end == "done" and not quiet:
+        nodes = conn.execute("query-named-block-nodes") or []
+        files = [n.get("file", "?") for n in nodes]
+        if nodes_before and files and files[0] != nodes_before[0].get("file"):
+            print(f"Pivoted: {label} serves {files[0]}")
+        else:
+            print(f"Commit complete: {label} serves {' <- '.join(reversed(files))}")
+    return 0
+
+
+def _ready_note(label, job_id):
+    print(f"qcowfs: {label}: job '{job_id}' is ready and keeps base in sync; "
+          f"'qcowfs complete {label} {job_id}' pivots to base, "
+          f"'qcowfs cancel {label} {job_id}' ends it and keeps the overlay",
+          file=sys.stderr)
+
+
+def _follow_commit(conn, job_id, *, pivot, label, detach=False):
+    """Follow a job's events to its end: "done", or "ready" (an active commit without
+    pivot); a failure raises. Ctrl-C cancels the job, or with `detach` leaves it
+    running."""
     bar = _Progress(job_id)
     completing = False
     try:
@@ -219,7 +244,7 @@ def _follow_commit(conn, job_id, *, pivot, label):
                 if info.get("status") == "concluded":  # auto-dismiss=false, end missed
                     if info.get("error"):
                         raise QcowError(label, f"job '{job_id}' failed: {info['error']}")
-                    return 0
+                    return "done"
                 continue
             name = ev.get("event")
             if name == "SHUTDOWN":
@@ -235,24 +260,23 @@ def _follow_commit(conn, job_id, *, pivot, label):
                         conn.execute("block-job-complete", {"device": job_id})
                     continue
                 bar.close()
-                print(
-                    f"qcowfs: {label}: job '{job_id}' is ready and keeps base in sync; "
-                    f"'qcowfs complete {label} {job_id}' pivots to base, "
-                    f"'qcowfs cancel {label} {job_id}' ends it and keeps the overlay",
-                    file=sys.stderr,
-                )
-                return 0
+                _ready_note(label, job_id)
+                return "ready"
             if name == "BLOCK_JOB_COMPLETED":
                 bar.update(data.get("offset", 0), data.get("len", 0))
                 if "error" in data:
                     raise QcowError(label, f"job '{job_id}' failed: {data['error']}")
-                return 0
+                return "done"
             if name == "BLOCK_JOB_CANCELLED":
                 raise QcowError(label, f"job '{job_id}' was cancelled")
             if name == "BLOCK_JOB_ERROR":
                 continue  # BLOCK_JOB_COMPLETED with the error follows
     except KeyboardInterrupt:
         bar.close()
+        if detach:
+            print(f"qcowfs: {label}: detached; job '{job_id}' keeps running "
+                  f"('qcowfs wait {label} {job_id}' follows it again)", file=sys.stderr)
+            raise
         try:
             conn.execute("block-job-cancel", {"device": job_id, "force": True})
             print(f"qcowfs: {label}: interrupted: job '{job_id}' cancelled", file=sys.stderr)
@@ -271,14 +295,16 @@ def _offline_commit(args):
     top = args.top
     if args.active and top is None:
         top = image
+    speed = parse_rate(args.speed) if args.speed else 0
+    base = _offline_base(image, args.base) if args.active else None
     bar = _Progress(os.path.basename(image))
     try:
-        _dropped, stranded = run_offline(
+        dropped, stranded = run_offline(
             image,
             top=top,
             base=args.base,
             mode=args.mode,
-            speed=args.speed,
+            speed=speed,
             delete=args.delete,
             guard_dirs=list(getattr(args, "guard_dir", None) or []),
             force=bool(getattr(args, "force", False)),
@@ -286,10 +312,26 @@ def _offline_commit(args):
         )
     finally:
         bar.close()
-    print("Image committed.")
+    if not args.quiet:
+        print("Image committed.")
+        if args.active and base is not None:
+            print(f"Pivoted: the disk is now {base}; {image} is a leftover"
+                  + (" (deleted)" if args.delete else ""))
     for dep in stranded:
         print(f"qcowfs: warning: stranded (--force): {dep.message()}", file=sys.stderr)
     return 0
+
+
+def _offline_base(image, base):
+    """The file an offline active commit of `image` folds into (for the last line);
+    None if it cannot tell (the commit itself then says why)."""
+    import qcow
+    from commit.target import find_layer
+    try:
+        with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
+            return (find_layer(chain, base) if base else chain.layers[-1]).path
+    except QcowError:
+        return None
 
 
 # --------------------------------------------------------------------------- stream
@@ -312,7 +354,7 @@ def cmd_stream(args):
             node = _match_node(nodes, args.base, "base", label)
             arguments["base"] = node["file"] if node is not None else args.base
         if args.speed:
-            arguments["speed"] = args.speed
+            arguments["speed"] = parse_rate(args.speed)
         if args.delete:
             arguments["x-delete"] = True
         if args.guard_dir:
@@ -375,6 +417,39 @@ def cmd_jobs(args):
     return 0
 
 
+def cmd_wait(args):
+    label = args.mountpoint
+    with _connect(args, label) as conn:
+        jobs = conn.execute("query-block-jobs") or []
+        job_id = args.job_id or _only_job(jobs, label)
+        info = next((j for j in jobs if j.get("device") == job_id), None)
+        if info is None:
+            raise QcowError(label, f"no job '{job_id}' on this mount (see 'qcowfs jobs "
+                                   f"{label}')")
+        if info.get("status") == "ready":
+            _ready_note(label, job_id)
+            return 0
+        nodes = conn.execute("query-named-block-nodes")
+        return _follow_and_say(conn, job_id, label, nodes, pivot=False,
+                               quiet=args.quiet, detach=True)
+
+
+def _only_job(jobs, label):
+    ids = [j.get("device", "?") for j in jobs if j.get("status") not in ("concluded", "null")]
+    if not ids:
+        raise QcowError(label, "no job is running on this mount")
+    if len(ids) > 1:
+        raise QcowError(label, f"several jobs run ({', '.join(ids)}); name one")
+    return ids[0]
+
+
+def cmd_set_speed(args):
+    speed = parse_rate(args.speed, "RATE")
+    with _connect(args, args.mountpoint) as conn:
+        conn.execute("block-job-set-speed", {"device": args.job_id, "speed": speed})
+    return 0
+
+
 def cmd_job_verb(args):
     verb = args.command
     label = args.mountpoint
@@ -427,5 +502,5 @@ def _wait_end(conn, job_id, verb, label):
             return 0
 
 
-__all__ = ["cmd_commit", "cmd_stream", "cmd_snapshot", "cmd_jobs", "cmd_job_verb", "DEFAULT_JOB_ID",
-           "QMPCallError"]
+__all__ = ["cmd_commit", "cmd_stream", "cmd_snapshot", "cmd_jobs", "cmd_wait",
+           "cmd_set_speed", "cmd_job_verb", "DEFAULT_JOB_ID", "QMPCallError"]

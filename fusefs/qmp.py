@@ -19,7 +19,6 @@ client (`QMPConnection`, `qmp_call`) for the command line: plain sockets, no asy
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -58,11 +57,10 @@ def _package():
 
 
 def default_socket_path(mountpoint):
-    """`${XDG_RUNTIME_DIR:-/run}/qcowfs/<first 16 hex of sha256(realpath)>.sock`."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or "/run"
-    real = os.path.realpath(os.fsencode(mountpoint))
-    digest = hashlib.sha256(real).hexdigest()[:16]
-    return os.path.join(runtime, "qcowfs", f"{digest}.sock")
+    """`${XDG_RUNTIME_DIR:-/run}/qcowfs/<first 16 hex of sha256(realpath)>.sock`
+    (see fusefs.mountrecord for a non-root user without XDG_RUNTIME_DIR)."""
+    from .mountrecord import default_socket_path as path_of
+    return path_of(mountpoint)
 
 
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux

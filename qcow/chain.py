@@ -27,6 +27,7 @@ from typing import NamedTuple
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
 from .header import QCOW_MAGIC
 from .image import Qcow2Image
+from .leftover import refuse_leftovers
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .lock import READER, WRITER, lock_image, unlock_image
 from .lockdep import make_lock
@@ -547,6 +548,12 @@ _RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO,
                UNALLOCATED: UNALLOCATED}
 
 
-def open_chain(path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False):
-    """Open the chain whose active image is `path`. See the module doc."""
+def open_chain(path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False,
+               force=False):
+    """Open the chain whose active image is `path`. See the module doc. Writable, a
+    chain holding a commit's leftover is refused (before anything is written) unless
+    `force` (see qcow/leftover.py)."""
+    if writable and not force:
+        with Chain(path, False, cache_bytes, False, True) as probe:
+            refuse_leftovers(probe.layers)
     return Chain(path, writable, cache_bytes, lock, metadata_only)

@@ -24,9 +24,14 @@ class CheckResult:
     corruptions: int = 0
     leaks: int = 0
     messages: list = field(default_factory=list)
+    # qemu-img's figures: guest clusters the active L1 maps (as QEMU counts them)
     allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
     total_clusters: int = 0
     image_end_offset: int = 0
+    leaks_fixed: int = 0
+    corruptions_fixed: int = 0
 
     @property
     def exit_code(self):
@@ -84,15 +89,25 @@ class _Walker:
                 continue
             if active:
                 self.active_l2.append((i, l1e, l2off, table))
+            next_contiguous = 0     # per L2 table, as QEMU's check_refcounts_l2
             for j in range(0, len(table), step):
                 e = table[j]
                 if e & QCOW_OFLAG_COMPRESSED:
                     for c in compressed_host_clusters(e, self.cb):
                         self.add(c << self.cb, 1)
+                    if active:      # compressed clusters count as fragmented too
+                        self.result.allocated_clusters += 1
+                        self.result.compressed_clusters += 1
+                        self.result.fragmented_clusters += 1
                     continue
                 host = e & L2E_OFFSET_MASK
                 if not host:
                     continue
+                if active:
+                    self.result.allocated_clusters += 1
+                    if next_contiguous and host != next_contiguous:
+                        self.result.fragmented_clusters += 1
+                    next_contiguous = host + self.cs
                 if host & (self.cs - 1):
                     self.error(f"L2 entry at 0x{l2off + j * 8:x} has a misaligned "
                                f"offset 0x{host:x}")
@@ -145,12 +160,12 @@ def check_image(image, repair=False):
     top = max([w.file_clusters] + [c + 1 for c in w.refs])
     rb_cover = len(refcounts.table) * refcounts.rb_entries
     fixes = []
-    allocated = 0
+    highest = -1
     for c in range(top):
         stored = refcounts.get(c) if c < rb_cover else 0
         ref = w.refs.get(c, 0)
-        if stored:
-            allocated += 1
+        if stored or ref:
+            highest = c
         if stored < ref:
             result.corruptions += 1
             result.messages.append(f"ERROR cluster {c} refcount={stored} reference={ref}")
@@ -182,9 +197,8 @@ def check_image(image, repair=False):
                 result.messages.append(f"ERROR OFLAG_COPIED data cluster: "
                                        f"l2_entry={e:x} refcount mismatch")
                 copied_fixes.append(("l2", l2off, j, ok))
-    result.allocated_clusters = allocated
     result.total_clusters = -(-image.virtual_size // image.cluster_size)
-    result.image_end_offset = w.file_clusters * image.cluster_size
+    result.image_end_offset = (highest + 1) * image.cluster_size
     if repair and (fixes or copied_fixes):
         if image.read_only:
             raise QcowError(image.path, "cannot repair an image opened read-only")
@@ -214,9 +228,31 @@ def format_report(result):
                   "This means waste of disk space, but no harm to data."]
     if not result.corruptions and not result.leaks:
         lines.append("No errors were found on the image.")
-    if result.total_clusters:
-        pct = 100.0 * result.allocated_clusters / result.total_clusters
-        lines.append(f"{result.allocated_clusters}/{result.total_clusters} = "
-                     f"{pct:.2f}% allocated")
-    lines.append(f"Image end offset: {result.image_end_offset}")
+    r = result
+    if r.total_clusters and r.allocated_clusters:
+        lines.append(f"{r.allocated_clusters}/{r.total_clusters} = "
+                     f"{100.0 * r.allocated_clusters / r.total_clusters:.2f}% allocated, "
+                     f"{100.0 * r.fragmented_clusters / r.allocated_clusters:.2f}% "
+                     f"fragmented, {100.0 * r.compressed_clusters / r.allocated_clusters:.2f}"
+                     f"% compressed clusters")
+    if r.image_end_offset:
+        lines.append(f"Image end offset: {r.image_end_offset}")
     return "\n".join(lines)
+
+
+def report_json(result, filename, check_errors=0):
+    """`qemu-img check --output=json`'s object: the same keys, zero counts left out
+    as qemu-img leaves them out."""
+    r = result
+    d = {"filename": filename, "format": "qcow2", "check-errors": check_errors}
+    for key, value in (("image-end-offset", r.image_end_offset),
+                       ("corruptions", r.corruptions), ("leaks", r.leaks),
+                       ("corruptions-fixed", r.corruptions_fixed),
+                       ("leaks-fixed", r.leaks_fixed),
+                       ("total-clusters", r.total_clusters),
+                       ("allocated-clusters", r.allocated_clusters),
+                       ("fragmented-clusters", r.fragmented_clusters),
+                       ("compressed-clusters", r.compressed_clusters)):
+        if value:
+            d[key] = value
+    return d

@@ -19,6 +19,7 @@ import pytest
 
 import qemu_helpers
 from fusefs.daemon import pid_alive  # noqa: F401 (the tests' too)
+from fusefs.mountrecord import remove_record
 
 M = 1 << 20
 
@@ -125,6 +126,8 @@ class Mount:
             self.proc.wait()
         for pid in daemons_for(self.mountpoint):
             wait_until(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
+        # a killed daemon leaves its mount record behind (fusefs/mountrecord.py)
+        remove_record(os.path.realpath(self.mountpoint))
 
 
 class Mounter:

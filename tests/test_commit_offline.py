@@ -628,13 +628,6 @@ def test_cli_guard_refusal(tmp_path):
     assert cp.stderr.strip().splitlines()[1].startswith(other + ": ")
 
 
-def test_cli_refuses_offline_active_commit(tmp_path):
-    c = _error_chain(tmp_path)
-    before = sha256_tree(c.directory)
-    cp = commit_cli(c.active, "--active")
-    _assert_refused(cp, c.directory, before)
-
-
 @pytest.mark.parametrize("kw,word", [
     (dict(top="mid.qcow2", base="top.qcow2"), "top.qcow2"),
     (dict(top="nosuch.qcow2"), "nosuch.qcow2"),

@@ -159,7 +159,8 @@ def test_commit_refusals(env, capsys, tmp_path):
 def test_commit_wait_success_and_failure(env, capsys):
     assert live(env, "--wait") == 0
     out, err = capsys.readouterr()
-    assert out == "" and err == ""  # no terminal: no progress bar
+    assert err == ""  # no terminal: no progress bar
+    assert out.startswith(f"Commit complete: {env.mnt} serves ")  # what serves the disk now
     assert env.fake.outcomes["commit"]["finished"]
     env.plan.fail_at = 1
     assert live(env, "--wait") == 1
@@ -297,14 +298,14 @@ def test_offline_commit_calls_the_engine(tmp_path, capsys, monkeypatch):
         return ["/img/mid.qcow2"], [dep]
 
     monkeypatch.setattr(commit.engine, "run_offline", run_offline)
-    assert cli("commit", image, "--top", "mid.qcow2", "--mode", "restartable", "--speed", 5, "--delete",
+    assert cli("commit", image, "--top", "mid.qcow2", "--mode", "restartable", "--speed", "5M", "--delete",
                "--guard-dir", tmp_path, "--force") == 0
     out, err = capsys.readouterr()
     assert out == "Image committed.\n"
     assert err == "qcowfs: warning: stranded (--force): /img/other.qcow2 depends on /img/base.qcow2\n"
     progress = seen.pop("progress")
     assert callable(progress)
-    assert seen == {"image": str(image), "top": "mid.qcow2", "base": None, "mode": "restartable", "speed": 5,
+    assert seen == {"image": str(image), "top": "mid.qcow2", "base": None, "mode": "restartable", "speed": 5 << 20,
                     "delete": True, "guard_dirs": [str(tmp_path)], "force": True}
     assert cli("commit", image, "--active", "--pivot") == 1
     assert "--pivot applies to a live commit" in capsys.readouterr().err
