@@ -205,7 +205,8 @@ def _live_commit(args):
         conn.close()
 
 
-def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach):
+def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach,
+                    what="Commit"):
     """Follow the job; once it ended well, one line on what the mount serves now."""
     end = _follow_commit(conn, job_id, pivot=pivot, label=label, detach=detach)
     if end == "done" and not quiet:
@@ -214,7 +215,7 @@ def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach):
         if nodes_before and files and files[0] != nodes_before[0].get("file"):
             print(f"Pivoted: {label} serves {files[0]}")
         else:
-            print(f"Commit complete: {label} serves {' <- '.join(reversed(files))}")
+            print(f"{what} complete: {label} serves {' <- '.join(reversed(files))}")
     return 0
 
 
@@ -365,7 +366,8 @@ def cmd_stream(args):
         if not args.wait:
             print(job_id)
             return 0
-        return _follow_commit(conn, job_id, pivot=False, label=label)
+        return _follow_and_say(conn, job_id, label, nodes, pivot=False, quiet=False,
+                               detach=False, what="Stream")
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -431,7 +433,8 @@ def cmd_wait(args):
             return 0
         nodes = conn.execute("query-named-block-nodes")
         return _follow_and_say(conn, job_id, label, nodes, pivot=False,
-                               quiet=args.quiet, detach=True)
+                               quiet=args.quiet, detach=True,
+                               what=str(info.get("type", "commit")).capitalize())
 
 
 def _only_job(jobs, label):
