@@ -437,10 +437,9 @@ class Chain:
         path = os.fspath(path)
         with self._lock:
             old = self.layers[0]
-            new = open_layer(os.path.abspath(path), "qcow2", True, self.cache_bytes)
+            new = open_layer(os.path.abspath(path), "qcow2", True, self.cache_bytes,
+                             filename=path, reuse_ok=self._reuse_ok)
             try:
-                new.filename = path
-                new.reuse_ok = lambda: self._inflight == 0
                 if self.locking:
                     lock_image(new.io.fd, new.path, WRITER)
                 if new.backing_name is None or not os.path.samefile(

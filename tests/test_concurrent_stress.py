@@ -153,7 +153,7 @@ def test_commit_under_guest_load(tmp_path, mounter, layout, mode):  # noqa: F811
             load.start()
             watch.start()
             time.sleep(0.5)
-            args = {"job-id": "j", "speed": 8 * M, "base": "base.qcow2"}
+            args = {"job-id": "j", "speed": 16 * M, "base": "base.qcow2"}
             if mode == "active":
                 args["top"] = active
             else:
