@@ -35,7 +35,7 @@ class Mirror:
         self.count = 0
         self.cursor = 0
         self.inflight = (0, 0)  # [first, end) chunks being copied
-        self.total = 0          # bytes this job has had to copy (QEMU's len)
+        self.total = 0  # bytes this job has had to copy (QEMU's len)
 
     def mark(self, c):
         if not self.dirty[c]:
@@ -57,7 +57,7 @@ class Mirror:
         n = 1
         while n < most and c + n < self.nchunks and self.dirty[c + n]:
             n += 1
-        self.dirty[c:c + n] = bytes(n)
+        self.dirty[c : c + n] = bytes(n)
         self.count -= n
         self.cursor = c + n
         self.inflight = (c, c + n)
@@ -79,9 +79,9 @@ class Mirror:
                 if data is None:
                     self.base.write_zeroes(s, e - s, below)
                 else:
-                    self.base.write(s, memoryview(data)[s - off:e - off], below)
+                    self.base.write(s, memoryview(data)[s - off : e - off], below)
             except OSError:
-                self.mark(c)         # copied again by the job
+                self.mark(c)  # copied again by the job
 
 
 def active_commit(target):
@@ -117,12 +117,12 @@ def active_commit(target):
             base.flush()
             with chain.lock:
                 if mirror.count:
-                    continue          # a mirrored write failed meanwhile: copy again
+                    continue  # a mirrored write failed meanwhile: copy again
             decision = yield Ready()
             if decision is None:
                 continue
             # sync outside the lock, so the guest waits only for what is left
-            for layer in [base] + chain.layers[:chain.index_of(base)]:
+            for layer in [base] + chain.layers[: chain.index_of(base)]:
                 layer.flush()
             with chain.lock:
                 if mirror.count:

@@ -31,8 +31,7 @@ def zero_past_short(chain, layer, base):
     overlay = chain.layers[i - 1]
     end = min(overlay.virtual_size, base.virtual_size)
     if end > layer.virtual_size:
-        base.write_zeroes(layer.virtual_size, end - layer.virtual_size,
-                          chain.below_fn(base))
+        base.write_zeroes(layer.virtual_size, end - layer.virtual_size, chain.below_fn(base))
 
 
 def drop_layers_down_to(chain, overlay, base):
@@ -70,7 +69,7 @@ def pivot(chain, base):
     """End of an active commit (chain lock held, base in sync and durable): the old
     active image and the intermediates are marked leftovers first, so none of them is
     mounted later as if it still held the disk; then the chain serves base."""
-    for layer in chain.layers[:chain.index_of(base)]:
+    for layer in chain.layers[: chain.index_of(base)]:
         mark_leftover(chain, layer, base)
     return chain.pivot_to(base)
 

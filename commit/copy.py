@@ -2,7 +2,7 @@
 
 from qcow.l2_table import UNALLOCATED, ZERO
 
-SCAN_SLICE = 64 << 20    # bytes of allocation scanned per hold of the chain's lock
+SCAN_SLICE = 64 << 20  # bytes of allocation scanned per hold of the chain's lock
 
 
 def allocated_runs(chain, top_i, base_i, size):

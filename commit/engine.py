@@ -21,9 +21,19 @@ from .steps import Copied, Ready, SetLen
 from .target import resolve_target
 
 
-def start_commit(chain, top=None, base=None, mode="simple", active=False,
-                 default_top_active=False, guard_dirs=(), force=False, delete=False,
-                 job_id="commit", speed=0):
+def start_commit(
+    chain,
+    top=None,
+    base=None,
+    mode="simple",
+    active=False,
+    default_top_active=False,
+    guard_dirs=(),
+    force=False,
+    delete=False,
+    job_id="commit",
+    speed=0,
+):
     """(target, stranded, steps): a checked request and its step generator. The steps
     return the dropped layers when they finish.
 
@@ -31,10 +41,18 @@ def start_commit(chain, top=None, base=None, mode="simple", active=False,
     an image this commit changes, invalidates or deletes; with force it returns the
     dependants that are stranded."""
     target = resolve_target(chain, top, base, mode, active, default_top_active)
-    stranded = guard_commit([layer.path for layer in chain.layers], target.base_index,
-                            target.top_index, mode, list(guard_dirs), force, delete=delete)
+    stranded = guard_commit(
+        [layer.path for layer in chain.layers],
+        target.base_index,
+        target.top_index,
+        mode,
+        list(guard_dirs),
+        force,
+        delete=delete,
+    )
     if target.active:
         from .active import active_commit
+
         steps = active_commit(target)
     elif mode == "restartable":
         steps = restartable_commit(target)
@@ -56,23 +74,33 @@ def _finally_read_only(target, steps):
         return (yield from steps)
     finally:
         failed = None
-        for layer in chain.layers[1:]:      # the active layer (a pivoted base) stays
+        for layer in chain.layers[1:]:  # the active layer (a pivoted base) stays
             if not layer.read_only and layer.path in was_read_only:
                 try:
                     chain.reopen(layer, False)
-                except Exception as e:      # the others still go back
+                except Exception as e:  # the others still go back
                     failed = failed or e
         if failed is not None:
             raise failed
 
 
-def run_offline(image, top=None, base=None, mode="simple", speed=0, delete=False,
-                guard_dirs=(), force=False, progress=None):
+def run_offline(
+    image,
+    top=None,
+    base=None,
+    mode="simple",
+    speed=0,
+    delete=False,
+    guard_dirs=(),
+    force=False,
+    progress=None,
+):
     """Commit an unmounted chain to the end. progress(offset, length) after each step.
     Returns (dropped paths, stranded dependants)."""
     with qcow.open_chain(image, writable=True, force=force) as chain:
-        target, stranded, steps = start_commit(chain, top, base, mode, guard_dirs=guard_dirs,
-                                               force=force, delete=delete, speed=speed)
+        target, stranded, steps = start_commit(
+            chain, top, base, mode, guard_dirs=guard_dirs, force=force, delete=delete, speed=speed
+        )
         limiter = RateLimiter(speed)
         length = offset = 0
         gen = steps
@@ -158,9 +186,12 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
 
     async def factory(args):
         if read_only_mount is not None:
-            raise JobError(read_only_mount, "is a read-only mount (--read-only): a "
-                                            "commit would write its images; remount it "
-                                            "without --read-only to commit")
+            raise JobError(
+                read_only_mount,
+                "is a read-only mount (--read-only): a "
+                "commit would write its images; remount it "
+                "without --read-only to commit",
+            )
         # the control socket checked every type against commit.qapi.SCHEMA; an empty
         # name is a name (refused as one), not an absent argument
         top = args.get("top-node", args.get("top"))
@@ -172,9 +203,18 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
         delete = args.get("x-delete", False)
 
         def prepare():
-            return start_commit(chain, top, base, mode, default_top_active=True,
-                                guard_dirs=guard_dirs, force=force, delete=delete,
-                                job_id=job_id, speed=args.get("speed", 0))
+            return start_commit(
+                chain,
+                top,
+                base,
+                mode,
+                default_top_active=True,
+                guard_dirs=guard_dirs,
+                force=force,
+                delete=delete,
+                job_id=job_id,
+                speed=args.get("speed", 0),
+            )
 
         # the stranding guard's scan may be long: cancelling the command (a shutdown)
         # abandons it; nothing was opened for writing yet, so its result can be dropped
@@ -186,5 +226,5 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
             extra = {"x-forced": True, "x-stranded": [d.message() for d in stranded]}
         return job_id, "commit", run, extra
 
-    factory.wants_speed = True          # kept in the commit's intent record
+    factory.wants_speed = True  # kept in the commit's intent record
     return factory

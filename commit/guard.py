@@ -63,11 +63,31 @@ SCAN_SECONDS = 120.0
 
 # file systems whose files are never images: reading them can block (trace_pipe,
 # /proc/kmsg) or do things; our own flat views are raw by definition
-_PSEUDO_FS = frozenset((
-    "proc", "sysfs", "debugfs", "tracefs", "securityfs", "configfs", "cgroup", "cgroup2",
-    "pstore", "bpf", "fusectl", "efivarfs", "devtmpfs", "devpts", "mqueue", "binfmt_misc",
-    "autofs", "rpc_pipefs", "nsfs", "hugetlbfs", "fuse.qcowfs",
-))
+_PSEUDO_FS = frozenset(
+    (
+        "proc",
+        "sysfs",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "configfs",
+        "cgroup",
+        "cgroup2",
+        "pstore",
+        "bpf",
+        "fusectl",
+        "efivarfs",
+        "devtmpfs",
+        "devpts",
+        "mqueue",
+        "binfmt_misc",
+        "autofs",
+        "rpc_pipefs",
+        "nsfs",
+        "hugetlbfs",
+        "fuse.qcowfs",
+    )
+)
 
 
 # --------------------------------------------------------------------------- results
@@ -77,17 +97,18 @@ _PSEUDO_FS = frozenset((
 class Dependant:
     """An image outside the committed chain whose backing chain reads through an image
     the commit changes (kind 'base') or invalidates (kind 'intermediate')."""
-    path: str                   # the dependant image, as the scan found it
-    depends_on: str             # the chain image it reads through, as the chain names it
-    kind: str                   # 'base' | 'intermediate'
-    via: str                    # the image whose header names `depends_on` (== path if direct)
-    backing_name: str           # the name written in `via`'s header
-    route: tuple = ()           # path -> ... -> depends_on, each name resolved as QEMU does
-    cases: tuple = ()           # the allocation cases (1-4) that change what it reads
-    base: str | None = None     # the commit's base
-    above: tuple = ()           # the range's layers above `depends_on` (top first)
-    is_top: bool = False        # depends_on is the topmost image of the range
-    active: bool = False        # an active commit (top is the active image)
+
+    path: str  # the dependant image, as the scan found it
+    depends_on: str  # the chain image it reads through, as the chain names it
+    kind: str  # 'base' | 'intermediate'
+    via: str  # the image whose header names `depends_on` (== path if direct)
+    backing_name: str  # the name written in `via`'s header
+    route: tuple = ()  # path -> ... -> depends_on, each name resolved as QEMU does
+    cases: tuple = ()  # the allocation cases (1-4) that change what it reads
+    base: str | None = None  # the commit's base
+    above: tuple = ()  # the range's layers above `depends_on` (top first)
+    is_top: bool = False  # depends_on is the topmost image of the range
+    active: bool = False  # an active commit (top is the active image)
     mode: str = "simple"
     depends_on_format: str = "qcow2"
 
@@ -125,16 +146,27 @@ class Dependant:
             first = ["cp", "--sparse=always", self.depends_on, copy]
         else:
             fmt = "qcow2"
-            first = ["qemu-img", "convert", *(["-U"] if self.active and self.is_top else []),
-                     "-O", "qcow2", self.depends_on, copy]
-        return [first, ["qemu-img", "rebase", "-u", "-b", self._name_for(copy), "-F", fmt,
-                        self.via]]
+            first = [
+                "qemu-img",
+                "convert",
+                *(["-U"] if self.active and self.is_top else []),
+                "-O",
+                "qcow2",
+                self.depends_on,
+                copy,
+            ]
+        return [
+            first,
+            ["qemu-img", "rebase", "-u", "-b", self._name_for(copy), "-F", fmt, self.via],
+        ]
 
     def suggestion(self):
         cmds = " && ".join(shlex.join(c) for c in self.fix_commands())
         if self.kind == "intermediate" and self.is_top and not self.active:
-            return (f"keep {self.depends_on} (commit without --delete: its view does not "
-                    f"change), or first run {cmds}")
+            return (
+                f"keep {self.depends_on} (commit without --delete: its view does not "
+                f"change), or first run {cmds}"
+            )
         return f"to keep it valid, first run {cmds}; or commit later"
 
     def reason(self):
@@ -145,29 +177,41 @@ class Dependant:
         pivot = f"; after the pivot the guest writes into {base}" if self.active else ""
         if self.kind == "base":
             rng = ", ".join(self.above) or "the committed range"
-            return (f"depends on {dep}{through}, the base this commit writes into, which "
-                    f"changes under it: {self._cases_text()} break it (every cluster "
-                    f"allocated in {rng} is copied into {dep}{pivot})")
+            return (
+                f"depends on {dep}{through}, the base this commit writes into, which "
+                f"changes under it: {self._cases_text()} break it (every cluster "
+                f"allocated in {rng} is copied into {dep}{pivot})"
+            )
         if self.is_top:
             if self.active:
-                return (f"reads through {dep}{through}, the active image this commit "
-                        f"pivots away from: {self._cases_text()} breaks it (where nothing "
-                        f"in the range is allocated it reads {base}, into which the guest "
-                        f"writes after the pivot)")
-            return (f"reads through {dep}{through}, the top of this commit: "
-                    f"{self._cases_text()} changes what it reads, but {dep} leaves the "
-                    f"chain, and deleting the dropped images (--delete) would leave it "
-                    f"without its backing file")
+                return (
+                    f"reads through {dep}{through}, the active image this commit "
+                    f"pivots away from: {self._cases_text()} breaks it (where nothing "
+                    f"in the range is allocated it reads {base}, into which the guest "
+                    f"writes after the pivot)"
+                )
+            return (
+                f"reads through {dep}{through}, the top of this commit: "
+                f"{self._cases_text()} changes what it reads, but {dep} leaves the "
+                f"chain, and deleting the dropped images (--delete) would leave it "
+                f"without its backing file"
+            )
         if self.mode == "restartable":
-            what = (f"{dep} is drained into {base}: a cluster allocated in both {dep} and "
-                    f"{above} then reads as {above}'s, and one allocated in {above} but not "
-                    f"in {dep} is copied into {base}, under {dep}")
+            what = (
+                f"{dep} is drained into {base}: a cluster allocated in both {dep} and "
+                f"{above} then reads as {above}'s, and one allocated in {above} but not "
+                f"in {dep} is copied into {base}, under {dep}"
+            )
         else:
-            what = (f"a cluster allocated in {above} but not in {dep} is copied into "
-                    f"{base}, which it reads under {dep}")
-        return (f"reads through {dep}{through}, which this commit invalidates: "
-                f"{self._cases_text()} break{'s' if len(self.cases) == 1 else ''} it "
-                f"({what}{pivot})")
+            what = (
+                f"a cluster allocated in {above} but not in {dep} is copied into "
+                f"{base}, which it reads under {dep}"
+            )
+        return (
+            f"reads through {dep}{through}, which this commit invalidates: "
+            f"{self._cases_text()} break{'s' if len(self.cases) == 1 else ''} it "
+            f"({what}{pivot})"
+        )
 
     def message(self):
         """One line: the dependant, the image it depends on, the cases, what to do."""
@@ -210,7 +254,7 @@ def _check_dir(d):
         st = os.stat(d)
     except OSError as e:
         raise QcowError(d, f"guard directory: {e.strerror}") from None
-    except ValueError:      # a NUL byte: no such name can exist
+    except ValueError:  # a NUL byte: no such name can exist
         raise QcowError(d.replace("\0", "\\0"), "guard directory: no such directory") from None
     if not stat_mod.S_ISDIR(st.st_mode):
         raise QcowError(d, "guard directory: not a directory")
@@ -220,11 +264,11 @@ class _Scan:
     """One scan: header results cached by inode, chain verdicts by resolved path."""
 
     def __init__(self, targets, stop_keys, guard_dirs=()):
-        self.targets = targets          # key -> chain path, the images that break dependants
-        self.stop_keys = stop_keys      # keys of the committed chain (kept members stop a walk)
-        self.headers = {}               # key -> HeaderInfo | None
-        self.verdict = {}               # path -> (route, backing_name, target key) | None
-        self.files = 0                  # files examined (for the benchmark)
+        self.targets = targets  # key -> chain path, the images that break dependants
+        self.stop_keys = stop_keys  # keys of the committed chain (kept members stop a walk)
+        self.headers = {}  # key -> HeaderInfo | None
+        self.verdict = {}  # path -> (route, backing_name, target key) | None
+        self.files = 0  # files examined (for the benchmark)
         self.pseudo = _pseudo_devices()
         self.guard_dirs = guard_dirs
         self.deadline = time.monotonic() + SCAN_SECONDS
@@ -232,8 +276,11 @@ class _Scan:
     def check_time(self, where):
         if time.monotonic() > self.deadline:
             dirs = ", ".join(self.guard_dirs) or where
-            raise JobError(where, f"stranding guard: scanning {dirs} took more than "
-                                  f"{SCAN_SECONDS:g} s; name narrower guard directories")
+            raise JobError(
+                where,
+                f"stranding guard: scanning {dirs} took more than "
+                f"{SCAN_SECONDS:g} s; name narrower guard directories",
+            )
 
     # --- one file's header -----------------------------------------------------
 
@@ -267,7 +314,7 @@ class _Scan:
             if info is None or info.format != "qcow2" or not info.backing_name:
                 break
             if cur == path and info.drained_into:
-                break       # drained and dropped by a restartable commit: a leftover
+                break  # drained and dropped by a restartable commit: a leftover
             name, bfmt = info.backing_name, info.backing_format
             try:
                 nxt = resolve_backing(name, cur)
@@ -279,9 +326,9 @@ class _Scan:
                 result = ((nxt,), name, nkey)
                 break
             if nkey in self.stop_keys:
-                break       # a kept image of the chain: its view survives the commit
+                break  # a kept image of the chain: its view survives the commit
             if bfmt not in (None, "qcow2") or not stat_mod.S_ISREG(st.st_mode):
-                break       # opened as raw (or a device): the chain ends there
+                break  # opened as raw (or a device): the chain ends there
             cur, ckey = nxt, nkey
         for p in reversed(trail):
             if result is not None:
@@ -332,8 +379,8 @@ def _read_header(path, pseudo):
 def _candidates(flat_dirs, recursive_dirs, scan):
     """(path, key, is_symlink) of every regular file in scope, each directory once. A
     recursive walk stays on the file system of the directory it started from."""
-    listed = set()          # dir keys whose files were listed
-    descended = set()       # dir keys walked recursively
+    listed = set()  # dir keys whose files were listed
+    descended = set()  # dir keys walked recursively
 
     def entries(d):
         try:
@@ -379,8 +426,10 @@ def _candidates(flat_dirs, recursive_dirs, scan):
         subdirs = []
         for e in ents:
             try:
-                if e.is_dir(follow_symlinks=False) and \
-                        e.stat(follow_symlinks=False).st_dev == root_dev:
+                if (
+                    e.is_dir(follow_symlinks=False)
+                    and e.stat(follow_symlinks=False).st_dev == root_dev
+                ):
                     subdirs.append(e.path)
             except OSError:
                 continue
@@ -447,8 +496,17 @@ def _probe_format(path):
         return "raw"
 
 
-def find_dependants(chain_paths, changed, invalidated, guard_dirs=(), exclude=(), *,
-                    mode="simple", top=None, active=False):
+def find_dependants(
+    chain_paths,
+    changed,
+    invalidated,
+    guard_dirs=(),
+    exclude=(),
+    *,
+    mode="simple",
+    top=None,
+    active=False,
+):
     """Every image in scope, outside the chain, whose backing chain reads through an
     image in `changed` (kind 'base') or `invalidated` (kind 'intermediate').
 
@@ -511,18 +569,30 @@ def find_dependants(chain_paths, changed, invalidated, guard_dirs=(), exclude=()
         if dep not in fmt_cache:
             fmt_cache[dep] = _probe_format(dep)
         via = route[-2] if len(route) >= 2 else path
-        out.append(Dependant(
-            path=path, depends_on=dep, kind=kind, via=via, backing_name=name,
-            route=tuple(route), cases=cases, base=base_path, above=above, is_top=is_top,
-            active=active, mode=mode, depends_on_format=fmt_cache[dep]))
+        out.append(
+            Dependant(
+                path=path,
+                depends_on=dep,
+                kind=kind,
+                via=via,
+                backing_name=name,
+                route=tuple(route),
+                cases=cases,
+                base=base_path,
+                above=above,
+                is_top=is_top,
+                active=active,
+                mode=mode,
+                depends_on_format=fmt_cache[dep],
+            )
+        )
     return out
 
 
 # --------------------------------------------------------------------------- entries
 
 
-def guard_commit(chain_layer_paths, base_index, top_index, mode, guard_dirs, force, *,
-                 delete=True):
+def guard_commit(chain_layer_paths, base_index, top_index, mode, guard_dirs, force, *, delete=True):
     """The check the commit engine runs before every start (live, offline, each
     restart). chain_layer_paths: top first; commits (base, top] into base.
 
@@ -535,24 +605,35 @@ def guard_commit(chain_layer_paths, base_index, top_index, mode, guard_dirs, for
     """
     paths = [os.fspath(p) for p in chain_layer_paths]
     if not 0 <= top_index < base_index < len(paths):
-        raise JobError(paths[0] if paths else None,
-                       f"bad commit range: top index {top_index}, base index {base_index} "
-                       f"in a chain of {len(paths)} images")
+        raise JobError(
+            paths[0] if paths else None,
+            f"bad commit range: top index {top_index}, base index {base_index} "
+            f"in a chain of {len(paths)} images",
+        )
     if mode not in MODES:
         raise JobError(paths[top_index], f"unknown commit mode '{mode}'")
     active = top_index == 0
     base, top = paths[base_index], paths[top_index]
-    invalidated = paths[top_index + 1:base_index]
+    invalidated = paths[top_index + 1 : base_index]
     if active or delete:
         invalidated = [top] + invalidated
-    deps = find_dependants(paths, [base], invalidated, guard_dirs,
-                           mode="simple" if active else mode, top=top, active=active)
+    deps = find_dependants(
+        paths,
+        [base],
+        invalidated,
+        guard_dirs,
+        mode="simple" if active else mode,
+        top=top,
+        active=active,
+    )
     if deps and not force:
         n = len(deps)
-        summary = (f"refusing to commit into {base}: {n} image{'s' if n > 1 else ''} "
-                   f"outside the chain depend{'s' if n == 1 else ''} on what the commit "
-                   f"changes; nothing was touched (--force commits anyway and strands "
-                   f"{'them' if n > 1 else 'it'})")
+        summary = (
+            f"refusing to commit into {base}: {n} image{'s' if n > 1 else ''} "
+            f"outside the chain depend{'s' if n == 1 else ''} on what the commit "
+            f"changes; nothing was touched (--force commits anyway and strands "
+            f"{'them' if n > 1 else 'it'})"
+        )
         raise JobError(top, "\n".join([summary] + [d.message() for d in deps]))
     return deps
 
@@ -563,15 +644,22 @@ def dependants_report(image, guard_dirs, as_json=False):
     line each (`DEPENDANT -> ... -> IMAGE`), or a JSON list. Scope: the directories of
     IMAGE's chain plus the guard directories. Exit status 0."""
     import qcow
+
     with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
         chain_paths = [layer.path for layer in chain.layers]
     targets = _target_keys([image])
     hits, _ = _scan(chain_paths, targets, guard_dirs or (), ())
     rows = []
     for path, route, name, _ in hits:
-        rows.append({"filename": path, "depends-on": os.fspath(image),
-                     "via": route[-2] if len(route) >= 2 else path,
-                     "backing-filename": name, "backing-chain": list(route)})
+        rows.append(
+            {
+                "filename": path,
+                "depends-on": os.fspath(image),
+                "via": route[-2] if len(route) >= 2 else path,
+                "backing-filename": name,
+                "backing-chain": list(route),
+            }
+        )
     if as_json:
         print(json.dumps(rows, indent=4))
         return 0
@@ -579,10 +667,14 @@ def dependants_report(image, guard_dirs, as_json=False):
         print(_printable(" -> ".join(r["backing-chain"][:-1] + [r["depends-on"]])))
     if not rows:
         import sys
-        scope = sorted({os.path.dirname(p) for p in chain_paths}
-                       | {_absolute(d) for d in guard_dirs or ()})
-        print(_printable(f"no image depends on {image} (searched {', '.join(scope)})"),
-              file=sys.stderr)
+
+        scope = sorted(
+            {os.path.dirname(p) for p in chain_paths} | {_absolute(d) for d in guard_dirs or ()}
+        )
+        print(
+            _printable(f"no image depends on {image} (searched {', '.join(scope)})"),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -595,16 +687,18 @@ def guard_stream(chain_layer_paths, dropped, guard_dirs, force):
     deps = find_dependants(paths, [], list(dropped), guard_dirs)
     if deps and not force:
         n = len(deps)
-        lines = [f"refusing to stream with --delete: {n} image{'s' if n > 1 else ''} "
-                 f"outside the chain read{'s' if n == 1 else ''} through the images it "
-                 f"would delete; nothing was touched (stream without --delete keeps "
-                 f"them; --force deletes anyway)"]
-        raise JobError(paths[0], "\n".join(lines + [stream_dependant_line(d)
-                                                     for d in deps]))
+        lines = [
+            f"refusing to stream with --delete: {n} image{'s' if n > 1 else ''} "
+            f"outside the chain read{'s' if n == 1 else ''} through the images it "
+            f"would delete; nothing was touched (stream without --delete keeps "
+            f"them; --force deletes anyway)"
+        ]
+        raise JobError(paths[0], "\n".join(lines + [stream_dependant_line(d) for d in deps]))
     return deps
 
 
 def stream_dependant_line(d):
     through = f" (through {d.via})" if d.via != d.path else ""
-    return _printable(f"{d.path}: reads through {d.depends_on}{through}, which "
-                      f"stream --delete deletes")
+    return _printable(
+        f"{d.path}: reads through {d.depends_on}{through}, which stream --delete deletes"
+    )

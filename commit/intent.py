@@ -29,8 +29,14 @@ def with_intent(target, job_id, force, speed, steps):
         return (yield from steps)
     chain = target.chain
     overlay = chain.layers[target.top_index - 1].path
-    record = {"job-id": job_id, "mode": target.mode, "top": target.top_path,
-              "base": target.base_path, "force": bool(force), "speed": int(speed or 0)}
+    record = {
+        "job-id": job_id,
+        "mode": target.mode,
+        "top": target.top_path,
+        "base": target.base_path,
+        "force": bool(force),
+        "speed": int(speed or 0),
+    }
     recorded = _set(chain, overlay, record)
     try:
         result = yield from steps
@@ -56,8 +62,12 @@ def _set(chain, path, record):
     try:
         layer.set_extension(EXT_QCOWFS_COMMIT, data)
     except QcowError as e:
-        log.warning("%s: cannot record the commit's intent (%s); if it is interrupted, "
-                    "start it again by hand", path, e.message)
+        log.warning(
+            "%s: cannot record the commit's intent (%s); if it is interrupted, "
+            "start it again by hand",
+            path,
+            e.message,
+        )
         return False
     finally:
         if was_read_only:
@@ -81,10 +91,14 @@ def resume_plan(chain, read_only, no_resume):
         return f"{what} is pending; left as it is (--no-resume)", None
     paths = {lyr.path for lyr in chain.layers}
     if record["top"] not in paths or record["base"] not in paths:
-        clear_record(chain, layer)      # it got as far as dropping top: done
+        clear_record(chain, layer)  # it got as far as dropping top: done
         return f"{what} had finished; its record is removed", None
-    args = {"job-id": record["job-id"], "top": record["top"], "base": record["base"],
-            "x-mode": record["mode"]}
+    args = {
+        "job-id": record["job-id"],
+        "top": record["top"],
+        "base": record["base"],
+        "x-mode": record["mode"],
+    }
     if record.get("force"):
         args["x-force"] = True
     if isinstance(record.get("speed"), int) and record["speed"] > 0:
@@ -110,5 +124,7 @@ def describe(record):
     """One line's worth: what the interrupted commit was."""
     if "error" in record:
         return record["error"]
-    return (f"an interrupted commit (job '{record['job-id']}', {record['mode']} mode) of "
-            f"{record['top']} into {record['base']}")
+    return (
+        f"an interrupted commit (job '{record['job-id']}', {record['mode']} mode) of "
+        f"{record['top']} into {record['base']}"
+    )

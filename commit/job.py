@@ -131,7 +131,9 @@ class Job:
     `user_set_speed`, `user_dismiss` - each raises `JobCommandError` with QEMU's text.
     """
 
-    def __init__(self, job_id, job_type, *, emit=None, speed=0, auto_finalize=True, auto_dismiss=True):
+    def __init__(
+        self, job_id, job_type, *, emit=None, speed=0, auto_finalize=True, auto_dismiss=True
+    ):
         if not auto_finalize:
             raise ValueError("auto-finalize=false is not supported")
         self.id = job_id
@@ -171,7 +173,9 @@ class Job:
 
     def _transition(self, status):
         if status not in TRANSITIONS[self.status]:
-            raise JobStateError(f"job {self.id}: transition {self.status} -> {status} is not allowed")
+            raise JobStateError(
+                f"job {self.id}: transition {self.status} -> {status} is not allowed"
+            )
         old = self.status
         self.status = status
         if status != old:
@@ -184,8 +188,14 @@ class Job:
             )
 
     def block_event_data(self):
-        return {"device": self.id, "len": self.len, "offset": self.offset, "speed": self.speed, "type": self.type,
-                **self.extra}
+        return {
+            "device": self.id,
+            "len": self.len,
+            "offset": self.offset,
+            "speed": self.speed,
+            "type": self.type,
+            **self.extra,
+        }
 
     def info(self):
         """query-block-jobs' BlockJobInfo for this job."""
@@ -254,7 +264,9 @@ class Job:
 
     def report_io_error(self, operation="read"):
         """BLOCK_JOB_ERROR for on-error=report (the job then ends with the error)."""
-        self.emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": "report"})
+        self.emit(
+            "BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": "report"}
+        )
 
     def finished(self, *, error=None, cancelled=False):
         """The algorithm returned (error None), failed (error = message), or was
@@ -582,7 +594,12 @@ class JobManager:
         if speed < 0:
             raise JobError(None, "Parameter 'speed' expects a non-negative value")
         job = Job(
-            job_id, job_type, emit=self._emit, speed=speed, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss
+            job_id,
+            job_type,
+            emit=self._emit,
+            speed=speed,
+            auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss,
         )
         ctx = JobContext(self, job)
         self._jobs[job_id] = (job, ctx)
@@ -653,7 +670,9 @@ class JobManager:
         if self.has_running_jobs():
             for job, ctx in list(self._jobs.values()):
                 if job.status not in FINISHED and ctx._scope is not None:
-                    log.warning("job %s did not stop within %s s; cancelling it outright", job.id, grace)
+                    log.warning(
+                        "job %s did not stop within %s s; cancelling it outright", job.id, grace
+                    )
                     ctx._scope.cancel()
             await self.wait_idle()
 
@@ -708,6 +727,7 @@ class JobManager:
     def _job_starter(self, factory):
         async def handler(args):
             return await self._qmp_start_job(factory, args)
+
         return handler
 
     def _verb_handler(self, key, lookup, verb):
@@ -715,6 +735,7 @@ class JobManager:
             job, ctx = lookup(args[key])
             getattr(job, f"user_{verb}")()
             self._after_user_command(job, ctx)
+
         return handler
 
     async def _qmp_query_block_jobs(self, args):
@@ -727,7 +748,9 @@ class JobManager:
         force = args.get("force", False)
         job, ctx = self._block_job(args["device"])
         if job.user_paused and not force:
-            raise QMPError(GENERIC_ERROR, f"The block job for device '{job.id}' is currently paused")
+            raise QMPError(
+                GENERIC_ERROR, f"The block job for device '{job.id}' is currently paused"
+            )
         self._cancel(job, ctx, force)
 
     def _cancel(self, job, ctx, force):
@@ -759,17 +782,23 @@ class JobManager:
             raise QMPError(GENERIC_ERROR, "auto-finalize=false is not supported by qcowfs")
         on_error = generic.get("on-error", "report")
         if on_error != "report":
-            raise QMPError(GENERIC_ERROR, f"on-error={on_error} is not supported by qcowfs (only 'report')")
+            raise QMPError(
+                GENERIC_ERROR, f"on-error={on_error} is not supported by qcowfs (only 'report')"
+            )
         async with self._commit_lock:
             self._check_one_job()
             if getattr(factory, "wants_speed", False):
-                args["speed"] = speed        # e.g. recorded with a commit's intent
+                args["speed"] = speed  # e.g. recorded with a commit's intent
             result = factory(args)
             if hasattr(result, "__await__"):
                 result = await result
             job_id, job_type, run, extra = result
             job = self.start_job(
-                job_id, job_type, run, speed=speed, auto_dismiss=generic.get("auto-dismiss") is not False
+                job_id,
+                job_type,
+                run,
+                speed=speed,
+                auto_dismiss=generic.get("auto-dismiss") is not False,
             )
             job.extra.update(extra)
         return {}

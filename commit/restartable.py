@@ -19,7 +19,6 @@ from .copy import allocated_runs, copy_view
 from .steps import CHUNK, Copied, SetLen
 
 
-
 def restartable_commit(target):
     chain = target.chain
     base = target.base
@@ -35,7 +34,7 @@ def restartable_commit(target):
     for layer in reversed(target.range_layers):
         yield from _drain(target, layer)
         zero_past_short(chain, layer, base)
-        mark_leftover(chain, layer, base)   # before it leaves: the guard skips it then
+        mark_leftover(chain, layer, base)  # before it leaves: the guard skips it then
         overlay = chain.layers[chain.index_of(layer) - 1]
         dropped += drop_layers_down_to(chain, overlay, base)
     return dropped
@@ -55,8 +54,9 @@ def _drain(target, layer):
         end = min(-(-(start + length) // cs) * cs, visible_end)
         while pos < end:
             n = min(step, end - pos)
-            copied = copy_view(chain, target.top_index, base, pos, n,
-                               only_depth=chain.index_of(layer))
+            copied = copy_view(
+                chain, target.top_index, base, pos, n, only_depth=chain.index_of(layer)
+            )
             _forget_copied(base, layer, pos, n)
             pos += n
             # reported only once durable: a restart never copies what was reported

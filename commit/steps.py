@@ -10,7 +10,7 @@ in a worker thread under the mount's job.
 
 from typing import NamedTuple
 
-CHUNK = 1 << 20          # bytes copied per step: bounded, so guests never wait long
+CHUNK = 1 << 20  # bytes copied per step: bounded, so guests never wait long
 
 
 class SetLen(NamedTuple):

@@ -59,12 +59,12 @@ def _pull(chain, base_i, off, n):
     it from that buffer, so nothing calls back into the chain under a layer's lock."""
     cs = chain.active.cluster_size
     lo = off // cs * cs
-    hi = -(-(off + n) // cs) * cs          # a tail cluster's end may pass the disk's end
+    hi = -(-(off + n) // cs) * cs  # a tail cluster's end may pass the disk's end
     view = chain.read_from(1, lo, hi - lo)
 
     def below(o, ln):
         assert lo <= o and o + ln <= hi, (o, ln, lo, hi)
-        return view[o - lo:o - lo + ln]
+        return view[o - lo : o - lo + ln]
 
     with chain.lock:
         active = chain.active
@@ -79,6 +79,7 @@ def _pull(chain, base_i, off, n):
 
 def stream_steps(chain, base_path):
     """The algorithm (steps protocol of commit.steps). Returns the dropped layers."""
+
     def base_index():
         if base_path is None:
             return len(chain.layers)
@@ -88,7 +89,7 @@ def stream_steps(chain, base_path):
         raise JobError(base_path, "left the chain while the job ran")
 
     if base_index() <= 1:
-        yield SetLen(0)                 # base is the backing file already
+        yield SetLen(0)  # base is the backing file already
         return []
     size = chain.virtual_size
     cs = chain.active.cluster_size
@@ -118,8 +119,9 @@ def start_stream(chain, base=None, guard_dirs=(), force=False, delete=False):
     layers = chain.layers
     active = layers[0]
     if active.read_only:
-        raise JobError(active.filename, "the active image is read-only: nothing can be "
-                                        "streamed into it")
+        raise JobError(
+            active.filename, "the active image is read-only: nothing can be streamed into it"
+        )
     base_layer = find_layer(chain, base) if base else None
     if base_layer is active:
         raise JobError(active.filename, "base must be below the active image")
@@ -128,8 +130,9 @@ def start_stream(chain, base=None, guard_dirs=(), force=False, delete=False):
         if getattr(layer, "encrypted", False):
             raise JobError(layer.filename, "encrypted images cannot be streamed")
     dropped = [layer.path for layer in layers[1:base_i]]
-    stranded = guard_stream([layer.path for layer in layers], dropped, guard_dirs, force) \
-        if delete else []
+    stranded = (
+        guard_stream([layer.path for layer in layers], dropped, guard_dirs, force) if delete else []
+    )
     base_path = base_layer.path if base_layer is not None else None
     return base_layer, stranded, stream_steps(chain, base_path)
 
@@ -143,9 +146,12 @@ def make_stream_factory(chain, default_guard_dirs=(), read_only_mount=None):
 
     async def factory(args):
         if read_only_mount is not None:
-            raise JobError(read_only_mount, "is a read-only mount (--read-only): a "
-                                            "stream would write its active image; "
-                                            "remount it without --read-only to stream")
+            raise JobError(
+                read_only_mount,
+                "is a read-only mount (--read-only): a "
+                "stream would write its active image; "
+                "remount it without --read-only to stream",
+            )
         # the control socket checked every type against commit.qapi.SCHEMA
         device = args.get("device")
         if device is not None and find_layer(chain, device) is not chain.active:
@@ -162,8 +168,7 @@ def make_stream_factory(chain, default_guard_dirs=(), read_only_mount=None):
         run = live_run(steps, delete=delete)
         extra = {}
         if force:
-            extra = {"x-forced": True,
-                     "x-stranded": [stream_dependant_line(d) for d in stranded]}
+            extra = {"x-forced": True, "x-stranded": [stream_dependant_line(d) for d in stranded]}
         return args.get("job-id", device or "stream"), "stream", run, extra
 
     return factory

@@ -15,11 +15,12 @@ MODES = ("simple", "restartable")
 class CommitTarget:
     """Layers are named by path: reopening (read-write and back) replaces the layer
     objects, and dropping layers shifts indexes, so both are looked up when used."""
+
     chain: object
-    top_path: str      # the topmost layer committed (inclusive)
-    base_path: str     # the layer committed into
+    top_path: str  # the topmost layer committed (inclusive)
+    base_path: str  # the layer committed into
     mode: str
-    active: bool       # top is the active layer (a mirror, then a pivot)
+    active: bool  # top is the active layer (a mirror, then a pivot)
 
     def _index(self, path):
         for i, layer in enumerate(self.chain.layers):
@@ -46,7 +47,7 @@ class CommitTarget:
     @property
     def range_layers(self):
         """(base, top]: the layers whose content moves into base, top first."""
-        return self.chain.layers[self.top_index:self.base_index]
+        return self.chain.layers[self.top_index : self.base_index]
 
 
 def node_name(index):
@@ -77,8 +78,9 @@ def find_layer(chain, name):
     raise JobError(name, "is not an image of this chain")
 
 
-def resolve_target(chain, top=None, base=None, mode="simple", active=False,
-                   default_top_active=False):
+def resolve_target(
+    chain, top=None, base=None, mode="simple", active=False, default_top_active=False
+):
     """Build the CommitTarget for a request. Without `top`, the CLI commits the active
     image's backing file (as virsh does) and QMP commits the active layer (as QEMU does:
     `default_top_active`); `active` forces the active layer."""
@@ -92,10 +94,13 @@ def resolve_target(chain, top=None, base=None, mode="simple", active=False,
         top_layer = layers[0]
     elif top is None:
         if len(layers) == 2:
-            raise JobError(layers[0].filename, "nothing below the active image to "
-                                               f"commit (its backing file "
-                                               f"{layers[1].filename} is the base); use "
-                                               "--active")
+            raise JobError(
+                layers[0].filename,
+                "nothing below the active image to "
+                f"commit (its backing file "
+                f"{layers[1].filename} is the base); use "
+                "--active",
+            )
         top_layer = layers[1]
     else:
         top_layer = find_layer(chain, top)
@@ -107,17 +112,16 @@ def resolve_target(chain, top=None, base=None, mode="simple", active=False,
         raise JobError(top_layer.filename, "an active commit cannot use restartable mode")
     if base_layer.format != "qcow2" and base_layer.format != "raw":
         raise JobError(base_layer.filename, "base has an unsupported format")
-    for layer in layers[ti:bi + 1]:
+    for layer in layers[ti : bi + 1]:
         if getattr(layer, "encrypted", False):
             raise JobError(layer.filename, "encrypted images cannot be committed")
     writable_needed = [base_layer]
     if mode == "restartable":
         writable_needed += layers[ti:bi]
     if not is_active:
-        writable_needed.append(layers[ti - 1])   # its backing name is rewritten
+        writable_needed.append(layers[ti - 1])  # its backing name is rewritten
     for layer in writable_needed:
         # no write bit at all counts as read-only even for root, who could write anyway
         if not os.access(layer.path, os.W_OK) or not os.stat(layer.path).st_mode & 0o222:
-            raise JobError(layer.filename, "must be writable for this commit "
-                                           f"({mode} mode)")
+            raise JobError(layer.filename, f"must be writable for this commit ({mode} mode)")
     return CommitTarget(chain, top_layer.path, base_layer.path, mode, is_active)

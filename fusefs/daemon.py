@@ -32,33 +32,33 @@ import time
 import trio
 
 import qcow
-from qcow.errors import ChainError, QcowError
-from qcow.header import QCOW_MAGIC
-from qcow.leftover import refuse_leftovers
-
-log = logging.getLogger("qcowfs.daemon")
-_CLI_PRINTS = {"cli_prints": True}     # log extra: the CLI prints this error itself
-
-READY_ENV = "QCOWFS_READY_FD"
-START_TIMEOUT = 120.0       # seconds `qcowfs mount` waits for the daemon to be ready
-STOP_TIMEOUT = 120.0        # seconds `qcowfs unmount` waits for the daemon to exit
-FSTYPE = "fuse.qcowfs"
-
 from commit.engine import make_commit_factory
 from commit.intent import resume_plan
 from commit.job import JobManager
 from commit.qapi import QMPError
 from commit.stream import make_stream_factory
-from commit.target import node_name        # node names block-commit's top/base accept
-from fusefs import qmp                     # the control socket
-from fusefs import mountrecord            # where CLI commands find this mount
-from fusefs.daemonfiles import (LogHandler, RepeatFilter, open_log, remove_pid_file,
-                                write_pid_file)
+from commit.target import node_name  # node names block-commit's top/base accept
+from fusefs import (
+    mountrecord,  # where CLI commands find this mount
+    qmp,  # the control socket
+)
+from fusefs.daemonfiles import LogHandler, RepeatFilter, open_log, remove_pid_file, write_pid_file
 from fusefs.holders import describe, holders
 from fusefs.qmp import default_socket_path
 from fusefs.snapshot import make_snapshot_command
 from fusefs.units import parse_mib
 from fusefs.watchdog import Watchdog, install_thread_dump
+from qcow.errors import ChainError, QcowError
+from qcow.header import QCOW_MAGIC
+from qcow.leftover import refuse_leftovers
+
+log = logging.getLogger("qcowfs.daemon")
+_CLI_PRINTS = {"cli_prints": True}  # log extra: the CLI prints this error itself
+
+READY_ENV = "QCOWFS_READY_FD"
+START_TIMEOUT = 120.0  # seconds `qcowfs mount` waits for the daemon to be ready
+STOP_TIMEOUT = 120.0  # seconds `qcowfs unmount` waits for the daemon to exit
+FSTYPE = "fuse.qcowfs"
 
 
 def _stem(socket_path):
@@ -96,16 +96,30 @@ class MountConfig:
         self.allow_other = bool(args.allow_other)
         self.cache_mib = parse_mib(args.cache_mib)
         self.no_resume = bool(getattr(args, "no_resume", False))
-        self.socket = os.path.abspath(args.control_socket or
-                                      default_socket_path(self.mountpoint))
-        self.log_file = os.path.abspath(getattr(args, "log_file", None) or
-                                        default_log_path(self.socket))
+        self.socket = os.path.abspath(args.control_socket or default_socket_path(self.mountpoint))
+        self.log_file = os.path.abspath(
+            getattr(args, "log_file", None) or default_log_path(self.socket)
+        )
         self.pid_file = pid_file_path(self.socket)
 
     def daemon_argv(self):
-        argv = [sys.executable, "-m", "fusefs", "mount", self.image, self.mountpoint,
-                "--foreground", "--name", self.name, "--control-socket", self.socket,
-                "--cache-mib", str(self.cache_mib), "--log-file", self.log_file]
+        argv = [
+            sys.executable,
+            "-m",
+            "fusefs",
+            "mount",
+            self.image,
+            self.mountpoint,
+            "--foreground",
+            "--name",
+            self.name,
+            "--control-socket",
+            self.socket,
+            "--cache-mib",
+            str(self.cache_mib),
+            "--log-file",
+            self.log_file,
+        ]
         if self.read_only:
             argv.append("--read-only")
         if self.allow_other:
@@ -120,6 +134,7 @@ class MountConfig:
 
 
 # ---- checks --------------------------------------------------------------------------
+
 
 def mount_fstype(path):
     """The file system type mounted at `path` ('fuse.qcowfs', ...), or None."""
@@ -146,7 +161,7 @@ def _mountinfo(path):
             sep = fields.index(b"-")
         except ValueError:
             continue
-        if _unescape(fields[4]) == target:      # the last one wins
+        if _unescape(fields[4]) == target:  # the last one wins
             found = fields[sep + 1].decode(errors="replace"), fields[2].decode()
     return found
 
@@ -154,8 +169,8 @@ def _mountinfo(path):
 def _unescape(field):
     out, i = bytearray(), 0
     while i < len(field):
-        if field[i] == 0x5C and field[i + 1:i + 4].isdigit() and i + 4 <= len(field):
-            out.append(int(field[i + 1:i + 4], 8))
+        if field[i] == 0x5C and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(int(field[i + 1 : i + 4], 8))
             i += 4
         else:
             out.append(field[i])
@@ -170,26 +185,35 @@ def check_mountpoint(mountpoint, nonempty=False):
         raise QcowError(mountpoint, "mountpoint does not exist") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise QcowError(mountpoint, "mountpoint is a dead FUSE mount (its daemon "
-                            "is gone); clear it with 'fusermount3 -u -z' first") from None
+            raise QcowError(
+                mountpoint,
+                "mountpoint is a dead FUSE mount (its daemon "
+                "is gone); clear it with 'fusermount3 -u -z' first",
+            ) from None
         raise QcowError(mountpoint, f"mountpoint: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise QcowError(mountpoint, "mountpoint is not a directory")
     fstype = mount_fstype(mountpoint)
     if fstype is not None:
         if fstype.startswith("fuse") and _fuse_dead(mountpoint):
-            raise QcowError(mountpoint, "mountpoint is a dead FUSE mount (its daemon is "
-                                        "gone); clear it with 'qcowfs unmount' or "
-                                        "'fusermount3 -u -z' first")
+            raise QcowError(
+                mountpoint,
+                "mountpoint is a dead FUSE mount (its daemon is "
+                "gone); clear it with 'qcowfs unmount' or "
+                "'fusermount3 -u -z' first",
+            )
         raise QcowError(mountpoint, f"already mounted ({fstype}); unmount it first")
     if not nonempty and os.listdir(mountpoint):
-        raise QcowError(mountpoint, "mountpoint is not empty (the mount would hide its "
-                                    "files); use --nonempty to mount over them")
+        raise QcowError(
+            mountpoint,
+            "mountpoint is not empty (the mount would hide its "
+            "files); use --nonempty to mount over them",
+        )
 
 
 def _fuse_dead(mountpoint):
     try:
-        os.statvfs(mountpoint)      # never answered from a cache: reaches the daemon
+        os.statvfs(mountpoint)  # never answered from a cache: reaches the daemon
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
@@ -206,8 +230,9 @@ def check_image(image):
     except OSError as e:
         raise ChainError(image, e.strerror) from None
     if magic != QCOW_MAGIC:
-        raise ChainError(image, "not a qcow2 image (a raw image is already flat: "
-                                "there is nothing to mount)")
+        raise ChainError(
+            image, "not a qcow2 image (a raw image is already flat: there is nothing to mount)"
+        )
 
 
 def check_socket_free(path):
@@ -218,13 +243,14 @@ def check_socket_free(path):
         s.settimeout(2)
         s.connect(path)
     except OSError:
-        return              # stale: the daemon replaces it
+        return  # stale: the daemon replaces it
     finally:
         s.close()
     raise QcowError(path, "control socket is in use by another running mount")
 
 
 # ---- qcowfs mount ----------------------------------------------------------------------
+
 
 def cmd_mount(args):
     cfg = MountConfig(args)
@@ -245,18 +271,25 @@ def spawn_daemon(cfg):
     r, w = os.pipe()
     env = dict(os.environ, **{READY_ENV: str(w)})
     try:
-        proc = subprocess.Popen(cfg.daemon_argv(), stdin=subprocess.DEVNULL, stdout=logfd,
-                                stderr=logfd, pass_fds=(w,), env=env, cwd="/",
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cfg.daemon_argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=logfd,
+            stderr=logfd,
+            pass_fds=(w,),
+            env=env,
+            cwd="/",
+            start_new_session=True,
+        )
     finally:
         os.close(logfd)
     os.close(w)
     try:
         line = _read_line(r, START_TIMEOUT)
-        while line.startswith("NOTE "):         # a line for the user (a resumed commit)
+        while line.startswith("NOTE "):  # a line for the user (a resumed commit)
             print(f"qcowfs: {line[5:]}", file=sys.stderr)
             line = _read_line(r, START_TIMEOUT)
-    except BaseException:           # e.g. Ctrl-C while waiting: take the daemon along
+    except BaseException:  # e.g. Ctrl-C while waiting: take the daemon along
         proc.terminate()
         _reap(proc, cfg)
         raise
@@ -268,12 +301,14 @@ def spawn_daemon(cfg):
     if line.startswith("ERROR "):
         raise QcowError(None, line[6:])
     if line == "":
-        why = (f"exited with status {rc}" if rc >= 0 else
-               f"was killed by signal {-rc}")
-        raise QcowError(cfg.mountpoint, f"mount daemon {why} before the mount was "
-                                        f"ready; see {cfg.log_file}")
-    raise QcowError(cfg.mountpoint, f"mount daemon did not become ready within "
-                                    f"{START_TIMEOUT:.0f} s; see {cfg.log_file}")
+        why = f"exited with status {rc}" if rc >= 0 else f"was killed by signal {-rc}"
+        raise QcowError(
+            cfg.mountpoint, f"mount daemon {why} before the mount was ready; see {cfg.log_file}"
+        )
+    raise QcowError(
+        cfg.mountpoint,
+        f"mount daemon did not become ready within {START_TIMEOUT:.0f} s; see {cfg.log_file}",
+    )
 
 
 def _reap(proc, cfg):
@@ -285,8 +320,11 @@ def _reap(proc, cfg):
         proc.kill()
         rc = proc.wait()
     if mount_fstype(cfg.mountpoint) == FSTYPE:
-        subprocess.run(["fusermount3", "-u", "-z", cfg.mountpoint],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["fusermount3", "-u", "-z", cfg.mountpoint],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return rc
 
 
@@ -344,6 +382,7 @@ class _Readiness:
 
 # ---- the daemon ----------------------------------------------------------------------
 
+
 def _setup_logging(cfg, to_stderr):
     os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
@@ -387,8 +426,13 @@ def run_daemon(cfg, ready_fd=None):
         err = QcowError(cfg.log_file, f"cannot open the log file: {e.strerror}")
         notify.error(str(err))
         raise err from None
-    log.info("starting: image %s, mountpoint %s, %s, control socket %s", cfg.image,
-             cfg.mountpoint, "read-only" if cfg.read_only else "read-write", cfg.socket)
+    log.info(
+        "starting: image %s, mountpoint %s, %s, control socket %s",
+        cfg.image,
+        cfg.mountpoint,
+        "read-only" if cfg.read_only else "read-write",
+        cfg.socket,
+    )
     # kill -QUIT / -USR1: every thread's stack to the log (again after each rotation)
     install_thread_dump(log_handler.stream)
     log_handler.on_open = install_thread_dump
@@ -408,8 +452,7 @@ def run_daemon(cfg, ready_fd=None):
         raise
     except BaseException as e:
         log.exception("cannot start")
-        notify.error(f"{cfg.mountpoint}: cannot start the mount daemon: {e!r}; "
-                     f"see {cfg.log_file}")
+        notify.error(f"{cfg.mountpoint}: cannot start the mount daemon: {e!r}; see {cfg.log_file}")
         if daemon is not None:
             daemon.cleanup()
         raise
@@ -420,15 +463,15 @@ class Daemon:
     def __init__(self, cfg, notify):
         self.cfg = cfg
         self.notify = notify
-        self.on_terminal = notify.fd is None     # a user's own --foreground run
+        self.on_terminal = notify.fd is None  # a user's own --foreground run
         self.chain = None
         self.ops = None
         self.hook = None
         self.jobs = None
         self.server = None
-        self.fuse_state = "none"        # none -> mounted -> running -> stopped -> closed
-        self.stopping = None            # reason, once a shutdown was asked for
-        self.resume = None              # block-commit arguments of an interrupted commit
+        self.fuse_state = "none"  # none -> mounted -> running -> stopped -> closed
+        self.stopping = None  # reason, once a shutdown was asked for
+        self.resume = None  # block-commit arguments of an interrupted commit
         self.exit_code = 0
         self._nursery = None
         self._pid_written = False
@@ -437,33 +480,45 @@ class Daemon:
 
     def open(self):
         import pyfuse3
+
         from fusefs.mountfs import FallocateHook, MountFS
 
         cfg = self.cfg
         write_pid_file(cfg.pid_file)
         self._pid_written = True
         try:
-            self.chain = qcow.open_chain(cfg.image, writable=not cfg.read_only,
-                                         cache_bytes=cfg.cache_mib << 20, lock=True,
-                                         force=cfg.force)
+            self.chain = qcow.open_chain(
+                cfg.image,
+                writable=not cfg.read_only,
+                cache_bytes=cfg.cache_mib << 20,
+                lock=True,
+                force=cfg.force,
+            )
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            raise QcowError(e.filename or cfg.image, f"cannot open for writing "
-                            f"({e.strerror}); mount with --read-only to only read "
-                            f"it") from None
+            raise QcowError(
+                e.filename or cfg.image,
+                f"cannot open for writing ({e.strerror}); mount with --read-only to only read it",
+            ) from None
         if cfg.read_only and not cfg.force:
             refuse_leftovers(self.chain.layers)
         top = self.chain.layers[0]
         if top.format != "qcow2":
-            raise ChainError(cfg.image, "not a qcow2 image (a raw image is already flat: "
-                                        "there is nothing to mount)")
-        log.info("chain: %s", " <- ".join(
-            f"{layer.path} ({layer.format})" for layer in reversed(self.chain.layers)))
-        self.ops = MountFS(self.chain, cfg.name, read_only=cfg.read_only,
-                           watchdog=cfg.watchdog)
-        options = {"default_permissions", "subtype=qcowfs",
-                   "fsname=" + cfg.image.replace("\\", "\\\\").replace(",", "\\,")}
+            raise ChainError(
+                cfg.image,
+                "not a qcow2 image (a raw image is already flat: there is nothing to mount)",
+            )
+        log.info(
+            "chain: %s",
+            " <- ".join(f"{layer.path} ({layer.format})" for layer in reversed(self.chain.layers)),
+        )
+        self.ops = MountFS(self.chain, cfg.name, read_only=cfg.read_only, watchdog=cfg.watchdog)
+        options = {
+            "default_permissions",
+            "subtype=qcowfs",
+            "fsname=" + cfg.image.replace("\\", "\\\\").replace(",", "\\,"),
+        }
         if cfg.read_only:
             options.add("ro")
         if cfg.allow_other:
@@ -471,21 +526,27 @@ class Daemon:
         try:
             pyfuse3.init(self.ops, cfg.mountpoint, options)
         except RuntimeError as e:
-            raise QcowError(cfg.mountpoint, f"cannot mount ({e}); see "
-                                            f"{cfg.log_file}") from None
+            raise QcowError(cfg.mountpoint, f"cannot mount ({e}); see {cfg.log_file}") from None
         self.fuse_state = "mounted"
         self.hook = FallocateHook(self.ops)
         self.hook.install()
         self.jobs = self._make_job_manager()
         self._check_pending_commit()
         try:
-            mountrecord.write_record(cfg.mountpoint, socket=cfg.socket, pid=os.getpid(),
-                                     dev=mount_dev(cfg.mountpoint),
-                                     image=cfg.image, name=cfg.name,
-                                     read_only=cfg.read_only, log=cfg.log_file)
+            mountrecord.write_record(
+                cfg.mountpoint,
+                socket=cfg.socket,
+                pid=os.getpid(),
+                dev=mount_dev(cfg.mountpoint),
+                image=cfg.image,
+                name=cfg.name,
+                read_only=cfg.read_only,
+                log=cfg.log_file,
+            )
         except (OSError, QcowError) as e:
-            log.warning("cannot write the mount record (commands will need "
-                        "--control-socket): %s", e)
+            log.warning(
+                "cannot write the mount record (commands will need --control-socket): %s", e
+            )
 
     def _check_pending_commit(self):
         """An interrupted commit recorded in the chain: say so in one line; it is
@@ -512,10 +573,11 @@ class Daemon:
         # runs in _main's nursery.
         # A read-only mount changes no image: its block-commit and block-stream refuse.
         read_only = self.cfg.mountpoint if self.cfg.read_only else None
-        return JobManager(make_commit_factory(self.chain, read_only_mount=read_only),
-                          emit=self._emit,
-                          factories={"block-stream": make_stream_factory(
-                              self.chain, read_only_mount=read_only)})
+        return JobManager(
+            make_commit_factory(self.chain, read_only_mount=read_only),
+            emit=self._emit,
+            factories={"block-stream": make_stream_factory(self.chain, read_only_mount=read_only)},
+        )
 
     # -- the command table of the control socket -----------------------------------
 
@@ -525,9 +587,10 @@ class Daemon:
             "quit": self._qmp_quit,
         }
         if self.jobs is not None:
-            table.update(self.jobs.commands())      # block-commit, query-block-jobs, ...
+            table.update(self.jobs.commands())  # block-commit, query-block-jobs, ...
             table["blockdev-snapshot-sync"] = make_snapshot_command(
-                self.chain, self.jobs, self.cfg.read_only)
+                self.chain, self.jobs, self.cfg.read_only
+            )
         return table
 
     async def _qmp_query_named_block_nodes(self, arguments):
@@ -550,19 +613,20 @@ class Daemon:
         try:
             try:
                 trio.run(self._main)
-            except BaseExceptionGroup as group:   # a nursery wraps a start-up fault
+            except BaseExceptionGroup as group:  # a nursery wraps a start-up fault
                 only = _sole_exception(group)
                 if only is None:
                     raise
                 raise only from None
-        except QcowError as e:                  # e.g. the control socket is taken
+        except QcowError as e:  # e.g. the control socket is taken
             log.error("%s", e)
             self.notify.error(str(e))
             self.exit_code = 1
         except BaseException:
             log.exception("mount daemon failed")
-            self.notify.error(f"{self.cfg.mountpoint}: the mount daemon failed; see "
-                              f"{self.cfg.log_file}")
+            self.notify.error(
+                f"{self.cfg.mountpoint}: the mount daemon failed; see {self.cfg.log_file}"
+            )
             self.exit_code = 1
         finally:
             self.cleanup()
@@ -607,24 +671,31 @@ class Daemon:
             st = await trio.to_thread.run_sync(os.stat, path)
         except OSError as e:
             log.error("the mount does not answer: %s: %s", path, e.strerror)
-            self.notify.error(f"{self.cfg.mountpoint}: the mount does not answer "
-                              f"({e.strerror}); see {self.cfg.log_file}")
+            self.notify.error(
+                f"{self.cfg.mountpoint}: the mount does not answer "
+                f"({e.strerror}); see {self.cfg.log_file}"
+            )
             await self.shutdown("startup-failed")
             self.exit_code = 1
             return
         info = self.hook.conn_info() if self.hook else None
         if info:
             major, minor, max_write, max_read, max_ra = info
-            log.info("kernel FUSE protocol %d.%d: max_write %d, max_read %s, "
-                     "max_readahead %d", major, minor, max_write,
-                     max_read or "unlimited (bounded by max_pages)", max_ra)
+            log.info(
+                "kernel FUSE protocol %d.%d: max_write %d, max_read %s, max_readahead %d",
+                major,
+                minor,
+                max_write,
+                max_read or "unlimited (bounded by max_pages)",
+                max_ra,
+            )
         log.info("serving %s: %d bytes", path, st.st_size)
         self.notify.ready()
 
     async def _watch_signals(self, signals):
         async for signum in signals:
             if signum == signal.SIGHUP and not self.on_terminal:
-                continue                    # no terminal to lose in daemon mode
+                continue  # no terminal to lose in daemon mode
             name = signal.Signals(signum).name
             if self.stopping:
                 log.info("%s: already shutting down (%s)", name, self.stopping)
@@ -641,7 +712,8 @@ class Daemon:
         await self._cancel_jobs()
         if self.fuse_state == "running":
             import pyfuse3
-            pyfuse3.terminate()         # pyfuse3.main() returns; _main finishes up
+
+            pyfuse3.terminate()  # pyfuse3.main() returns; _main finishes up
 
     async def _cancel_jobs(self):
         if self.jobs is None:
@@ -654,18 +726,22 @@ class Daemon:
     async def _finish(self):
         """After the FUSE loop: unmount, cancel jobs, close the chain, say goodbye."""
         import pyfuse3
+
         self._close_fuse(pyfuse3)
         await self._cancel_jobs()
         ok = await trio.to_thread.run_sync(self._close_chain)
         if self.ops is not None:
-            log.info("largest requests served: read %d, write %d bytes",
-                     self.ops.max_read_seen, self.ops.max_write_seen)
+            log.info(
+                "largest requests served: read %d, write %d bytes",
+                self.ops.max_read_seen,
+                self.ops.max_write_seen,
+            )
         if ok and self.exit_code == 0:
             self._emit("SHUTDOWN", {"guest": False, "reason": self.stopping})
         else:
             self.exit_code = 1
         if self.server is not None:
-            await self.server.flush(timeout=5.0)    # SHUTDOWN reaches the clients
+            await self.server.flush(timeout=5.0)  # SHUTDOWN reaches the clients
 
     def _close_fuse(self, pyfuse3):
         if self.fuse_state in ("mounted", "running", "stopped"):
@@ -692,6 +768,7 @@ class Daemon:
         """Last resort on every exit path: nothing mounted, chain closed, files gone."""
         if self.fuse_state != "none" and self.fuse_state != "closed":
             import pyfuse3
+
             self._close_fuse(pyfuse3)
         if self.chain is not None and not self._close_chain():
             self.exit_code = 1
@@ -705,18 +782,21 @@ def block_nodes(chain):
     """`query-named-block-nodes`: the chain, top first."""
     out = []
     for depth, layer in enumerate(chain.layers):
-        out.append({
-            "node-name": node_name(depth),
-            "file": layer.path,
-            "virtual-size": layer.virtual_size,
-            "format": layer.format,
-            "ro": bool(layer.read_only),
-            "backing_file_depth": len(chain.layers) - 1 - depth,
-        })
+        out.append(
+            {
+                "node-name": node_name(depth),
+                "file": layer.path,
+                "virtual-size": layer.virtual_size,
+                "format": layer.format,
+                "ro": bool(layer.read_only),
+                "backing_file_depth": len(chain.layers) - 1 - depth,
+            }
+        )
     return out
 
 
 # ---- qcowfs unmount --------------------------------------------------------------------
+
 
 def cmd_unmount(args):
     mountpoint = os.path.realpath(args.mountpoint)
@@ -725,21 +805,22 @@ def cmd_unmount(args):
     log_path = (record or {}).get("log") or default_log_path(sock_path)
     fstype = mount_fstype(mountpoint)
     if not os.path.exists(sock_path):
-        return _unmount_without_socket(args, mountpoint, sock_path, fstype, record,
-                                       "no control socket")
+        return _unmount_without_socket(
+            args, mountpoint, sock_path, fstype, record, "no control socket"
+        )
     conn = qmp.QMPConnection(sock_path, label=mountpoint, timeout=30.0)
     try:
         conn.connect()
     except QcowError as e:
-        return _unmount_without_socket(args, mountpoint, sock_path, fstype, record,
-                                       e.message)
+        return _unmount_without_socket(args, mountpoint, sock_path, fstype, record, e.message)
     pid = _daemon_pid(record, sock_path, mountpoint)
     clean = False
     try:
         if fstype is None:
             # its daemon answers, so it was detached lazily and still serves opens
-            raise QcowError(mountpoint, "already detached lazily; its daemon exits once "
-                                        "the flat file is closed")
+            raise QcowError(
+                mountpoint, "already detached lazily; its daemon exits once the flat file is closed"
+            )
         if not args.cancel_jobs:
             _refuse_if_jobs(conn, mountpoint)
         busy = holders(mountpoint)
@@ -754,8 +835,10 @@ def cmd_unmount(args):
         while True:
             ev = conn.next_event(timeout=STOP_TIMEOUT)
             if ev is None:
-                raise QcowError(mountpoint, f"mount daemon did not finish within "
-                                            f"{STOP_TIMEOUT:.0f} s; see {log_path}")
+                raise QcowError(
+                    mountpoint,
+                    f"mount daemon did not finish within {STOP_TIMEOUT:.0f} s; see {log_path}",
+                )
             if ev.get("event") == "SHUTDOWN":
                 clean = True
     except qmp.QMPCallError as e:
@@ -766,13 +849,14 @@ def cmd_unmount(args):
     finally:
         conn.close()
     if pid is not None and not _wait_pid_exit(pid, STOP_TIMEOUT):
-        raise QcowError(mountpoint, f"mount daemon (pid {pid}) did not exit within "
-                                    f"{STOP_TIMEOUT:.0f} s; see {log_path}")
+        raise QcowError(
+            mountpoint,
+            f"mount daemon (pid {pid}) did not exit within {STOP_TIMEOUT:.0f} s; see {log_path}",
+        )
     if mount_fstype(mountpoint) == FSTYPE:
         raise QcowError(mountpoint, "still mounted after the daemon exited")
     if not clean:
-        raise QcowError(mountpoint, f"mount daemon exited without a clean shutdown; "
-                                    f"see {log_path}")
+        raise QcowError(mountpoint, f"mount daemon exited without a clean shutdown; see {log_path}")
     _say_pivoted(mountpoint, record, nodes)
     return 0
 
@@ -782,13 +866,18 @@ def _say_pivoted(mountpoint, record, nodes):
     now = nodes[0].get("file") if nodes else None
     was = (record or {}).get("image")
     if now and was and now != was:
-        print(f"{mountpoint}: unmounted; the disk is now {now} (an active commit "
-              f"pivoted to it from {was})")
+        print(
+            f"{mountpoint}: unmounted; the disk is now {now} (an active commit "
+            f"pivoted to it from {was})"
+        )
 
 
 def _refuse_busy(mountpoint, busy):
-    raise QcowError(mountpoint, f"busy: the flat file is in use ({describe(busy)}); "
-                                f"close it first, or use --lazy to detach anyway")
+    raise QcowError(
+        mountpoint,
+        f"busy: the flat file is in use ({describe(busy)}); "
+        f"close it first, or use --lazy to detach anyway",
+    )
 
 
 def _lazy_detach(conn, mountpoint, busy, cancel_jobs):
@@ -798,12 +887,13 @@ def _lazy_detach(conn, mountpoint, busy, cancel_jobs):
         for job in conn.execute("query-block-jobs") or []:
             if job.get("status") not in ("concluded", "null"):
                 conn.execute("block-job-cancel", {"device": job["device"], "force": True})
-    cp = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
-                        text=True)
+    cp = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
     if cp.returncode != 0:
         raise QcowError(mountpoint, f"lazy unmount failed: {cp.stderr.strip()}")
-    print(f"{mountpoint}: detached lazily while in use ({describe(busy)}); the daemon "
-          f"flushes, closes the images and exits once they are closed")
+    print(
+        f"{mountpoint}: detached lazily while in use ({describe(busy)}); the daemon "
+        f"flushes, closes the images and exits once they are closed"
+    )
     return 0
 
 
@@ -814,11 +904,15 @@ def _refuse_if_jobs(conn, mountpoint):
         if e.error_class == qmp.COMMAND_NOT_FOUND:
             return
         raise
-    active = [j.get("device", "?") for j in jobs or []
-              if j.get("status") not in ("concluded", "null")]
+    active = [
+        j.get("device", "?") for j in jobs or [] if j.get("status") not in ("concluded", "null")
+    ]
     if active:
-        raise QcowError(mountpoint, f"job(s) running: {', '.join(active)}; wait for, "
-                                    f"cancel or complete them, or use --cancel-jobs")
+        raise QcowError(
+            mountpoint,
+            f"job(s) running: {', '.join(active)}; wait for, "
+            f"cancel or complete them, or use --cancel-jobs",
+        )
 
 
 def _daemon_pid(record, sock_path, mountpoint):
@@ -844,25 +938,40 @@ def _unmount_without_socket(args, mountpoint, sock_path, fstype, record, err):
         os.kill(pid, signal.SIGTERM)
         if _wait_pid_exit(pid, STOP_TIMEOUT) and mount_fstype(mountpoint) is None:
             return 0
-        raise QcowError(mountpoint, f"control socket {sock_path} does not answer ({err}) "
-                                    f"and the daemon (pid {pid}) did not stop on SIGTERM")
+        raise QcowError(
+            mountpoint,
+            f"control socket {sock_path} does not answer ({err}) "
+            f"and the daemon (pid {pid}) did not stop on SIGTERM",
+        )
     proof = _proof_of_death(mountpoint, record)
     if proof is None:
-        raise QcowError(mountpoint, f"control socket {sock_path} does not answer ({err}) "
-                                    f"and its daemon cannot be found; left as it is (give "
-                                    f"--control-socket PATH if the mount used one)")
-    subprocess.run(["fusermount3", "-u", "-z", mountpoint], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+        raise QcowError(
+            mountpoint,
+            f"control socket {sock_path} does not answer ({err}) "
+            f"and its daemon cannot be found; left as it is (give "
+            f"--control-socket PATH if the mount used one)",
+        )
+    subprocess.run(
+        ["fusermount3", "-u", "-z", mountpoint],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     mountrecord.remove_record(mountpoint)
-    raise QcowError(mountpoint, f"its mount daemon was gone ({proof}): removed the dead "
-                                "mount; run 'qcowfs check --repair' on the image")
+    raise QcowError(
+        mountpoint,
+        f"its mount daemon was gone ({proof}): removed the dead "
+        "mount; run 'qcowfs check --repair' on the image",
+    )
 
 
 def _proof_of_death(mountpoint, record):
     """Why the daemon of the FUSE mount at `mountpoint` is certainly gone, or None."""
-    if (record is not None and isinstance(record.get("pid"), int)
-            and record.get("dev") == mount_dev(mountpoint)
-            and _verified_pid(record["pid"], mountpoint) is None):
+    if (
+        record is not None
+        and isinstance(record.get("pid"), int)
+        and record.get("dev") == mount_dev(mountpoint)
+        and _verified_pid(record["pid"], mountpoint) is None
+    ):
         return f"pid {record['pid']} has exited"
     if _fuse_dead_within(mountpoint, 5.0):
         return "the FUSE connection is aborted"
@@ -896,8 +1005,7 @@ def _verified_pid(pid, mountpoint=None):
             argv = f.read().split(b"\0")
     except OSError:
         return None
-    if b"fusefs" not in argv or (mountpoint is not None and
-                                 os.fsencode(mountpoint) not in argv):
+    if b"fusefs" not in argv or (mountpoint is not None and os.fsencode(mountpoint) not in argv):
         return None
     return pid if pid_alive(pid) else None
 

@@ -17,7 +17,7 @@ import time
 
 from qcow.errors import QcowError
 
-LOG_MAX_BYTES = 8 << 20     # then the log moves to <log>.1 (one old log is kept)
+LOG_MAX_BYTES = 8 << 20  # then the log moves to <log>.1 (one old log is kept)
 
 
 def _refuse_unless_ours(path, st, what):
@@ -36,7 +36,9 @@ def _open_private(path, flags, what):
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise QcowError(path, f"{what} is a symbolic link; refusing to write through it") from None
+            raise QcowError(
+                path, f"{what} is a symbolic link; refusing to write through it"
+            ) from None
         if e.errno == errno.EEXIST:
             raise
         raise QcowError(path, f"cannot open the {what}: {e.strerror}") from None
@@ -69,7 +71,9 @@ def write_pid_file(path):
         except FileNotFoundError:
             fd = _open_private(path, flags, "pid file")
         except FileExistsError:
-            raise QcowError(path, "pid file appeared while replacing it; another daemon starting?") from None
+            raise QcowError(
+                path, "pid file appeared while replacing it; another daemon starting?"
+            ) from None
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -92,7 +96,7 @@ class LogHandler(logging.handlers.RotatingFileHandler):
     """The daemon's log file: opened as `open_log` does, rotated at LOG_MAX_BYTES."""
 
     def __init__(self, path):
-        self.on_open = None         # called with each new stream (after a rotation too)
+        self.on_open = None  # called with each new stream (after a rotation too)
         super().__init__(path, maxBytes=LOG_MAX_BYTES, backupCount=1, encoding="utf-8")
 
     def _open(self):
@@ -112,7 +116,7 @@ class RepeatFilter(logging.Filter):
 
     def __init__(self):
         super().__init__()
-        self._seen = {}     # key -> [window start, records in window, dropped]
+        self._seen = {}  # key -> [window start, records in window, dropped]
 
     def filter(self, record):
         key = (record.name, record.levelno, str(record.msg))

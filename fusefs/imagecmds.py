@@ -17,31 +17,35 @@ from qcow.lock import READER, WRITER, lock_image
 
 def layer_info(layer, below):
     """One layer as `qemu-img info --output=json` describes it."""
-    d = {"filename": layer.filename, "format": layer.format,
-         "virtual-size": layer.virtual_size,
-         "actual-size": _actual_size(layer)}
+    d = {
+        "filename": layer.filename,
+        "format": layer.format,
+        "virtual-size": layer.virtual_size,
+        "actual-size": _actual_size(layer),
+    }
     if layer.format == "qcow2":
         h = layer.header
         d["cluster-size"] = layer.cluster_size
         d["dirty-flag"] = bool(h.incompatible_features & INCOMPAT_DIRTY)
         if layer.encrypted:
             d["encrypted"] = True
-        data = {"compat": "1.1" if h.version >= 3 else "0.10",
-                "compression-type": "zstd" if h.compression_type else "zlib",
-                "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
-                "refcount-bits": h.refcount_bits,
-                "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
-                "extended-l2": layer.extended_l2}
+        data = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": "zstd" if h.compression_type else "zlib",
+            "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
+            "refcount-bits": h.refcount_bits,
+            "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+            "extended-l2": layer.extended_l2,
+        }
         if h.version < 3:
-            data = {"compat": "0.10", "compression-type": "zlib",
-                    "refcount-bits": h.refcount_bits}
+            data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": h.refcount_bits}
         d["format-specific"] = {"type": "qcow2", "data": data}
         if h.drained_into:
             d["x-leftover-committed-into"] = h.drained_into
         if layer.snapshots:
             d["snapshots"] = [{"id": s.id, "name": s.name} for s in layer.snapshots]
         if h.pending_commit:
-            d["x-pending-commit"] = h.pending_commit     # see commit/intent.py
+            d["x-pending-commit"] = h.pending_commit  # see commit/intent.py
         if layer.backing_name:
             d["backing-filename"] = layer.backing_name
             d["full-backing-filename"] = below.filename if below else layer.backing_name
@@ -54,25 +58,32 @@ def layer_info(layer, below):
 
 def _actual_size(layer):
     import os
+
     return os.fstat(layer.io.fd).st_blocks * 512
 
 
 def cmd_info(args):
     with qcow.open_chain(args.image, lock=False, metadata_only=True) as chain:
         layers = chain.layers
-        infos = [layer_info(layer, layers[i + 1] if i + 1 < len(layers) else None)
-                 for i, layer in enumerate(layers)]
+        infos = [
+            layer_info(layer, layers[i + 1] if i + 1 < len(layers) else None)
+            for i, layer in enumerate(layers)
+        ]
     if args.dependants:
         from commit.guard import dependants_report
+
         return dependants_report(args.image, args.guard_dir, as_json=args.json)
     if args.json:
         print(json.dumps(infos, indent=4))
         return 0
     blocks = []
     for d in infos:
-        lines = [f"image: {d['filename']}", f"file format: {d['format']}",
-                 f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
-                 f"disk size: {_human(d['actual-size'])}"]
+        lines = [
+            f"image: {d['filename']}",
+            f"file format: {d['format']}",
+            f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
+            f"disk size: {_human(d['actual-size'])}",
+        ]
         if "cluster-size" in d:
             lines.append(f"cluster_size: {d['cluster-size']}")
         if "backing-filename" in d:
@@ -82,15 +93,20 @@ def cmd_info(args):
         if d.get("encrypted"):
             lines.append("encrypted: yes")
         if d.get("x-leftover-committed-into"):
-            lines.append(f"leftover: yes, a commit put its data into "
-                         f"{d['x-leftover-committed-into']} (mount refuses it without "
-                         f"--force)")
+            lines.append(
+                f"leftover: yes, a commit put its data into "
+                f"{d['x-leftover-committed-into']} (mount refuses it without "
+                f"--force)"
+            )
         if d.get("snapshots"):
             lines.append("snapshots: " + ", ".join(s["name"] for s in d["snapshots"]))
         if d.get("x-pending-commit"):
             from commit.intent import describe
-            lines.append(f"pending commit: {describe(d['x-pending-commit'])} (the next "
-                         f"'qcowfs mount' resumes it)")
+
+            lines.append(
+                f"pending commit: {describe(d['x-pending-commit'])} (the next "
+                f"'qcowfs mount' resumes it)"
+            )
         fs = d.get("format-specific")
         if fs:
             lines.append("Format specific information:")
@@ -126,7 +142,7 @@ def cmd_map(args):
 
 
 def cmd_check(args):
-    repair = bool(args.repair or args.repair_mode)      # -r leaks|all as qemu-img
+    repair = bool(args.repair or args.repair_mode)  # -r leaks|all as qemu-img
     try:
         img = Qcow2Image(args.image, writable=repair, cache_bytes=16 << 20)
     except QcowError as e:
@@ -142,9 +158,11 @@ def cmd_check(args):
         result = check_image(img, repair=repair)
         if repair and (result.corruptions or result.leaks):
             if args.output == "human":
-                print("The following inconsistencies were found and repaired:\n\n"
-                      f"    {result.leaks} leaked clusters\n    {result.corruptions} "
-                      "corruptions\n\nDouble checking the fixed image now...")
+                print(
+                    "The following inconsistencies were found and repaired:\n\n"
+                    f"    {result.leaks} leaked clusters\n    {result.corruptions} "
+                    "corruptions\n\nDouble checking the fixed image now..."
+                )
             fixed = result
             result = check_image(img)
             result.leaks_fixed = fixed.leaks - result.leaks

@@ -148,15 +148,20 @@ def _commit_arguments(args, nodes, label):
     top_node = _match_node(nodes, args.top, "top", label)
     if args.active:
         if args.top is not None and top_node is not active:
-            raise QcowError(args.top, "--active commits the active image; do not name another --top")
+            raise QcowError(
+                args.top, "--active commits the active image; do not name another --top"
+            )
         arguments["top"] = active["file"]
     elif args.top is None:
         if len(nodes) < 2:
             raise QcowError(label, "the chain has a single image: nothing to commit")
         if len(nodes) == 2:
-            raise QcowError(label, f"nothing below the active image to commit (its "
-                                   f"backing file {nodes[1].get('file')} is the base); "
-                                   f"use --active")
+            raise QcowError(
+                label,
+                f"nothing below the active image to commit (its "
+                f"backing file {nodes[1].get('file')} is the base); "
+                f"use --active",
+            )
         arguments["top"] = nodes[1]["file"]
     elif top_node is not None:
         arguments["top"] = top_node["file"]
@@ -199,14 +204,14 @@ def _live_commit(args):
         if not wait:
             print(job_id)
             return 0
-        return _follow_and_say(conn, job_id, label, nodes, pivot=args.pivot,
-                               quiet=args.quiet, detach=False)
+        return _follow_and_say(
+            conn, job_id, label, nodes, pivot=args.pivot, quiet=args.quiet, detach=False
+        )
     finally:
         conn.close()
 
 
-def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach,
-                    what="Commit"):
+def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach, what="Commit"):
     """Follow the job; once it ended well, one line on what the mount serves now."""
     end = _follow_commit(conn, job_id, pivot=pivot, label=label, detach=detach)
     if end == "done" and not quiet:
@@ -220,10 +225,12 @@ def _follow_and_say(conn, job_id, label, nodes_before, *, pivot, quiet, detach,
 
 
 def _ready_note(label, job_id):
-    print(f"qcowfs: {label}: job '{job_id}' is ready and keeps base in sync; "
-          f"'qcowfs complete {label} {job_id}' pivots to base, "
-          f"'qcowfs cancel {label} {job_id}' ends it and keeps the overlay",
-          file=sys.stderr)
+    print(
+        f"qcowfs: {label}: job '{job_id}' is ready and keeps base in sync; "
+        f"'qcowfs complete {label} {job_id}' pivots to base, "
+        f"'qcowfs cancel {label} {job_id}' ends it and keeps the overlay",
+        file=sys.stderr,
+    )
 
 
 def _follow_commit(conn, job_id, *, pivot, label, detach=False):
@@ -275,8 +282,11 @@ def _follow_commit(conn, job_id, *, pivot, label, detach=False):
     except KeyboardInterrupt:
         bar.close()
         if detach:
-            print(f"qcowfs: {label}: detached; job '{job_id}' keeps running "
-                  f"('qcowfs wait {label} {job_id}' follows it again)", file=sys.stderr)
+            print(
+                f"qcowfs: {label}: detached; job '{job_id}' keeps running "
+                f"('qcowfs wait {label} {job_id}' follows it again)",
+                file=sys.stderr,
+            )
             raise
         try:
             conn.execute("block-job-cancel", {"device": job_id, "force": True})
@@ -293,6 +303,7 @@ def _offline_commit(args):
     if args.pivot:
         raise QcowError(image, "--pivot applies to a live commit (TARGET must be a mountpoint)")
     from commit.engine import run_offline
+
     top = args.top
     if args.active and top is None:
         top = image
@@ -316,8 +327,10 @@ def _offline_commit(args):
     if not args.quiet:
         print("Image committed.")
         if args.active and base is not None:
-            print(f"Pivoted: the disk is now {base}; {image} is a leftover"
-                  + (" (deleted)" if args.delete else ""))
+            print(
+                f"Pivoted: the disk is now {base}; {image} is a leftover"
+                + (" (deleted)" if args.delete else "")
+            )
     for dep in stranded:
         print(f"qcowfs: warning: stranded (--force): {dep.message()}", file=sys.stderr)
     return 0
@@ -328,6 +341,7 @@ def _offline_base(image, base):
     None if it cannot tell (the commit itself then says why)."""
     import qcow
     from commit.target import find_layer
+
     try:
         with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
             return (find_layer(chain, base) if base else chain.layers[-1]).path
@@ -366,8 +380,9 @@ def cmd_stream(args):
         if not args.wait:
             print(job_id)
             return 0
-        return _follow_and_say(conn, job_id, label, nodes, pivot=False, quiet=False,
-                               detach=False, what="Stream")
+        return _follow_and_say(
+            conn, job_id, label, nodes, pivot=False, quiet=False, detach=False, what="Stream"
+        )
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -381,8 +396,10 @@ def cmd_snapshot(args):
         raise QcowError(args.new_image, "already exists; a snapshot creates a new image")
     with _connect(args, label) as conn:
         nodes = conn.execute("query-named-block-nodes")
-        conn.execute("blockdev-snapshot-sync", {"node-name": nodes[0]["node-name"],
-                                                "snapshot-file": new, "format": "qcow2"})
+        conn.execute(
+            "blockdev-snapshot-sync",
+            {"node-name": nodes[0]["node-name"], "snapshot-file": new, "format": "qcow2"},
+        )
     return 0
 
 
@@ -407,10 +424,18 @@ def cmd_jobs(args):
         if j.get("error"):
             status += f" ({j['error']})"
         speed = f"{_human(j['speed'])}/s" if j.get("speed") else "unlimited"
-        rows.append((j.get("device", "?"), j.get("type", "?"), status, f"{_human(offset)} / {_human(length)}{pct}", speed))
+        rows.append(
+            (
+                j.get("device", "?"),
+                j.get("type", "?"),
+                status,
+                f"{_human(offset)} / {_human(length)}{pct}",
+                speed,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for j in jobs:
         if j.get("x-forced"):
             print(f"{j.get('device', '?')}: forced past the stranding guard; stranded:")
@@ -426,15 +451,21 @@ def cmd_wait(args):
         job_id = args.job_id or _only_job(jobs, label)
         info = next((j for j in jobs if j.get("device") == job_id), None)
         if info is None:
-            raise QcowError(label, f"no job '{job_id}' on this mount (see 'qcowfs jobs "
-                                   f"{label}')")
+            raise QcowError(label, f"no job '{job_id}' on this mount (see 'qcowfs jobs {label}')")
         if info.get("status") == "ready":
             _ready_note(label, job_id)
             return 0
         nodes = conn.execute("query-named-block-nodes")
-        return _follow_and_say(conn, job_id, label, nodes, pivot=False,
-                               quiet=args.quiet, detach=True,
-                               what=str(info.get("type", "commit")).capitalize())
+        return _follow_and_say(
+            conn,
+            job_id,
+            label,
+            nodes,
+            pivot=False,
+            quiet=args.quiet,
+            detach=True,
+            what=str(info.get("type", "commit")).capitalize(),
+        )
 
 
 def _only_job(jobs, label):
@@ -485,7 +516,9 @@ def _wait_end(conn, job_id, verb, label):
             if info is None:
                 return 0  # gone without an event we saw (should not happen on one connection)
             if info.get("status") == "concluded":
-                if info.get("error") and not (verb == "cancel" and info["error"] == "Operation canceled"):
+                if info.get("error") and not (
+                    verb == "cancel" and info["error"] == "Operation canceled"
+                ):
                     raise QcowError(label, f"job '{job_id}' failed: {info['error']}")
                 return 0
             continue
@@ -505,5 +538,14 @@ def _wait_end(conn, job_id, verb, label):
             return 0
 
 
-__all__ = ["cmd_commit", "cmd_stream", "cmd_snapshot", "cmd_jobs", "cmd_wait",
-           "cmd_set_speed", "cmd_job_verb", "DEFAULT_JOB_ID", "QMPCallError"]
+__all__ = [
+    "cmd_commit",
+    "cmd_stream",
+    "cmd_snapshot",
+    "cmd_jobs",
+    "cmd_wait",
+    "cmd_set_speed",
+    "cmd_job_verb",
+    "DEFAULT_JOB_ID",
+    "QMPCallError",
+]

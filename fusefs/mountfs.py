@@ -46,8 +46,8 @@ from fusefs.watchdog import Watchdog
 log = logging.getLogger("qcowfs.mount")
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
-FH_BUFFERED, FH_DIRECT = 0, 1   # a file handle's low bit: how it was opened (O_DIRECT?)
-ATTR_TIMEOUT = 3600.0           # attributes never change behind the kernel's back
+FH_BUFFERED, FH_DIRECT = 0, 1  # a file handle's low bit: how it was opened (O_DIRECT?)
+ATTR_TIMEOUT = 3600.0  # attributes never change behind the kernel's back
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -101,11 +101,11 @@ class MountFS(pyfuse3.Operations):
         self.size = chain.virtual_size
         self.read_only = read_only
         self.limiter = trio.CapacityLimiter(threads)
-        self.nursery = None         # set by the daemon: where fallocate requests run
-        self.dirty = False          # written since the last flush of the chain
-        self._writers = set()       # handles opened for writing: only their close flushes
-        self._handles = 0           # file handles are (serial << 1) | FH_DIRECT or FH_BUFFERED
-        self.max_read_seen = 0      # largest requests the kernel actually sent
+        self.nursery = None  # set by the daemon: where fallocate requests run
+        self.dirty = False  # written since the last flush of the chain
+        self._writers = set()  # handles opened for writing: only their close flushes
+        self._handles = 0  # file handles are (serial << 1) | FH_DIRECT or FH_BUFFERED
+        self.max_read_seen = 0  # largest requests the kernel actually sent
         self.max_write_seen = 0
         self._stamp_ns = time.time_ns()
         top = chain.layers[0]
@@ -195,7 +195,7 @@ class MountFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if off + length > self.size:
             if not mode & FALLOC_FL_KEEP_SIZE:
-                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)   # would have to grow the file
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # would have to grow the file
             length = self.size - off
             if length <= 0:
                 return
@@ -254,22 +254,25 @@ class MountFS(pyfuse3.Operations):
         if fields.update_size and attr.st_size != self.size:
             if self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            log.warning("refused to change the size of %s from %d to %d bytes: the size "
-                        "of the flat view is the chain's virtual size",
-                        os.fsdecode(self.name), self.size, attr.st_size)
+            log.warning(
+                "refused to change the size of %s from %d to %d bytes: the size "
+                "of the flat view is the chain's virtual size",
+                os.fsdecode(self.name),
+                self.size,
+                attr.st_size,
+            )
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._attr(inode)    # time updates are accepted and ignored
+        return self._attr(inode)  # time updates are accepted and ignored
 
     async def open(self, inode, flags, ctx):
         if inode != FILE_INODE:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE
-                                    else errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
         if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
         if flags & os.O_TRUNC and self.size:
-            raise pyfuse3.FUSEError(errno.EPERM)     # as truncate: the size is the chain's
+            raise pyfuse3.FUSEError(errno.EPERM)  # as truncate: the size is the chain's
         self._handles += 1
         fh = self._handles << 1 | (FH_DIRECT if flags & os.O_DIRECT else FH_BUFFERED)
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -319,8 +322,7 @@ class MountFS(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
-                     flags, ctx):
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
 
@@ -336,6 +338,7 @@ def _fuse_error(exc, what, off, length):
 
 
 # ---- fallocate: a handler pyfuse3 does not forward -------------------------------------
+
 
 class FallocateHook:
     """Serve FUSE_FALLOCATE although pyfuse3 registers no handler for it.
@@ -356,10 +359,17 @@ class FallocateHook:
     The same session lookup yields the negotiated `fuse_conn_info` (`conn_info()`).
     """
 
-    FALLOCATE_SLOT = 40     # index of .fallocate in struct fuse_lowlevel_ops (libfuse 3 ABI)
+    FALLOCATE_SLOT = 40  # index of .fallocate in struct fuse_lowlevel_ops (libfuse 3 ABI)
 
-    _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
+    _CALLBACK = ctypes.CFUNCTYPE(
+        None,
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    )
 
     def __init__(self, ops):
         self.ops = ops
@@ -367,7 +377,7 @@ class FallocateHook:
         self._session = None
         self._ops_off = None
         self._ops_size = 0
-        self._callback = self._CALLBACK(self._on_request)   # must outlive the session
+        self._callback = self._CALLBACK(self._on_request)  # must outlive the session
         libfuse = ctypes.CDLL("libfuse3.so.3")
         self._reply_err = libfuse.fuse_reply_err
         self._reply_err.argtypes = (ctypes.c_void_p, ctypes.c_int)
@@ -384,16 +394,20 @@ class FallocateHook:
                 raise RuntimeError("the fallocate slot is already taken")
             cur.value = ctypes.cast(self._callback, ctypes.c_void_p).value
         except Exception as e:
-            log.warning("fallocate support not installed (%s): fallocate(2) on the mount "
-                        "will fail with EOPNOTSUPP", e)
+            log.warning(
+                "fallocate support not installed (%s): fallocate(2) on the mount "
+                "will fail with EOPNOTSUPP",
+                e,
+            )
             return False
         self.installed = True
         return True
 
     def _locate(self):
         path = pyfuse3.__file__
-        syms = _elf_symbols(path, {b"__pyx_v_7pyfuse3_session", b"__pyx_v_7pyfuse3_fuse_ops",
-                                   b"PyInit_pyfuse3"})
+        syms = _elf_symbols(
+            path, {b"__pyx_v_7pyfuse3_session", b"__pyx_v_7pyfuse3_fuse_ops", b"PyInit_pyfuse3"}
+        )
         if len(syms) != 3:
             raise RuntimeError(f"symbols missing from {path}")
         lib = ctypes.CDLL(path)
@@ -405,7 +419,7 @@ class FallocateHook:
         ops_addr += bias
         table = ctypes.string_at(ops_addr, ops_size)
         window = ctypes.string_at(session, 256 + ops_size)
-        hits = [i for i in range(0, 256, 8) if window[i:i + ops_size] == table]
+        hits = [i for i in range(0, 256, 8) if window[i : i + ops_size] == table]
         if len(hits) != 1:
             raise RuntimeError("cannot find the ops table inside the libfuse session")
         self._session, self._ops_off, self._ops_size = session, hits[0], ops_size
@@ -454,12 +468,12 @@ def _elf_symbols(path, wanted):
         ehdr = f.read(64)
         if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
             raise RuntimeError(f"{path}: not a little-endian ELF64 file")
-        e_shoff, = struct.unpack_from("<Q", ehdr, 0x28)
+        (e_shoff,) = struct.unpack_from("<Q", ehdr, 0x28)
         e_shentsize, e_shnum = struct.unpack_from("<HH", ehdr, 0x3A)
         f.seek(e_shoff)
         shdrs = [struct.unpack("<IIQQQQIIQQ", f.read(e_shentsize)[:64]) for _ in range(e_shnum)]
         for sh in shdrs:
-            if sh[1] != 2:                              # SHT_SYMTAB
+            if sh[1] != 2:  # SHT_SYMTAB
                 continue
             strtab = shdrs[sh[6]]
             f.seek(strtab[4])
@@ -468,7 +482,8 @@ def _elf_symbols(path, wanted):
             data = f.read(sh[5])
             for pos in range(0, len(data) - 23, 24):
                 st_name, _info, _other, _shndx, value, size = struct.unpack_from(
-                    "<IBBHQQ", data, pos)
+                    "<IBBHQQ", data, pos
+                )
                 end = names.find(b"\0", st_name)
                 name = names[st_name:end]
                 if name in wanted:

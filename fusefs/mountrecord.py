@@ -46,8 +46,11 @@ def ensure_private_dir(path):
     except OSError as e:
         raise QcowError(path, f"cannot create the runtime directory: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise QcowError(path, "runtime directory is not a private directory of this "
-                              "user; remove it or set XDG_RUNTIME_DIR")
+        raise QcowError(
+            path,
+            "runtime directory is not a private directory of this "
+            "user; remove it or set XDG_RUNTIME_DIR",
+        )
 
 
 def default_socket_path(mountpoint):

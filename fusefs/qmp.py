@@ -33,8 +33,15 @@ from dataclasses import dataclass
 
 import trio
 
-from commit.qapi import (COMMAND_NOT_FOUND, DEVICE_NOT_ACTIVE, DEVICE_NOT_FOUND,  # noqa: F401
-                         GENERIC_ERROR, SCHEMA, QMPError, check_arguments)
+from commit.qapi import (
+    COMMAND_NOT_FOUND,
+    DEVICE_NOT_ACTIVE,
+    DEVICE_NOT_FOUND,  # noqa: F401
+    GENERIC_ERROR,
+    SCHEMA,
+    QMPError,
+    check_arguments,
+)
 from qcow.errors import QcowError
 
 log = logging.getLogger("qcowfs.qmp")
@@ -60,6 +67,7 @@ def default_socket_path(mountpoint):
     """`${XDG_RUNTIME_DIR:-/run}/qcowfs/<first 16 hex of sha256(realpath)>.sock`
     (see fusefs.mountrecord for a non-root user without XDG_RUNTIME_DIR)."""
     from .mountrecord import default_socket_path as path_of
+
     return path_of(mountpoint)
 
 
@@ -368,10 +376,11 @@ class JSONStreamer:
             self._brackets -= 1
         self._tokens.append((kind, text))
         self._size += len(text)
-        for over, message in ((self._size > self.MAX_TOKEN_SIZE, "JSON token size limit exceeded"),
-                              (len(self._tokens) > self.MAX_TOKEN_COUNT, "JSON token count limit exceeded"),
-                              (self._braces + self._brackets > self.MAX_NESTING,
-                               "JSON nesting depth limit exceeded")):
+        for over, message in (
+            (self._size > self.MAX_TOKEN_SIZE, "JSON token size limit exceeded"),
+            (len(self._tokens) > self.MAX_TOKEN_COUNT, "JSON token count limit exceeded"),
+            (self._braces + self._brackets > self.MAX_NESTING, "JSON nesting depth limit exceeded"),
+        ):
             if over:
                 self.limit_hit = True
                 self._reset_value()
@@ -523,7 +532,11 @@ def _unescape(text):
             raise JSONParseError("invalid escape sequence in string")
         cp = int(raw[j + 2 : j + 6], 16)
         i = j + 6
-        if 0xD800 <= cp < 0xDC00 and raw[i : i + 2] == b"\\u" and _HEX4.fullmatch(raw[i + 2 : i + 6]):
+        if (
+            0xD800 <= cp < 0xDC00
+            and raw[i : i + 2] == b"\\u"
+            and _HEX4.fullmatch(raw[i + 2 : i + 6])
+        ):
             lo = int(raw[i + 2 : i + 6], 16)
             if 0xDC00 <= lo < 0xE000:
                 cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
@@ -546,9 +559,6 @@ class Request:
     arguments: dict
     id: object = None
     has_id: bool = False
-
-
-
 
 
 def _dumps(obj):
@@ -587,7 +597,12 @@ class QMPProtocol:
 
     def greeting(self):
         return _dumps(
-            {"QMP": {"version": {"qemu": self.version, "package": self.package}, "capabilities": []}}
+            {
+                "QMP": {
+                    "version": {"qemu": self.version, "package": self.package},
+                    "capabilities": [],
+                }
+            }
         )
 
     def reply(self, request, value):
@@ -651,7 +666,9 @@ class QMPProtocol:
                 req, COMMAND_NOT_FOUND, "Expecting capabilities negotiation with 'qmp_capabilities'"
             )
         if req.command not in self.BUILTINS and req.command not in self.commands:
-            return self.error(req, COMMAND_NOT_FOUND, f"The command {req.command} has not been found")
+            return self.error(
+                req, COMMAND_NOT_FOUND, f"The command {req.command} has not been found"
+            )
         members = self.schema.get(req.command, {})
         try:
             # nothing runs before its arguments passed the schema (None: a test's
@@ -672,7 +689,9 @@ class QMPProtocol:
     def _capabilities(self, req):
         if self.negotiated:
             return self.error(
-                req, COMMAND_NOT_FOUND, "Capabilities negotiation is already complete, command ignored"
+                req,
+                COMMAND_NOT_FOUND,
+                "Capabilities negotiation is already complete, command ignored",
             )
         for cap in req.arguments.get("enable", ()):
             return self.error(req, GENERIC_ERROR, f"Capability '{cap}' not available")
@@ -781,7 +800,9 @@ class QMPServer:
             try:
                 os.makedirs(parent, mode=0o700, exist_ok=True)
             except OSError as e:
-                raise QcowError(parent, f"cannot create the control socket's directory: {e.strerror}") from None
+                raise QcowError(
+                    parent, f"cannot create the control socket's directory: {e.strerror}"
+                ) from None
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -801,7 +822,9 @@ class QMPServer:
                 pass
             return
         except OSError as e:
-            raise QcowError(path, f"cannot probe the existing control socket: {e.strerror or e}") from None
+            raise QcowError(
+                path, f"cannot probe the existing control socket: {e.strerror or e}"
+            ) from None
         finally:
             probe.close()
         raise QcowError(path, "control socket is in use by another process")
@@ -822,7 +845,9 @@ class QMPServer:
             sock.listen(self.backlog)
         except OSError as e:
             sock.close()
-            raise QcowError(self.socket_path, f"cannot listen on the control socket: {e.strerror or e}") from None
+            raise QcowError(
+                self.socket_path, f"cannot listen on the control socket: {e.strerror or e}"
+            ) from None
         except BaseException:
             sock.close()
             raise
@@ -859,8 +884,11 @@ class QMPServer:
                         raise
                     self._numbers += 1
                     if len(self._clients) >= self.MAX_CLIENTS:
-                        log.warning("control socket: %d clients already; refusing client %d",
-                                    len(self._clients), self._numbers)
+                        log.warning(
+                            "control socket: %d clients already; refusing client %d",
+                            len(self._clients),
+                            self._numbers,
+                        )
                         conn.close()
                         continue
                     nursery.start_soon(self._serve_client, conn, self._numbers)
@@ -886,7 +914,7 @@ class QMPServer:
                 # the peer closed its side (or we gave up on it): flush, then stop
                 client.closed = True
                 client.wakeup.set()
-                if not client.overflow:     # a dropped client gets nothing more
+                if not client.overflow:  # a dropped client gets nothing more
                     with trio.move_on_after(5.0):
                         await client.writer_done.wait()
                 nursery.cancel_scope.cancel()
@@ -929,14 +957,16 @@ class QMPServer:
                 return
             for start in range(0, len(data), self.SLICE):
                 await trio.lowlevel.checkpoint()
-                await self._handle(client, client.proto.feed(data[start:start + self.SLICE]))
+                await self._handle(client, client.proto.feed(data[start : start + self.SLICE]))
                 if client.closed:
                     return
                 if client.proto.abusive:
                     client.drop("sent a value past the parser's limits")
                     return
                 if self._buffered() > self.MAX_BUFFERED:
-                    client.drop(f"pushed the control socket's buffers past {self.MAX_BUFFERED} bytes")
+                    client.drop(
+                        f"pushed the control socket's buffers past {self.MAX_BUFFERED} bytes"
+                    )
                     return
 
     def _buffered(self):
@@ -960,7 +990,9 @@ class QMPServer:
         handler = self.commands.get(req.command)
         proto = client.proto
         if handler is None:  # removed since feed() looked
-            return proto.error(req, COMMAND_NOT_FOUND, f"The command {req.command} has not been found")
+            return proto.error(
+                req, COMMAND_NOT_FOUND, f"The command {req.command} has not been found"
+            )
         try:
             value = handler(req.arguments)
             if hasattr(value, "__await__"):
@@ -1024,11 +1056,14 @@ class QMPConnection:
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             raise QcowError(
-                self.label, f"no qcowfs control socket answers at {self.socket_path} (is it a qcowfs mount?)"
+                self.label,
+                f"no qcowfs control socket answers at {self.socket_path} (is it a qcowfs mount?)",
             ) from None
         except OSError as e:
             sock.close()
-            raise QcowError(self.label, f"cannot connect to {self.socket_path}: {e.strerror or e}") from None
+            raise QcowError(
+                self.label, f"cannot connect to {self.socket_path}: {e.strerror or e}"
+            ) from None
         self._sock = sock
         try:
             greeting = self._read_message(self.timeout)
@@ -1100,7 +1135,9 @@ class QMPConnection:
                 continue
             if "error" in reply:
                 err = reply["error"]
-                raise QMPCallError(self.label, err.get("class", GENERIC_ERROR), err.get("desc", "error"))
+                raise QMPCallError(
+                    self.label, err.get("class", GENERIC_ERROR), err.get("desc", "error")
+                )
             return reply.get("return")
 
     @property

@@ -27,12 +27,13 @@ def _check_supported(args):
     commit.qapi.SCHEMA by the control socket)."""
     fmt = args.get("format", "qcow2")
     if fmt != "qcow2":
-        raise QMPError(GENERIC_ERROR, f"format '{fmt}' is not supported for snapshots "
-                                      f"(only qcow2)")
+        raise QMPError(GENERIC_ERROR, f"format '{fmt}' is not supported for snapshots (only qcow2)")
     mode = args.get("mode", "absolute-paths")
     if mode != "absolute-paths":
-        raise QMPError(GENERIC_ERROR, f"mode '{mode}' is not supported (only "
-                                      f"absolute-paths: qcowfs creates the new image)")
+        raise QMPError(
+            GENERIC_ERROR,
+            f"mode '{mode}' is not supported (only absolute-paths: qcowfs creates the new image)",
+        )
 
 
 def backing_name(new_path, active_path):
@@ -47,7 +48,7 @@ def take_snapshot(chain, new_path):
     old = chain.active
     create_overlay(new_path, old.virtual_size, backing_name(new_path, old.path), old.format)
     try:
-        chain.flush()                 # outside the lock: the switch then has little to do
+        chain.flush()  # outside the lock: the switch then has little to do
         chain.push_overlay(new_path)
     except BaseException:
         os.unlink(new_path)
@@ -57,20 +58,23 @@ def take_snapshot(chain, new_path):
 
 def make_snapshot_command(chain, jobs, read_only):
     """The handler of blockdev-snapshot-sync for a mount."""
+
     async def handler(args):
         _check_supported(args)
-        async with jobs.start_lock:          # no job starts during the switch
+        async with jobs.start_lock:  # no job starts during the switch
             node = args.get("node-name", args.get("device"))
             if node is not None and find_layer(chain, node) is not chain.active:
-                raise QcowError(node, "is not the active image: only the active image "
-                                      "can be snapshotted")
+                raise QcowError(
+                    node, "is not the active image: only the active image can be snapshotted"
+                )
             new_path = os.path.abspath(args["snapshot-file"])
             if read_only:
                 raise QcowError(new_path, "the mount is read-only: no snapshot")
             running = [job.id for job in jobs.jobs() if job.status not in ("concluded", "null")]
             if running:
-                raise QcowError(new_path, f"job '{running[0]}' is running; take the "
-                                          f"snapshot once it has ended")
+                raise QcowError(
+                    new_path, f"job '{running[0]}' is running; take the snapshot once it has ended"
+                )
             if os.path.lexists(new_path):
                 raise QcowError(new_path, "already exists; a snapshot creates a new image")
             await trio.to_thread.run_sync(take_snapshot, chain, new_path)

@@ -11,15 +11,18 @@ from qcow.errors import QcowError
 
 _UNITS = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-SMALL_RATE = 64 << 10       # a bare rate below this is most likely a forgotten suffix
+SMALL_RATE = 64 << 10  # a bare rate below this is most likely a forgotten suffix
 
 
 def parse_size(text, option):
     """'10M' -> 10485760; (bytes, had_a_unit). QcowError naming `option` if malformed."""
     m = _SIZE.match(str(text))
     if not m:
-        raise QcowError(None, f"{option} {text}: not a size (a number of bytes, or "
-                              f"with a binary unit: 512K, 10M, 1G)")
+        raise QcowError(
+            None,
+            f"{option} {text}: not a size (a number of bytes, or "
+            f"with a binary unit: 512K, 10M, 1G)",
+        )
     unit = m.group(2).upper()
     value = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
     return int(value * (1 << _UNITS[unit])), bool(unit)
@@ -30,8 +33,11 @@ def parse_rate(text, option="--speed"):
     to be meant as bytes per second."""
     rate, with_unit = parse_size(text, option)
     if not with_unit and 0 < rate < SMALL_RATE:
-        print(f"qcowfs: warning: {option} {text} means {rate} bytes/s (add a unit for "
-              f"more: {text}K, {text}M)", file=sys.stderr)
+        print(
+            f"qcowfs: warning: {option} {text} means {rate} bytes/s (add a unit for "
+            f"more: {text}K, {text}M)",
+            file=sys.stderr,
+        )
     return rate
 
 

@@ -32,11 +32,14 @@ def install_thread_dump(stream):
 
 class Watchdog:
     def __init__(self, stream, limit=None, period=1.0):
-        self.stream = stream            # () -> the file the stacks go to (the log's now)
-        self.limit = limit if limit is not None else float(
-            os.environ.get("QCOWFS_WATCHDOG_SECONDS", DEFAULT_LIMIT))
+        self.stream = stream  # () -> the file the stacks go to (the log's now)
+        self.limit = (
+            limit
+            if limit is not None
+            else float(os.environ.get("QCOWFS_WATCHDOG_SECONDS", DEFAULT_LIMIT))
+        )
         self.period = min(period, self.limit / 2)
-        self.inflight = {}              # token -> (start, what, offset, length)
+        self.inflight = {}  # token -> (start, what, offset, length)
         self._tokens = itertools.count()
         self.loop_beat = time.monotonic()
         self._warned = set()
@@ -57,6 +60,7 @@ class Watchdog:
 
     async def heartbeat(self):
         import trio
+
         while True:
             self.loop_beat = time.monotonic()
             await trio.sleep(self.period)
@@ -64,8 +68,7 @@ class Watchdog:
     # -- the watchdog thread ---------------------------------------------------------
 
     def start(self):
-        self._thread = threading.Thread(target=self._watch, name="qcowfs-watchdog",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="qcowfs-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self):
@@ -77,17 +80,21 @@ class Watchdog:
         loop_warned = False
         while not self._stop.wait(self.period):
             now = time.monotonic()
-            stuck = [(token, entry) for token, entry in list(self.inflight.items())
-                     if now - entry[0] > self.limit and token not in self._warned]
+            stuck = [
+                (token, entry)
+                for token, entry in list(self.inflight.items())
+                if now - entry[0] > self.limit and token not in self._warned
+            ]
             for token, (start, what, offset, length) in stuck:
                 self._warned.add(token)
-                self._dump(f"a FUSE {what} request (offset {offset}, {length} bytes) "
-                           f"has been in flight for {now - start:.0f} s")
+                self._dump(
+                    f"a FUSE {what} request (offset {offset}, {length} bytes) "
+                    f"has been in flight for {now - start:.0f} s"
+                )
             self._warned &= set(self.inflight)
             late = now - self.loop_beat > self.limit
             if late and not loop_warned:
-                self._dump(f"the trio event loop has not run for "
-                           f"{now - self.loop_beat:.0f} s")
+                self._dump(f"the trio event loop has not run for {now - self.loop_beat:.0f} s")
             loop_warned = late
 
     def _dump(self, what):

@@ -5,9 +5,18 @@ mount, and by tests.
 """
 
 from .chain import Chain, Extent, open_chain
+from .errors import ChainError, CorruptImage, JobError, LockConflict, QcowError, UnsupportedImage
 from .malloc import tune_malloc
-from .errors import (ChainError, CorruptImage, JobError, LockConflict, QcowError,
-                     UnsupportedImage)
 
-__all__ = ["open_chain", "Chain", "Extent", "tune_malloc", "QcowError", "CorruptImage",
-           "UnsupportedImage", "ChainError", "LockConflict", "JobError"]
+__all__ = [
+    "open_chain",
+    "Chain",
+    "Extent",
+    "tune_malloc",
+    "QcowError",
+    "CorruptImage",
+    "UnsupportedImage",
+    "ChainError",
+    "LockConflict",
+    "JobError",
+]

@@ -31,8 +31,9 @@ def bitmap_regions(image):
     raw = image.io.pread(dir_size, dir_off)
     pos = 0
     while pos + _DIR_ENTRY.size <= len(raw):
-        table_off, table_size, _flags, _type, _gran, name_size, extra = \
-            _DIR_ENTRY.unpack_from(raw, pos)
+        table_off, table_size, _flags, _type, _gran, name_size, extra = _DIR_ENTRY.unpack_from(
+            raw, pos
+        )
         regions.append((table_off, table_size * 8))
         for (entry,) in struct.iter_unpack(">Q", image.io.pread(table_size * 8, table_off)):
             if entry & L1E_OFFSET_MASK:

@@ -27,8 +27,8 @@ from typing import NamedTuple
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
 from .header import QCOW_MAGIC
 from .image import Qcow2Image
-from .leftover import refuse_leftovers
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
+from .leftover import refuse_leftovers
 from .lock import READER, WRITER, lock_image, unlock_image
 from .lockdep import make_lock
 from .raw import RawImage
@@ -39,17 +39,24 @@ MAX_CHAIN = 256
 
 class Extent(NamedTuple):
     """One run of `block_status`, with the fields of `qemu-img map --output=json`."""
+
     start: int
     length: int
-    depth: int          # index in chain.layers of the layer that answers for it
-    present: bool       # allocated at that layer (False: zeros past a chain's end)
+    depth: int  # index in chain.layers of the layer that answers for it
+    present: bool  # allocated at that layer (False: zeros past a chain's end)
     zero: bool
     data: bool
     offset: int | None  # host offset in that layer's file, where there is one
 
     def to_json(self):
-        d = {"start": self.start, "length": self.length, "depth": self.depth,
-             "present": self.present, "zero": self.zero, "data": self.data}
+        d = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+        }
         if self.offset is not None:
             d["offset"] = self.offset
         return d
@@ -63,23 +70,26 @@ def probe_format(path):
 def resolve_backing(name, overlay_path):
     """The path a backing name refers to: relative names are relative to the directory
     of the image naming it, as that image's path was given (QEMU's rule)."""
-    if name.startswith("json:") or (":" in name.split("/", 1)[0] and not
-                                    os.path.exists(os.path.join(os.path.dirname(
-                                        overlay_path), name))):
-        raise UnsupportedImage(overlay_path, f"backing file '{name}' uses a protocol "
-                                             f"or json: name, which is not supported")
+    if name.startswith("json:") or (
+        ":" in name.split("/", 1)[0]
+        and not os.path.exists(os.path.join(os.path.dirname(overlay_path), name))
+    ):
+        raise UnsupportedImage(
+            overlay_path,
+            f"backing file '{name}' uses a protocol or json: name, which is not supported",
+        )
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(overlay_path), name)
 
 
-def open_layer(path, fmt, writable, cache_bytes, metadata_only=False, filename=None,
-               reuse_ok=None):
+def open_layer(path, fmt, writable, cache_bytes, metadata_only=False, filename=None, reuse_ok=None):
     """A layer (qcow.layer.Layer) of format `fmt`: filename is the name as the chain
     shows it, reuse_ok the chain's say on reusing freed clusters."""
     if fmt == "qcow2":
-        return Qcow2Image(path, writable, cache_bytes, metadata_only, filename=filename,
-                          reuse_ok=reuse_ok)
+        return Qcow2Image(
+            path, writable, cache_bytes, metadata_only, filename=filename, reuse_ok=reuse_ok
+        )
     if fmt == "raw":
         return RawImage(path, writable, filename=filename)
     raise UnsupportedImage(path, f"unsupported image format '{fmt}'")
@@ -99,8 +109,7 @@ def _open_file_checked(path, named_by):
 
 
 class Chain:
-    def __init__(self, path, writable=False, cache_bytes=32 << 20, lock=True,
-                 metadata_only=False):
+    def __init__(self, path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False):
         self.writable = writable
         self.cache_bytes = cache_bytes
         self.locking = lock
@@ -138,8 +147,15 @@ class Chain:
                 # the image a user names is the top of a qcow2 chain; a raw file is
                 # already flat (and a damaged qcow2 header must not pass for raw)
                 raise CorruptImage(path, "not a qcow2 image (bad magic)")
-            layer = open_layer(os.path.abspath(path), fmt, writable, self.cache_bytes,
-                               metadata_only, filename=path, reuse_ok=self._reuse_ok)
+            layer = open_layer(
+                os.path.abspath(path),
+                fmt,
+                writable,
+                self.cache_bytes,
+                metadata_only,
+                filename=path,
+                reuse_ok=self._reuse_ok,
+            )
             self.layers.append(layer)
             if self.locking:
                 lock_image(layer.io.fd, path, WRITER if writable else READER)
@@ -148,7 +164,7 @@ class Chain:
             if not layer.backing_name:
                 return
             named_by = path
-            fmt = layer.backing_format       # else probed once the file is found
+            fmt = layer.backing_format  # else probed once the file is found
             path = resolve_backing(layer.backing_name, path)
             writable = False
 
@@ -183,8 +199,10 @@ class Chain:
 
     def _check_range(self, offset, length):
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ValueError(f"range [{offset}, {offset + length}) is outside the "
-                             f"virtual disk of {self.virtual_size} bytes")
+            raise ValueError(
+                f"range [{offset}, {offset + length}) is outside the "
+                f"virtual disk of {self.virtual_size} bytes"
+            )
 
     def _plan(self, layers, depth, off, n):
         """The I/O that produces guest [off, off+n) from layers[depth:]:
@@ -196,8 +214,7 @@ class Chain:
                 ops.append((s - off, ln, DATA, layers[d], aux))
             elif kind == COMPRESSED:
                 layer = layers[d]
-                ops.append((s - off, ln, COMPRESSED, layer,
-                            (aux, s & (layer.cluster_size - 1))))
+                ops.append((s - off, ln, COMPRESSED, layer, (aux, s & (layer.cluster_size - 1))))
         return ops
 
     def read(self, offset, length):
@@ -237,10 +254,10 @@ class Chain:
             mv = memoryview(buf)
             for r, ln, kind, layer, aux in ops:
                 if kind == DATA:
-                    layer.io.preadinto(mv[r:r + ln], aux)
+                    layer.io.preadinto(mv[r : r + ln], aux)
                 else:
                     entry, within = aux
-                    mv[r:r + ln] = layer.read_compressed(entry)[within:within + ln]
+                    mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
             return bytes(buf)
         finally:
             self._read_done()
@@ -262,8 +279,7 @@ class Chain:
         out = []
         with self._lock:
             layers = self.layers
-            for s, ln, d, kind, aux in walk(layers, 0, offset, length, len(layers),
-                                            want_zero):
+            for s, ln, d, kind, aux in walk(layers, 0, offset, length, len(layers), want_zero):
                 if kind == DATA:
                     for rs, rl, zero, host in layers[d].data_runs(s, ln, aux, want_zero):
                         append_run(out, Extent(rs, rl, d, True, zero, True, host), 6)
@@ -312,7 +328,7 @@ class Chain:
             layer = self.layers[0]
             host = layer.fast_host(offset, len(data), for_write=True)
             if host is not None:
-                layer.io.pwrite(data, host)     # owned cluster: overwrite in place
+                layer.io.pwrite(data, host)  # owned cluster: overwrite in place
             else:
                 layer.write(offset, data, self._below(0))
             for observer in self.write_observers:
@@ -374,16 +390,21 @@ class Chain:
         if self.locking:
             unlock_image(layer.io.fd)
         try:
-            new = open_layer(layer.path, layer.format, writable, self.cache_bytes,
-                             filename=layer.filename, reuse_ok=self._reuse_ok)
+            new = open_layer(
+                layer.path,
+                layer.format,
+                writable,
+                self.cache_bytes,
+                filename=layer.filename,
+                reuse_ok=self._reuse_ok,
+            )
             if self.locking:
                 lock_image(new.io.fd, new.path, WRITER if writable else READER)
             if writable:
                 new.repair_if_dirty()
         except BaseException:
             if self.locking:
-                lock_image(layer.io.fd, layer.path, WRITER if not layer.read_only
-                           else READER)
+                lock_image(layer.io.fd, layer.path, WRITER if not layer.read_only else READER)
             raise
         with self._lock:
             layers = list(self.layers)
@@ -402,13 +423,14 @@ class Chain:
         with self._lock:
             assert self.index_of(overlay) < self.index_of(new_backing)
         if overlay.read_only:
-            raise QcowError(overlay.path, "overlay is read-only; cannot rewrite its "
-                                          "backing file name")
+            raise QcowError(
+                overlay.path, "overlay is read-only; cannot rewrite its backing file name"
+            )
         overlay.set_backing(backing_name, new_backing.format)
         with self._lock:
             i, j = self.index_of(overlay), self.index_of(new_backing)
-            dropped = self.layers[i + 1:j]
-            self.layers = self.layers[:i + 1] + self.layers[j:]
+            dropped = self.layers[i + 1 : j]
+            self.layers = self.layers[: i + 1] + self.layers[j:]
             self._retire(dropped)
             self._share_cache()
         self.release_dropped(dropped)
@@ -420,11 +442,12 @@ class Chain:
         with self._lock:
             i = self.index_of(overlay)
             if overlay.read_only:
-                raise QcowError(overlay.path, "overlay is read-only; cannot rewrite its "
-                                              "backing file name")
+                raise QcowError(
+                    overlay.path, "overlay is read-only; cannot rewrite its backing file name"
+                )
             overlay.set_backing(None, None)
-            dropped = self.layers[i + 1:]
-            self.layers = self.layers[:i + 1]
+            dropped = self.layers[i + 1 :]
+            self.layers = self.layers[: i + 1]
             self._retire(dropped)
             self._share_cache()
             return dropped
@@ -437,15 +460,21 @@ class Chain:
         path = os.fspath(path)
         with self._lock:
             old = self.layers[0]
-            new = open_layer(os.path.abspath(path), "qcow2", True, self.cache_bytes,
-                             filename=path, reuse_ok=self._reuse_ok)
+            new = open_layer(
+                os.path.abspath(path),
+                "qcow2",
+                True,
+                self.cache_bytes,
+                filename=path,
+                reuse_ok=self._reuse_ok,
+            )
             try:
                 if self.locking:
                     lock_image(new.io.fd, new.path, WRITER)
                 if new.backing_name is None or not os.path.samefile(
-                        resolve_backing(new.backing_name, path), old.path):
-                    raise ChainError(path, "does not name the active image as its "
-                                           "backing file")
+                    resolve_backing(new.backing_name, path), old.path
+                ):
+                    raise ChainError(path, "does not name the active image as its backing file")
             except BaseException:
                 self._close_layers([new], flush=False)
                 raise
@@ -540,15 +569,15 @@ def walk(layers, depth, off, n, bottom, want_zero=False):
                 yield lim, s + ln - lim, depth, EOF, None
 
 
-EOF = 4     # a walk's kind for zeros past a short backing file (not a layer's kind)
+EOF = 4  # a walk's kind for zeros past a short backing file (not a layer's kind)
 # range_status: a commit copies data (compressed or not), writes zeros (allocated, or
 # past a short layer of the range), and leaves to base what nothing above allocates
-_RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO,
-               UNALLOCATED: UNALLOCATED}
+_RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO, UNALLOCATED: UNALLOCATED}
 
 
-def open_chain(path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False,
-               force=False):
+def open_chain(
+    path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False, force=False
+):
     """Open the chain whose active image is `path`. See the module doc. Writable, a
     chain holding a commit's leftover is refused (before anything is written) unless
     `force` (see qcow/leftover.py)."""

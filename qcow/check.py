@@ -10,10 +10,16 @@ COPIED flags, then flushes.
 
 from dataclasses import dataclass, field
 
-from .errors import QcowError
 from .bitmaps import bitmap_regions
-from .l2_table import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
-                       QCOW_OFLAG_COPIED, compressed_host_clusters, table_from_bytes)
+from .errors import QcowError
+from .l2_table import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    compressed_host_clusters,
+    table_from_bytes,
+)
 from .refcount import REFT_OFFSET_MASK, Refcounts
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
@@ -61,8 +67,10 @@ class _Walker:
         first, last = off >> self.cb, (off + length - 1) >> self.cb
         for c in range(first, last + 1):
             if c >= self.file_clusters:
-                self.error(f"cluster {c} (offset 0x{c << self.cb:x}) is referenced "
-                           f"beyond the end of the file")
+                self.error(
+                    f"cluster {c} (offset 0x{c << self.cb:x}) is referenced "
+                    f"beyond the end of the file"
+                )
                 return
             self.refs[c] = self.refs.get(c, 0) + 1
 
@@ -89,13 +97,13 @@ class _Walker:
                 continue
             if active:
                 self.active_l2.append((i, l1e, l2off, table))
-            next_contiguous = 0     # per L2 table, as QEMU's check_refcounts_l2
+            next_contiguous = 0  # per L2 table, as QEMU's check_refcounts_l2
             for j in range(0, len(table), step):
                 e = table[j]
                 if e & QCOW_OFLAG_COMPRESSED:
                     for c in compressed_host_clusters(e, self.cb):
                         self.add(c << self.cb, 1)
-                    if active:      # compressed clusters count as fragmented too
+                    if active:  # compressed clusters count as fragmented too
                         self.result.allocated_clusters += 1
                         self.result.compressed_clusters += 1
                         self.result.fragmented_clusters += 1
@@ -109,8 +117,9 @@ class _Walker:
                         self.result.fragmented_clusters += 1
                     next_contiguous = host + self.cs
                 if host & (self.cs - 1):
-                    self.error(f"L2 entry at 0x{l2off + j * 8:x} has a misaligned "
-                               f"offset 0x{host:x}")
+                    self.error(
+                        f"L2 entry at 0x{l2off + j * 8:x} has a misaligned offset 0x{host:x}"
+                    )
                     continue
                 self.add(host, self.cs)
 
@@ -138,6 +147,7 @@ class _Walker:
 
 def _snapshot_table_end(img):
     from .snapshot import ENTRY_FIXED, snapshot_entry
+
     off = img.header.snapshots_offset
     for _ in range(img.header.nb_snapshots):
         e = snapshot_entry.parse(img.io.pread_exact(ENTRY_FIXED, off))
@@ -174,17 +184,22 @@ def check_image(image, repair=False):
             result.leaks += 1
             result.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
             fixes.append((c, ref - stored))
+
     # QCOW_OFLAG_COPIED: set exactly where the refcount is 1
-    want = lambda c: (w.refs.get(c, 0) if repair else
-                      (refcounts.get(c) if c < rb_cover else 0)) == 1
+    def want(c):
+        if repair:
+            return w.refs.get(c, 0) == 1
+        return (refcounts.get(c) if c < rb_cover else 0) == 1
+
     copied_fixes = []
     step = 2 if image.extended_l2 else 1
     for i, l1e, l2off, table in w.active_l2:
         ok = want(l2off >> image.cluster_bits)
         if bool(l1e & QCOW_OFLAG_COPIED) != ok:
             result.corruptions += 1
-            result.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} "
-                                   f"l1_entry={l1e:x} refcount mismatch")
+            result.messages.append(
+                f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount mismatch"
+            )
             copied_fixes.append(("l1", i, None, ok))
         for j in range(0, len(table), step):
             e = table[j]
@@ -194,8 +209,9 @@ def check_image(image, repair=False):
             ok = want(host >> image.cluster_bits)
             if bool(e & QCOW_OFLAG_COPIED) != ok:
                 result.corruptions += 1
-                result.messages.append(f"ERROR OFLAG_COPIED data cluster: "
-                                       f"l2_entry={e:x} refcount mismatch")
+                result.messages.append(
+                    f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount mismatch"
+                )
                 copied_fixes.append(("l2", l2off, j, ok))
     result.total_clusters = -(-image.virtual_size // image.cluster_size)
     result.image_end_offset = (highest + 1) * image.cluster_size
@@ -207,8 +223,9 @@ def check_image(image, repair=False):
             image.refcounts.add(c, delta)
         for kind, a, b, ok in copied_fixes:
             if kind == "l1":
-                image.l1[a] = (image.l1[a] | QCOW_OFLAG_COPIED) if ok \
-                    else image.l1[a] & ~QCOW_OFLAG_COPIED
+                image.l1[a] = (
+                    (image.l1[a] | QCOW_OFLAG_COPIED) if ok else image.l1[a] & ~QCOW_OFLAG_COPIED
+                )
                 image.l1_dirty.add(a)
             else:
                 table = image.l2_cache.get(a)
@@ -221,20 +238,28 @@ def check_image(image, repair=False):
 def format_report(result):
     lines = list(result.messages)
     if result.corruptions:
-        lines += ["", f"{result.corruptions} errors were found on the image.",
-                  "Data may be corrupted, or further writes to the image may corrupt it."]
+        lines += [
+            "",
+            f"{result.corruptions} errors were found on the image.",
+            "Data may be corrupted, or further writes to the image may corrupt it.",
+        ]
     if result.leaks:
-        lines += ["", f"{result.leaks} leaked clusters were found on the image.",
-                  "This means waste of disk space, but no harm to data."]
+        lines += [
+            "",
+            f"{result.leaks} leaked clusters were found on the image.",
+            "This means waste of disk space, but no harm to data.",
+        ]
     if not result.corruptions and not result.leaks:
         lines.append("No errors were found on the image.")
     r = result
     if r.total_clusters and r.allocated_clusters:
-        lines.append(f"{r.allocated_clusters}/{r.total_clusters} = "
-                     f"{100.0 * r.allocated_clusters / r.total_clusters:.2f}% allocated, "
-                     f"{100.0 * r.fragmented_clusters / r.allocated_clusters:.2f}% "
-                     f"fragmented, {100.0 * r.compressed_clusters / r.allocated_clusters:.2f}"
-                     f"% compressed clusters")
+        lines.append(
+            f"{r.allocated_clusters}/{r.total_clusters} = "
+            f"{100.0 * r.allocated_clusters / r.total_clusters:.2f}% allocated, "
+            f"{100.0 * r.fragmented_clusters / r.allocated_clusters:.2f}% "
+            f"fragmented, {100.0 * r.compressed_clusters / r.allocated_clusters:.2f}"
+            f"% compressed clusters"
+        )
     if r.image_end_offset:
         lines.append(f"Image end offset: {r.image_end_offset}")
     return "\n".join(lines)
@@ -245,14 +270,17 @@ def report_json(result, filename, check_errors=0):
     as qemu-img leaves them out."""
     r = result
     d = {"filename": filename, "format": "qcow2", "check-errors": check_errors}
-    for key, value in (("image-end-offset", r.image_end_offset),
-                       ("corruptions", r.corruptions), ("leaks", r.leaks),
-                       ("corruptions-fixed", r.corruptions_fixed),
-                       ("leaks-fixed", r.leaks_fixed),
-                       ("total-clusters", r.total_clusters),
-                       ("allocated-clusters", r.allocated_clusters),
-                       ("fragmented-clusters", r.fragmented_clusters),
-                       ("compressed-clusters", r.compressed_clusters)):
+    for key, value in (
+        ("image-end-offset", r.image_end_offset),
+        ("corruptions", r.corruptions),
+        ("leaks", r.leaks),
+        ("corruptions-fixed", r.corruptions_fixed),
+        ("leaks-fixed", r.leaks_fixed),
+        ("total-clusters", r.total_clusters),
+        ("allocated-clusters", r.allocated_clusters),
+        ("fragmented-clusters", r.fragmented_clusters),
+        ("compressed-clusters", r.compressed_clusters),
+    ):
         if value:
             d[key] = value
     return d

@@ -42,6 +42,5 @@ def decompress(data, cluster_size, compression_type):
         except zstandard.ZstdError as e:
             raise ValueError(f"bad zstd stream: {e}") from None
     if len(out) != cluster_size:
-        raise ValueError(f"compressed cluster decodes to {len(out)} bytes, "
-                         f"not {cluster_size}")
+        raise ValueError(f"compressed cluster decodes to {len(out)} bytes, not {cluster_size}")
     return bytes(out)

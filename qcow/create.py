@@ -11,12 +11,18 @@ metadata needs. The file is written and synced whole before anyone may name it.
 import os
 
 from .errors import QcowError
-from .header import (COMPRESSION_DEFLATE, EXT_BACKING_FORMAT, QCOW_MAGIC, Extension, Header,
-                     MAX_BACKING_NAME)
+from .header import (
+    COMPRESSION_DEFLATE,
+    EXT_BACKING_FORMAT,
+    MAX_BACKING_NAME,
+    QCOW_MAGIC,
+    Extension,
+    Header,
+)
 
-DEFAULT_CLUSTER_BITS = 16      # QEMU's default cluster size, 64 KiB
-REFCOUNT_ORDER = 4             # 16-bit refcounts, QEMU's default
-HEADER_LENGTH = 112            # what QEMU writes (with the compression type byte)
+DEFAULT_CLUSTER_BITS = 16  # QEMU's default cluster size, 64 KiB
+REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
+HEADER_LENGTH = 112  # what QEMU writes (with the compression type byte)
 
 
 def overlay_layout(virtual_size, cluster_bits=DEFAULT_CLUSTER_BITS):
@@ -27,34 +33,46 @@ def overlay_layout(virtual_size, cluster_bits=DEFAULT_CLUSTER_BITS):
     return l1_size, 3 * cs, 3 + l1_clusters
 
 
-def overlay_bytes(virtual_size, backing_name, backing_format,
-                  cluster_bits=DEFAULT_CLUSTER_BITS):
+def overlay_bytes(virtual_size, backing_name, backing_format, cluster_bits=DEFAULT_CLUSTER_BITS):
     """The whole file of an empty overlay, as bytes."""
     cs = 1 << cluster_bits
     if len(backing_name.encode()) > MAX_BACKING_NAME:
-        raise QcowError(None, f"backing file name longer than {MAX_BACKING_NAME} bytes: "
-                              f"{backing_name}")
+        raise QcowError(
+            None, f"backing file name longer than {MAX_BACKING_NAME} bytes: {backing_name}"
+        )
     l1_size, l1_offset, nclusters = overlay_layout(virtual_size, cluster_bits)
-    h = Header(version=3, backing_file_offset=0, backing_file_size=0,
-               cluster_bits=cluster_bits, size=virtual_size, crypt_method=0,
-               l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=cs,
-               refcount_table_clusters=1, nb_snapshots=0, snapshots_offset=0,
-               refcount_order=REFCOUNT_ORDER, header_length=HEADER_LENGTH,
-               compression_type=COMPRESSION_DEFLATE,
-               extensions=[Extension(EXT_BACKING_FORMAT, backing_format.encode())],
-               backing_name=backing_name)
+    h = Header(
+        version=3,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_bits,
+        size=virtual_size,
+        crypt_method=0,
+        l1_size=l1_size,
+        l1_table_offset=l1_offset,
+        refcount_table_offset=cs,
+        refcount_table_clusters=1,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        refcount_order=REFCOUNT_ORDER,
+        header_length=HEADER_LENGTH,
+        compression_type=COMPRESSION_DEFLATE,
+        extensions=[Extension(EXT_BACKING_FORMAT, backing_format.encode())],
+        backing_name=backing_name,
+    )
     out = bytearray(nclusters * cs)
     cluster0 = h.pack_cluster0()
     assert cluster0[:4] == QCOW_MAGIC
-    out[:len(cluster0)] = cluster0
-    out[cs:cs + 8] = (2 * cs).to_bytes(8, "big")           # refcount table -> block
-    for c in range(nclusters):                              # every cluster used once
-        out[2 * cs + 2 * c:2 * cs + 2 * c + 2] = (1).to_bytes(2, "big")
+    out[: len(cluster0)] = cluster0
+    out[cs : cs + 8] = (2 * cs).to_bytes(8, "big")  # refcount table -> block
+    for c in range(nclusters):  # every cluster used once
+        out[2 * cs + 2 * c : 2 * cs + 2 * c + 2] = (1).to_bytes(2, "big")
     return bytes(out)
 
 
-def create_overlay(path, virtual_size, backing_name, backing_format,
-                   cluster_bits=DEFAULT_CLUSTER_BITS):
+def create_overlay(
+    path, virtual_size, backing_name, backing_format, cluster_bits=DEFAULT_CLUSTER_BITS
+):
     """Create `path` (it must not exist) as an empty qcow2 image over `backing_name`,
     durably (file and directory entry synced). QcowError if it exists or cannot be made."""
     data = overlay_bytes(virtual_size, backing_name, backing_format, cluster_bits)

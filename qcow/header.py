@@ -24,8 +24,9 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
-                  | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
+INCOMPAT_KNOWN = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
 # compatible_features bits
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 # autoclear_features bits
@@ -54,18 +55,24 @@ COMPRESSION_DEFLATE = 0
 COMPRESSION_ZSTD = 1
 
 MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21        # QEMU refuses clusters over 2 MiB
-MAX_L1_BYTES = 32 << 20      # QEMU's cap on the L1 table
+MAX_CLUSTER_BITS = 21  # QEMU refuses clusters over 2 MiB
+MAX_L1_BYTES = 32 << 20  # QEMU's cap on the L1 table
 MAX_REFTABLE_BYTES = 8 << 20  # QEMU's cap on the refcount table
 MAX_BACKING_NAME = 1023
 
 # byte offset and format of the fields rewritten on their own (the header's layout is
 # qcow2.rst's; everything else is written whole, by pack_cluster0)
-_FIELDS = {"size": (24, ">Q"), "l1_size": (36, ">I"), "l1_table_offset": (40, ">Q"),
-           "refcount_table_offset": (48, ">Q"), "refcount_table_clusters": (56, ">I"),
-           "incompatible_features": (72, ">Q"), "autoclear_features": (88, ">Q")}
+_FIELDS = {
+    "size": (24, ">Q"),
+    "l1_size": (36, ">I"),
+    "l1_table_offset": (40, ">Q"),
+    "refcount_table_offset": (48, ">Q"),
+    "refcount_table_clusters": (56, ">I"),
+    "incompatible_features": (72, ">Q"),
+    "autoclear_features": (88, ">Q"),
+}
 
-HEADER_PROBE_BYTES = 4096   # header, extensions and backing name usually fit in it
+HEADER_PROBE_BYTES = 4096  # header, extensions and backing name usually fit in it
 V2_HEADER_LEN = 72
 V3_HEADER_LEN = 104
 
@@ -128,7 +135,7 @@ class Header:
     refcount_order: int = 4
     header_length: int = V2_HEADER_LEN
     compression_type: int = COMPRESSION_DEFLATE
-    extensions: list = field(default_factory=list)   # in file order, EXT_END excluded
+    extensions: list = field(default_factory=list)  # in file order, EXT_END excluded
     backing_name: str | None = None
 
     @property
@@ -171,7 +178,8 @@ class Header:
         except (UnicodeDecodeError, ValueError):
             return {"error": "unreadable commit record"}
         if not isinstance(record, dict) or not all(
-                isinstance(record.get(k), str) for k in ("job-id", "mode", "top", "base")):
+            isinstance(record.get(k), str) for k in ("job-id", "mode", "top", "base")
+        ):
             return {"error": "unreadable commit record"}
         return record
 
@@ -180,34 +188,47 @@ class Header:
         data = self.extension(EXT_FEATURE_TABLE) or b""
         names = {}
         for i in range(len(data) // 48):
-            e = feature_entry.parse(data[i * 48:(i + 1) * 48])
-            names[(FEATURE_KINDS.get(e.type, str(e.type)), e.bit)] = (
-                e.name.split(b"\0", 1)[0].decode("utf-8", "replace"))
+            e = feature_entry.parse(data[i * 48 : (i + 1) * 48])
+            names[(FEATURE_KINDS.get(e.type, str(e.type)), e.bit)] = e.name.split(b"\0", 1)[
+                0
+            ].decode("utf-8", "replace")
         return names
 
     # --- serialisation --------------------------------------------------
 
     def pack_fixed(self):
         """The fixed part of the header (72, or header_length bytes for v3)."""
-        raw = header_v2.build(dict(
-            version=self.version, backing_file_offset=self.backing_file_offset,
-            backing_file_size=self.backing_file_size, cluster_bits=self.cluster_bits,
-            size=self.size, crypt_method=self.crypt_method, l1_size=self.l1_size,
-            l1_table_offset=self.l1_table_offset,
-            refcount_table_offset=self.refcount_table_offset,
-            refcount_table_clusters=self.refcount_table_clusters,
-            nb_snapshots=self.nb_snapshots, snapshots_offset=self.snapshots_offset))
+        raw = header_v2.build(
+            dict(
+                version=self.version,
+                backing_file_offset=self.backing_file_offset,
+                backing_file_size=self.backing_file_size,
+                cluster_bits=self.cluster_bits,
+                size=self.size,
+                crypt_method=self.crypt_method,
+                l1_size=self.l1_size,
+                l1_table_offset=self.l1_table_offset,
+                refcount_table_offset=self.refcount_table_offset,
+                refcount_table_clusters=self.refcount_table_clusters,
+                nb_snapshots=self.nb_snapshots,
+                snapshots_offset=self.snapshots_offset,
+            )
+        )
         if self.version < 3:
             return raw
-        raw += header_v3_tail.build(dict(
-            incompatible_features=self.incompatible_features,
-            compatible_features=self.compatible_features,
-            autoclear_features=self.autoclear_features,
-            refcount_order=self.refcount_order, header_length=self.header_length))
+        raw += header_v3_tail.build(
+            dict(
+                incompatible_features=self.incompatible_features,
+                compatible_features=self.compatible_features,
+                autoclear_features=self.autoclear_features,
+                refcount_order=self.refcount_order,
+                header_length=self.header_length,
+            )
+        )
         if self.header_length > V3_HEADER_LEN:
             tail = compression_type_field.build(dict(compression_type=self.compression_type))
             raw += tail + bytes(max(0, self.header_length - V3_HEADER_LEN - len(tail)))
-        return raw[:self.header_length]
+        return raw[: self.header_length]
 
     def pack_cluster0(self):
         """Fixed header + extensions + end marker + backing name, as cluster 0 holds them.
@@ -230,7 +251,7 @@ class Header:
             self.backing_file_size = 0
         if len(out) > self.cluster_size:
             raise ValueError("header, extensions and backing name exceed cluster 0")
-        out[:len(self.pack_fixed())] = self.pack_fixed()
+        out[: len(self.pack_fixed())] = self.pack_fixed()
         return bytes(out)
 
     def pack_fields(self, *names):
@@ -265,8 +286,11 @@ def parse_header(cluster0: bytes, file_size: int, path) -> Header:
     if h.version not in (2, 3):
         raise UnsupportedImage(path, f"unsupported qcow2 version {h.version}")
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
-        raise CorruptImage(path, f"invalid cluster_bits {h.cluster_bits} "
-                                 f"(must be {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})")
+        raise CorruptImage(
+            path,
+            f"invalid cluster_bits {h.cluster_bits} "
+            f"(must be {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})",
+        )
     hdr = Header(**{k: v for k, v in h.items() if k not in ("magic", "_io")})
     cs = hdr.cluster_size
     if hdr.version >= 3:
@@ -298,7 +322,8 @@ def parse_header(cluster0: bytes, file_size: int, path) -> Header:
     if hdr.compression_type not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
         raise UnsupportedImage(path, f"unknown compression type {hdr.compression_type}")
     if hdr.compression_type != COMPRESSION_DEFLATE and not (
-            hdr.incompatible_features & INCOMPAT_COMPRESSION):
+        hdr.incompatible_features & INCOMPAT_COMPRESSION
+    ):
         raise CorruptImage(path, "compression type set without its incompatible bit")
     if hdr.extended_l2 and hdr.cluster_bits < 14:
         raise CorruptImage(path, "extended L2 entries need clusters of 16 KiB or more")
@@ -306,10 +331,13 @@ def parse_header(cluster0: bytes, file_size: int, path) -> Header:
     # backing file name
     if hdr.backing_file_offset:
         end = hdr.backing_file_offset + hdr.backing_file_size
-        if (hdr.backing_file_size > MAX_BACKING_NAME or end > cs
-                or hdr.backing_file_offset < hdr.header_length):
+        if (
+            hdr.backing_file_size > MAX_BACKING_NAME
+            or end > cs
+            or hdr.backing_file_offset < hdr.header_length
+        ):
             raise CorruptImage(path, "backing file name is too long or outside cluster 0")
-        raw = cluster0[hdr.backing_file_offset:end]
+        raw = cluster0[hdr.backing_file_offset : end]
         if len(raw) != hdr.backing_file_size:
             raise CorruptImage(path, "backing file name runs past end of file")
         try:
@@ -335,15 +363,15 @@ def _parse_extensions(hdr, cluster0, path):
     while True:
         if off + 8 > limit:
             if hdr.version < 3 and off == V2_HEADER_LEN:
-                return   # v2 header with no extension area
+                return  # v2 header with no extension area
             raise CorruptImage(path, "header extensions run past their space")
-        e = extension_head.parse(cluster0[off:off + 8])
+        e = extension_head.parse(cluster0[off : off + 8])
         off += 8
         if e.type == EXT_END:
             return
         if off + e.length > limit:
             raise CorruptImage(path, f"header extension 0x{e.type:08x} runs past its space")
-        data = bytes(cluster0[off:off + e.length])
+        data = bytes(cluster0[off : off + e.length])
         off += e.length + (-e.length % 8)
         if e.type in seen and e.type != 0:
             raise CorruptImage(path, f"duplicate header extension 0x{e.type:08x}")
@@ -363,18 +391,23 @@ def _check_tables(hdr, file_size, path):
     if hdr.l1_size < needed:
         raise CorruptImage(path, f"L1 table too small ({hdr.l1_size} < {needed} entries)")
     if hdr.l1_size * 8 > MAX_L1_BYTES or hdr.l1_size > max(needed, 1) * 2 + 1024:
-        raise CorruptImage(path, f"L1 size {hdr.l1_size} is far beyond what the "
-                                 f"virtual size needs ({needed})")
+        raise CorruptImage(
+            path, f"L1 size {hdr.l1_size} is far beyond what the virtual size needs ({needed})"
+        )
     if hdr.l1_size and not _region_ok(hdr.l1_table_offset, hdr.l1_size * 8, cs, file_size):
-        raise CorruptImage(path, "L1 table is misaligned, overlaps the header "
-                                 "or lies beyond the end of the file")
+        raise CorruptImage(
+            path, "L1 table is misaligned, overlaps the header or lies beyond the end of the file"
+        )
     rt_len = hdr.refcount_table_clusters * cs
     if hdr.refcount_table_clusters == 0 or rt_len > MAX_REFTABLE_BYTES:
-        raise CorruptImage(path, f"invalid refcount table size "
-                                 f"({hdr.refcount_table_clusters} clusters)")
+        raise CorruptImage(
+            path, f"invalid refcount table size ({hdr.refcount_table_clusters} clusters)"
+        )
     if not _region_ok(hdr.refcount_table_offset, rt_len, cs, file_size):
-        raise CorruptImage(path, "refcount table is misaligned, overlaps the header "
-                                 "or lies beyond the end of the file")
+        raise CorruptImage(
+            path,
+            "refcount table is misaligned, overlaps the header or lies beyond the end of the file",
+        )
     if hdr.nb_snapshots and not _region_ok(hdr.snapshots_offset, 0, cs, file_size):
         raise CorruptImage(path, "snapshot table is misaligned or beyond the end of file")
 
@@ -384,7 +417,7 @@ class HeaderInfo(NamedTuple):
     backing_name: str | None
     backing_format: str | None
     virtual_size: int
-    drained_into: str | None     # see EXT_QCOWFS_DRAINED
+    drained_into: str | None  # see EXT_QCOWFS_DRAINED
 
 
 def read_backing_info(path, file=None):
@@ -395,7 +428,7 @@ def read_backing_info(path, file=None):
     the whole first cluster only when the header area is larger. A raw file gives
     HeaderInfo('raw', None, None, size, None). Corrupt qcow2 raises CorruptImage.
     """
-    with (open(path, "rb") if file is None else nullcontext(file)) as f:
+    with open(path, "rb") if file is None else nullcontext(file) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_PROBE_BYTES)
         if head[:4] != QCOW_MAGIC:
@@ -404,10 +437,11 @@ def read_backing_info(path, file=None):
             hdr = parse_header(head, size, path)
         except CorruptImage:
             cluster_bits = struct.unpack_from(">I", head, 20)[0] if len(head) >= 24 else 0
-            if not (MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
-                    and (1 << cluster_bits) > len(head)):
+            if not (
+                MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS
+                and (1 << cluster_bits) > len(head)
+            ):
                 raise
             f.seek(0)
             hdr = parse_header(f.read(1 << cluster_bits), size, path)
-    return HeaderInfo("qcow2", hdr.backing_name, hdr.backing_format, hdr.size,
-                      hdr.drained_into)
+    return HeaderInfo("qcow2", hdr.backing_name, hdr.backing_format, hdr.size, hdr.drained_into)

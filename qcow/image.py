@@ -26,20 +26,40 @@ from array import array
 from . import compressed
 from .bitmaps import bitmap_regions, region_clusters
 from .errors import CorruptImage, QcowError, UnsupportedImage, eio
-from .header import (EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_DATA_FILE, EXT_FDE,
-                     EXT_QCOWFS_DRAINED, HEADER_PROBE_BYTES, INCOMPAT_CORRUPT,
-                     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, parse_header)
+from .header import (
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_DATA_FILE,
+    EXT_FDE,
+    EXT_QCOWFS_DRAINED,
+    HEADER_PROBE_BYTES,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    parse_header,
+)
+from .l2_table import (
+    COMPRESSED,
+    DATA,
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    SC_ALLOC_MASK,
+    SC_ZERO_SHIFT,
+    UNALLOCATED,
+    ZERO,
+    compressed_descriptor,
+    compressed_host_clusters,
+    table_from_bytes,
+    table_to_bytes,
+)
 from .lockdep import make_lock
-from .l2_table import (COMPRESSED, DATA, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
-                       SC_ALLOC_MASK, SC_ZERO_SHIFT, UNALLOCATED, ZERO,
-                       compressed_descriptor, compressed_host_clusters, table_from_bytes,
-                       table_to_bytes)
 from .rawio import RawIO
-from .runs import append_run
 from .refcount import Refcounts
+from .runs import append_run
 from .snapshot import parse_snapshot_table
-
 
 _NOT_PLAIN = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
 
@@ -96,10 +116,18 @@ class Qcow2Image:
 
     has_cache = True
 
-    def __init__(self, path, writable=False, cache_bytes=32 << 20, metadata_only=False,
-                 rawio_factory=RawIO, filename=None, reuse_ok=None):
+    def __init__(
+        self,
+        path,
+        writable=False,
+        cache_bytes=32 << 20,
+        metadata_only=False,
+        rawio_factory=RawIO,
+        filename=None,
+        reuse_ok=None,
+    ):
         self.path = path
-        self.filename = filename or path    # as the chain shows it (QEMU's filename)
+        self.filename = filename or path  # as the chain shows it (QEMU's filename)
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
         # Lock order (qcow.lockdep): chain -> flush -> layer. `lock` guards the
@@ -134,8 +162,9 @@ class Qcow2Image:
         if h.extension(EXT_FDE) is not None and not self.encrypted:
             raise CorruptImage(self.path, "full disk encryption header without encryption")
         if h.incompatible_features & INCOMPAT_CORRUPT and not self.read_only:
-            raise CorruptImage(self.path, "image is marked corrupt; repair it with "
-                                          "'qemu-img check -r all' first")
+            raise CorruptImage(
+                self.path, "image is marked corrupt; repair it with 'qemu-img check -r all' first"
+            )
         self.cluster_bits = h.cluster_bits
         self.cluster_size = cs = h.cluster_size
         self.extended_l2 = h.extended_l2
@@ -150,7 +179,7 @@ class Qcow2Image:
         capacity = max(4, cache_bytes // cs)
         self.l2_cache = None
         self.refcounts = None
-        self._decompressed = (None, None)   # last compressed entry read, and its cluster
+        self._decompressed = (None, None)  # last compressed entry read, and its cluster
         self._preallocated = None
         self.prepared_for_write = False
         if not self.read_only:
@@ -158,21 +187,27 @@ class Qcow2Image:
         self.l2_cache = self._new_l2_cache(capacity)
         # lazy refcounts left dirty by a crash: rebuilt by repair_if_dirty(), which the
         # opener calls once it holds the image's locks (the repair writes)
-        self.needs_repair = not self.read_only and bool(h.incompatible_features
-                                                        & INCOMPAT_DIRTY)
+        self.needs_repair = not self.read_only and bool(h.incompatible_features & INCOMPAT_DIRTY)
 
     def repair_if_dirty(self):
         if self.needs_repair:
             from .check import check_image
+
             check_image(self, repair=True)
             self.mark_clean()
             self.needs_repair = False
 
     def _new_l2_cache(self, capacity):
         from .table_cache import TableCache
-        return TableCache(self.io, self.cluster_size, capacity, table_from_bytes,
-                          table_to_bytes,
-                          depends_on=self.refcounts.cache if self.refcounts else None)
+
+        return TableCache(
+            self.io,
+            self.cluster_size,
+            capacity,
+            table_from_bytes,
+            table_to_bytes,
+            depends_on=self.refcounts.cache if self.refcounts else None,
+        )
 
     # --- mapping (read side) ------------------------------------------------
 
@@ -181,8 +216,7 @@ class Qcow2Image:
             return 0
         off = self.l1[l1i] & L1E_OFFSET_MASK
         if off and (off & (self.cluster_size - 1) or off >= self._size_for_check(off)):
-            raise eio(self.path, f"L1 entry {l1i} points to an invalid L2 table "
-                                 f"offset 0x{off:x}")
+            raise eio(self.path, f"L1 entry {l1i} points to an invalid L2 table offset 0x{off:x}")
         return off
 
     def _size_for_check(self, host):
@@ -196,11 +230,15 @@ class Qcow2Image:
 
     def _host(self, host, where):
         if host & (self.cluster_size - 1):
-            raise eio(self.path, f"L2 entry for guest offset 0x{where:x} has a "
-                                 f"misaligned host offset 0x{host:x}")
+            raise eio(
+                self.path,
+                f"L2 entry for guest offset 0x{where:x} has a misaligned host offset 0x{host:x}",
+            )
         if host >= self._size_for_check(host):
-            raise eio(self.path, f"L2 entry for guest offset 0x{where:x} points "
-                                 f"outside the file (0x{host:x})")
+            raise eio(
+                self.path,
+                f"L2 entry for guest offset 0x{where:x} points outside the file (0x{host:x})",
+            )
         return host
 
     def fast_host(self, off, n, for_write=False):
@@ -210,8 +248,11 @@ class Qcow2Image:
         per-request fast path of the mount."""
         cb = self.cluster_bits
         ci = off >> cb
-        if (off + n - 1) >> cb != ci or self.extended_l2 or (
-                for_write and not self.prepared_for_write):
+        if (
+            (off + n - 1) >> cb != ci
+            or self.extended_l2
+            or (for_write and not self.prepared_for_write)
+        ):
             return None
         l1i, l2i = divmod(ci, self.l2_entries)
         if l1i >= len(self.l1):
@@ -277,14 +318,12 @@ class Qcow2Image:
         entry, bitmap = table[2 * l2i], table[2 * l2i + 1]
         if entry & QCOW_OFLAG_COMPRESSED:
             if bitmap:
-                raise eio(self.path, f"compressed cluster at 0x{cstart:x} has a "
-                                     f"subcluster bitmap")
+                raise eio(self.path, f"compressed cluster at 0x{cstart:x} has a subcluster bitmap")
             out.append((off, cend - off, COMPRESSED, entry))
             return
         host = entry & L2E_OFFSET_MASK
         if bitmap & (bitmap >> SC_ZERO_SHIFT) & SC_ALLOC_MASK:
-            raise eio(self.path, f"cluster at 0x{cstart:x} has subclusters both "
-                                 f"allocated and zero")
+            raise eio(self.path, f"cluster at 0x{cstart:x} has subclusters both allocated and zero")
         if host:
             self._host(host, cstart)
         scb = self.subcluster_bits
@@ -293,12 +332,12 @@ class Qcow2Image:
             send = min(cend, cstart + ((sc + 1) << scb))
             if bitmap >> sc & 1:
                 if not host:
-                    raise eio(self.path, f"allocated subcluster without a host cluster "
-                                         f"at 0x{cstart:x}")
+                    raise eio(
+                        self.path, f"allocated subcluster without a host cluster at 0x{cstart:x}"
+                    )
                 append_extent(out, off, send - off, DATA, host + off - cstart)
             elif bitmap >> (SC_ZERO_SHIFT + sc) & 1:
-                append_extent(out, off, send - off, ZERO,
-                              host + off - cstart if host else None)
+                append_extent(out, off, send - off, ZERO, host + off - cstart if host else None)
             else:
                 append_extent(out, off, send - off, UNALLOCATED, None)
             off = send
@@ -308,8 +347,10 @@ class Qcow2Image:
         and an image that looks preallocated, holes in the file inside data clusters
         read as zeros (what `qemu-img map` reports)."""
         if want_zero and self.looks_preallocated():
-            return [(start + hs - host, hl, not is_data, hs)
-                    for hs, hl, is_data in self.io.data_runs(host, length)]
+            return [
+                (start + hs - host, hl, not is_data, hs)
+                for hs, hl, is_data in self.io.data_runs(host, length)
+            ]
         return [(start, length, False, host)]
 
     def share_cache(self, nbytes):
@@ -343,12 +384,12 @@ class Qcow2Image:
             return data
         host, length = compressed_descriptor(entry, self.cluster_bits)
         if host >= self._size_for_check(host) or host < self.cluster_size:
-            raise eio(self.path, f"compressed cluster descriptor points outside the "
-                                 f"file (0x{host:x})")
+            raise eio(
+                self.path, f"compressed cluster descriptor points outside the file (0x{host:x})"
+            )
         raw = self.io.pread(length, host)
         try:
-            data = compressed.decompress(raw, self.cluster_size,
-                                         self.header.compression_type)
+            data = compressed.decompress(raw, self.cluster_size, self.header.compression_type)
         except ValueError as e:
             raise eio(self.path, f"compressed cluster at 0x{host:x}: {e}") from None
         self._decompressed = (entry, data)
@@ -426,9 +467,9 @@ class Qcow2Image:
         for s, ln, kind, aux in self._cluster_extents(entry, bitmap, cstart, a, b):
             rel = s - cstart - a
             if kind == DATA:
-                self.io.preadinto(memoryview(out)[rel:rel + ln], aux)
+                self.io.preadinto(memoryview(out)[rel : rel + ln], aux)
             elif kind == UNALLOCATED and below is not None:
-                out[rel:rel + ln] = below(s, ln)
+                out[rel : rel + ln] = below(s, ln)
         return out
 
     def _cluster_extents(self, entry, bitmap, cstart, a, b):
@@ -472,9 +513,13 @@ class Qcow2Image:
             if not entry & QCOW_OFLAG_COMPRESSED:
                 for lo, hi in ((sa, a), (b, sb)):
                     if hi > lo:
-                        out += [(s, ln) for s, ln, kind, _ in
-                                self._cluster_extents(entry, bitmap, cstart, lo, hi)
-                                if kind == UNALLOCATED]
+                        out += [
+                            (s, ln)
+                            for s, ln, kind, _ in self._cluster_extents(
+                                entry, bitmap, cstart, lo, hi
+                            )
+                            if kind == UNALLOCATED
+                        ]
             off = cstart + b
         return out
 
@@ -507,14 +552,14 @@ class Qcow2Image:
             sb = min(cs, -(-b >> scb) << scb)
             return owned, sa, sb, ((1 << ((sb - 1 >> scb) + 1)) - 1) ^ ((1 << (sa >> scb)) - 1)
         if owned:
-            return owned, a, b, 0       # in place (a zero cluster is rewritten whole)
+            return owned, a, b, 0  # in place (a zero cluster is rewritten whole)
         return owned, 0, cs, 0
 
     def _write_locked(self, off, data, below):
         mv = memoryview(data)
         end = off + len(mv)
         cb, cs = self.cluster_bits, self.cluster_size
-        batch = []   # consecutive fresh clusters allocated together
+        batch = []  # consecutive fresh clusters allocated together
         in_place = _HostRun(self.io)
         pos = 0
         while off < end:
@@ -522,7 +567,7 @@ class Qcow2Image:
             l1i, l2i = divmod(ci, self.l2_entries)
             cstart = ci << cb
             a, b = off - cstart, min(cs, end - cstart)
-            chunk = mv[pos:pos + b - a]
+            chunk = mv[pos : pos + b - a]
             table = self._l2_for_write(l1i)
             fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below, in_place)
             if fresh is None:
@@ -575,10 +620,10 @@ class Qcow2Image:
             return chunk
         buf = bytearray(sb - sa)
         if a > sa:
-            buf[:a - sa] = self._view(entry, bitmap, cstart, sa, a, below)
-        buf[a - sa:b - sa] = chunk
+            buf[: a - sa] = self._view(entry, bitmap, cstart, sa, a, below)
+        buf[a - sa : b - sa] = chunk
         if sb > b:
-            buf[b - sa:] = self._view(entry, bitmap, cstart, b, sb, below)
+            buf[b - sa :] = self._view(entry, bitmap, cstart, b, sb, below)
         return buf
 
     def _l2_table_offset(self, cstart):
@@ -592,8 +637,9 @@ class Qcow2Image:
             return
         cb, cs = self.cluster_bits, self.cluster_size
         base = self.refcounts.alloc(len(batch))
-        contiguous = all(item[5] == 0 and len(item[6]) == cs for item in batch[:-1]) \
-            and all(item[5] == 0 for item in batch)
+        contiguous = all(item[5] == 0 and len(item[6]) == cs for item in batch[:-1]) and all(
+            item[5] == 0 for item in batch
+        )
         if contiguous:
             self.io.pwritev([item[6] for item in batch], base)
         else:
@@ -642,9 +688,13 @@ class Qcow2Image:
             l1i, l2i = divmod(cstart >> cb, self.l2_entries)
             if off == cstart and cend - cstart == cs and (v3 or self.backing_name is None):
                 table = self._l2_for_write(l1i)
-                self._set_entry(table, l2i, cstart,
-                                0 if not v3 or self.extended_l2 else QCOW_OFLAG_ZERO,
-                                SC_ALLOC_MASK << SC_ZERO_SHIFT if self.extended_l2 else 0)
+                self._set_entry(
+                    table,
+                    l2i,
+                    cstart,
+                    0 if not v3 or self.extended_l2 else QCOW_OFLAG_ZERO,
+                    SC_ALLOC_MASK << SC_ZERO_SHIFT if self.extended_l2 else 0,
+                )
             elif self.extended_l2:
                 writes, zero_bits = self._zero_subclusters(cstart, off, cend)
                 return cend, writes, zero_bits
@@ -729,7 +779,7 @@ class Qcow2Image:
                 self._grow_l1(needed)
             h.size = new_size
             self._flush()
-            self.io.pwrite(*h.pack_fields("size"))     # header after the tables
+            self.io.pwrite(*h.pack_fields("size"))  # header after the tables
             self.io.sync()
             self.virtual_size = new_size
 
@@ -737,18 +787,18 @@ class Qcow2Image:
         cb, cs = self.cluster_bits, self.cluster_size
         h = self.header
         clusters = -(-entries * 8 // cs)
-        self._flush()                         # L2 tables durable before a new L1 names them
+        self._flush()  # L2 tables durable before a new L1 names them
         new_off = self.refcounts.alloc(clusters)
         new = array("Q", self.l1)
         new.extend([0] * (entries - len(new)))
         raw = table_to_bytes(new)
         self.io.pwrite(raw + bytes(clusters * cs - len(raw)), new_off)
         self.refcounts.flush()
-        self.io.sync()                        # new L1 and its refcounts before the header
+        self.io.sync()  # new L1 and its refcounts before the header
         old_off, old_len = h.l1_table_offset, len(self.l1)
         h.l1_table_offset, h.l1_size = new_off, entries
         self.io.pwrite(*h.pack_fields("l1_size", "l1_table_offset"))
-        self.io.sync()                        # header before freeing the old table
+        self.io.sync()  # header before freeing the old table
         self.l1 = new
         self.l1_dirty.clear()
         if old_len:
@@ -756,9 +806,11 @@ class Qcow2Image:
 
     def set_backing(self, name, fmt):
         """Rewrite the backing file name and format in one header write (last)."""
+
         def change(h):
             h.backing_name = name
             h.set_extension(EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+
         self._rewrite_cluster0(change)
         self.backing_name = name
         self.backing_format = self.header.backing_format
@@ -766,8 +818,7 @@ class Qcow2Image:
     def mark_drained(self, base_path):
         """Record in the header that a restartable commit drained this layer into
         `base_path` (EXT_QCOWFS_DRAINED): it is a leftover from now on."""
-        self._rewrite_cluster0(
-            lambda h: h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode()))
+        self._rewrite_cluster0(lambda h: h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode()))
 
     def set_extension(self, ext_type, data):
         """Set (bytes) or remove (None) one header extension, header written last.
@@ -788,8 +839,10 @@ class Qcow2Image:
                     cluster0 = h.pack_cluster0()
                 except ValueError:
                     self.header = saved
-                    raise QcowError(self.path, "the header does not fit in its cluster "
-                                               "(backing file name too long?)") from None
+                    raise QcowError(
+                        self.path,
+                        "the header does not fit in its cluster (backing file name too long?)",
+                    ) from None
                 self.io.pwrite(cluster0, 0)
             self.io.sync()
 
@@ -876,7 +929,7 @@ class Qcow2Image:
                 self.io.sync()
 
     def close(self):
-        with self.flush_lock:         # a flush in another thread finishes first
+        with self.flush_lock:  # a flush in another thread finishes first
             try:
                 if not self.read_only and self.io.fd >= 0:
                     self._flush()

@@ -43,10 +43,10 @@ def table_to_bytes(a):
 
 
 # Kinds a guest range can have within one layer.
-UNALLOCATED = 0   # read through to the backing file (zeros past its end / without one)
-ZERO = 1          # reads as zeros, allocated at this layer
-DATA = 2          # plain data at a host offset
-COMPRESSED = 3    # a compressed cluster (whole clusters only)
+UNALLOCATED = 0  # read through to the backing file (zeros past its end / without one)
+ZERO = 1  # reads as zeros, allocated at this layer
+DATA = 2  # plain data at a host offset
+COMPRESSED = 3  # a compressed cluster (whole clusters only)
 
 
 def compressed_descriptor(entry, cluster_bits):

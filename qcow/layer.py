@@ -1,35 +1,37 @@
 """What the chain needs of a layer: the one interface `Qcow2Image` and `RawImage` share.
 
-The chain never asks which format a layer is (crosvm's `DiskFile` idea): anything a
-format does not have (tables to cache, a dirty flag) is a no-op there; only a qcow2
-layer yields COMPRESSED runs, so only it has `read_compressed(entry)`. Locks: `lock` (class "layer") guards the layer's metadata and is
-never held while calling `below`; `flush_lock` (class "flush") serialises its flushes
-(qcow.lockdep gives the order).
+The chain never asks which format a layer is (crosvm's `DiskFile` idea): anything a format
+does not have (tables to cache, a dirty flag) is a no-op there; only a qcow2 layer yields
+COMPRESSED runs, so only it has `read_compressed(entry)`. Locks: `lock` (class "layer")
+guards the layer's metadata and is never held while calling `below`; `flush_lock` (class
+"flush") serialises its flushes (qcow.lockdep gives the order).
 """
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 # (start, length, kind, aux): kind is qcow.l2_table's UNALLOCATED, ZERO, DATA or
 # COMPRESSED; aux the host offset (DATA, preallocated ZERO) or the L2 entry (COMPRESSED)
 Run = tuple[int, int, int, object]
-Below = Callable[[int, int], bytes]     # the chain's view beneath a layer (copy-on-write)
+Below = Callable[[int, int], bytes]  # the chain's view beneath a layer (copy-on-write)
 
 
 class Layer(Protocol):
-    path: str               # absolute
-    filename: str           # as the chain shows it (QEMU's "filename")
-    format: str             # "qcow2" or "raw"
+    path: str  # absolute
+    filename: str  # as the chain shows it (QEMU's "filename")
+    format: str  # "qcow2" or "raw"
     virtual_size: int
-    cluster_size: int       # raw: the granularity commits copy in
+    cluster_size: int  # raw: the granularity commits copy in
     read_only: bool
     backing_name: str | None
     backing_format: str | None
     encrypted: bool
-    has_cache: bool         # takes a share of the chain's cache budget
+    has_cache: bool  # takes a share of the chain's cache budget
 
     def extents(self, off: int, n: int, want_zero: bool = False) -> list[Run]: ...
-    def data_runs(self, start: int, length: int, host: int,
-                  want_zero: bool) -> list[tuple[int, int, bool, int]]: ...
+    def data_runs(
+        self, start: int, length: int, host: int, want_zero: bool
+    ) -> list[tuple[int, int, bool, int]]: ...
     def fast_host(self, off: int, n: int, for_write: bool = False) -> int | None: ...
     def is_allocated(self, off: int, n: int) -> list[tuple[int, int, bool]]: ...
     def write(self, off: int, data, below: Below | None) -> None: ...

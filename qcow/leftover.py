@@ -28,11 +28,15 @@ def refuse_leftovers(layers):
     for i, layer in enumerate(layers):
         into = leftover_of(layer)
         if into and not (i > 0 and _unfinished_drop(layers, i, into)):
-            raise ChainError(layer.filename, f"is a leftover of a commit into {into} and "
-                                             f"may be out of date; use {into} instead "
-                                             f"(--force opens it anyway)")
+            raise ChainError(
+                layer.filename,
+                f"is a leftover of a commit into {into} and "
+                f"may be out of date; use {into} instead "
+                f"(--force opens it anyway)",
+            )
 
 
 def _unfinished_drop(layers, i, into):
-    return os.path.exists(into) and any(os.path.samefile(layer.path, into)
-                                        for layer in layers[i + 1:])
+    return os.path.exists(into) and any(
+        os.path.samefile(layer.path, into) for layer in layers[i + 1 :]
+    )

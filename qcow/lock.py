@@ -47,12 +47,17 @@ def lock_image(fd, path, role):
             _flock(fd, F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + i)
         for i in perms:
             if _held_by_other(fd, LOCK_SHARED_BASE + i):
-                raise LockConflict(path, f'failed to get "{PERM_NAMES[i]}" lock: another '
-                                         f'process is using the image')
+                raise LockConflict(
+                    path,
+                    f'failed to get "{PERM_NAMES[i]}" lock: another process is using the image',
+                )
         for i in unshared:
             if _held_by_other(fd, LOCK_PERM_BASE + i):
-                raise LockConflict(path, f'failed to get shared "{PERM_NAMES[i]}" lock: '
-                                         f'another process is using the image')
+                raise LockConflict(
+                    path,
+                    f'failed to get shared "{PERM_NAMES[i]}" lock: '
+                    f"another process is using the image",
+                )
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             raise LockConflict(path, "image is locked by another process") from None

@@ -41,7 +41,7 @@ def make_lock(cls):
 
 
 _graph_lock = threading.Lock()
-_edges = {}          # (outer class, inner class) -> the stack that first took them so
+_edges = {}  # (outer class, inner class) -> the stack that first took them so
 _held = threading.local()
 
 
@@ -68,7 +68,7 @@ class CheckedLock:
     def _check(self):
         stack = _held_stack()
         if any(lock is self for lock in stack):
-            return                              # re-entry of a lock already held
+            return  # re-entry of a lock already held
         here = None
         for outer in stack:
             edge = (outer.cls, self.cls)
@@ -82,9 +82,13 @@ class CheckedLock:
                     _edges[edge] = here
             if reverse is not None:
                 here = here or "".join(traceback.format_stack(limit=24)[:-2])
-                raise self._fail(f"'{self.cls}' taken while holding '{outer.cls}', "
-                                 f"but elsewhere '{outer.cls}' was taken while holding "
-                                 f"'{self.cls}'", here, reverse)
+                raise self._fail(
+                    f"'{self.cls}' taken while holding '{outer.cls}', "
+                    f"but elsewhere '{outer.cls}' was taken while holding "
+                    f"'{self.cls}'",
+                    here,
+                    reverse,
+                )
 
     def _fail(self, what, here, other):
         message = f"lock order inversion: {what}\n--- this thread:\n{here}"

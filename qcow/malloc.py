@@ -26,5 +26,6 @@ def tune_malloc(mmap_threshold=32 << 20, trim_threshold=128 << 20):
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
-        bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    )

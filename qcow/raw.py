@@ -15,7 +15,7 @@ class RawImage:
     format = "raw"
     backing_name = None
     backing_format = None
-    cluster_size = 65536   # granularity for commit/mapping only; raw has no clusters
+    cluster_size = 65536  # granularity for commit/mapping only; raw has no clusters
     encrypted = False
 
     has_cache = False
@@ -27,19 +27,18 @@ class RawImage:
         self.io = rawio_factory(path, writable)
         self.virtual_size = self.io.size()
         self.lock = make_lock("layer")
-        self.flush_lock = make_lock("flush")    # a flush never races a close
+        self.flush_lock = make_lock("flush")  # a flush never races a close
 
     def extents(self, off, n, want_zero=False):
         if not want_zero:
             return [(off, n, DATA, off)]
-        return [(s, ln, DATA if data else ZERO, s)
-                for s, ln, data in self.io.data_runs(off, n)]
+        return [(s, ln, DATA if data else ZERO, s) for s, ln, data in self.io.data_runs(off, n)]
 
     def data_runs(self, start, length, host, want_zero):
-        return [(start, length, False, host)]      # holes came as ZERO from extents
+        return [(start, length, False, host)]  # holes came as ZERO from extents
 
     def fast_host(self, off, n, for_write=False):
-        return off                                 # a raw file maps itself
+        return off  # a raw file maps itself
 
     def share_cache(self, nbytes):
         """No tables to cache."""

@@ -28,8 +28,9 @@ class RawIO:
         """Metadata read: anything short is a corrupt image."""
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
-            raise CorruptImage(self.path, f"metadata at offset {offset} lies beyond "
-                                          f"the end of the file")
+            raise CorruptImage(
+                self.path, f"metadata at offset {offset} lies beyond the end of the file"
+            )
         return data
 
     def preadinto(self, buf, offset):
@@ -50,7 +51,7 @@ class RawIO:
         """Several buffers written contiguously from offset, in one request when it can."""
         assert self.writable, "write to an image opened read-only"
         for i in range(0, len(buffers), IOV_MAX):
-            group = buffers[i:i + IOV_MAX]
+            group = buffers[i : i + IOV_MAX]
             total = sum(len(b) for b in group)
             n = os.pwritev(self.fd, group, offset)
             if n < total:
@@ -68,7 +69,7 @@ class RawIO:
             except OSError as e:
                 if e.errno != errno.ENXIO:
                     raise
-                data = end            # only a hole up to EOF (and past it)
+                data = end  # only a hole up to EOF (and past it)
             if data > pos:
                 stop = min(data, end)
                 out.append((pos, stop - pos, False))

@@ -32,7 +32,7 @@ def refblock_get(block, index, order):
         bitpos = index * bits
         return (block[bitpos >> 3] >> (bitpos & 7)) & ((1 << bits) - 1)
     nbytes = bits >> 3
-    return int.from_bytes(block[index * nbytes:(index + 1) * nbytes], "big")
+    return int.from_bytes(block[index * nbytes : (index + 1) * nbytes], "big")
 
 
 def refblock_set(block, index, order, value):
@@ -44,7 +44,7 @@ def refblock_set(block, index, order, value):
         block[i] = (block[i] & ~mask) | ((value << (bitpos & 7)) & mask)
     else:
         nbytes = bits >> 3
-        block[index * nbytes:(index + 1) * nbytes] = value.to_bytes(nbytes, "big")
+        block[index * nbytes : (index + 1) * nbytes] = value.to_bytes(nbytes, "big")
 
 
 class Refcounts:
@@ -71,7 +71,7 @@ class Refcounts:
         # first cluster index past everything allocated: new structures go there
         file_end = -(-self.io.size() // self.cs)
         self.end = max(file_end, self._last_counted() + 1)
-        self.reserved = file_end        # clusters below this have disk space
+        self.reserved = file_end  # clusters below this have disk space
 
     # --- lookups --------------------------------------------------------
 
@@ -113,9 +113,9 @@ class Refcounts:
             if not off:
                 continue
             block = self.cache.get(off)
-            used = len(bytes(block).rstrip(b"\0"))      # bytes up to the last non-zero
+            used = len(bytes(block).rstrip(b"\0"))  # bytes up to the last non-zero
             if used:
-                last = (used * 8 - 1) >> self.order      # the entry holding that byte
+                last = (used * 8 - 1) >> self.order  # the entry holding that byte
                 while not refblock_get(block, last, self.order):
                     last -= 1
                 return bi * self.rb_entries + last
@@ -135,10 +135,10 @@ class Refcounts:
         counted = []
         try:
             for c in range(start, start + n):
-                self.add(c, 1)          # may need a new refcount block, hence space
+                self.add(c, 1)  # may need a new refcount block, hence space
                 counted.append(c)
         except BaseException:
-            for c in counted:           # nothing half-allocated stays counted
+            for c in counted:  # nothing half-allocated stays counted
                 self.add(c, -1)
             raise
         self.free_hint = start + n
@@ -147,8 +147,9 @@ class Refcounts:
     def _reserve(self, end):
         """Disk space for every cluster below `end` (a cluster index) now."""
         if end > self.reserved:
-            self.io.reserve(self.reserved << self.cluster_bits,
-                            (end - self.reserved) << self.cluster_bits)
+            self.io.reserve(
+                self.reserved << self.cluster_bits, (end - self.reserved) << self.cluster_bits
+            )
             self.reserved = end
 
     def _find_free(self, n):
@@ -189,7 +190,7 @@ class Refcounts:
             self.cache.flush()
         off = c << self.cluster_bits
         self.io.pwrite(block, off)
-        self.io.sync()                    # block (and its count) durable before the entry
+        self.io.sync()  # block (and its count) durable before the entry
         self.table[bi] = off
         self._write_table_entry(bi)
         return off
@@ -202,8 +203,7 @@ class Refcounts:
         """Move the refcount table to a larger place at the end of the image."""
         h = self.image.header
         entries_per_cluster = self.cs // 8
-        new_clusters = max(h.refcount_table_clusters * 2,
-                           -(-min_entries // entries_per_cluster))
+        new_clusters = max(h.refcount_table_clusters * 2, -(-min_entries // entries_per_cluster))
         while True:
             t = self.end
             # blocks for the table's own clusters and for themselves, placed after it:
@@ -214,20 +214,23 @@ class Refcounts:
                 nmiss = len(missing)
                 first_bi = t // self.rb_entries
                 last_bi = (t + new_clusters + nmiss) // self.rb_entries
-                missing = [bi for bi in range(first_bi, last_bi + 1)
-                           if bi >= len(self.table) or not self.table[bi]]
+                missing = [
+                    bi
+                    for bi in range(first_bi, last_bi + 1)
+                    if bi >= len(self.table) or not self.table[bi]
+                ]
             need = max(last_bi + 1, min_entries, len(self.table))
             if new_clusters * entries_per_cluster >= need:
                 break
             new_clusters *= 2
         new = array("Q", bytes(new_clusters * self.cs))
-        new[:len(self.table)] = self.table
+        new[: len(self.table)] = self.table
         blocks = {}
         rb_base = t + new_clusters
         for k, bi in enumerate(missing):
             new[bi] = (rb_base + k) << self.cluster_bits
             blocks[bi] = bytearray(self.cs)
-        self._reserve(rb_base + len(missing))   # all of it, before anything is written
+        self._reserve(rb_base + len(missing))  # all of it, before anything is written
         self.end = rb_base + len(missing)
         # counts for the new table and the new blocks: in new blocks, or via the cache
         for c in list(range(t, t + new_clusters)) + [rb_base + k for k in range(len(missing))]:
@@ -245,11 +248,11 @@ class Refcounts:
             if c // self.rb_entries not in blocks:
                 self.add(c, 1)
         self.cache.flush()
-        self.io.sync()                    # new table and its blocks durable first
+        self.io.sync()  # new table and its blocks durable first
         h.refcount_table_offset = t << self.cluster_bits
         h.refcount_table_clusters = new_clusters
         self.io.pwrite(*h.pack_fields("refcount_table_offset", "refcount_table_clusters"))
-        self.io.sync()                    # header switched before the old table is freed
+        self.io.sync()  # header switched before the old table is freed
         for c in range(old_off >> self.cluster_bits, (old_off >> self.cluster_bits) + old_clusters):
             self.add(c, -1)
 

@@ -13,10 +13,14 @@ def append_run(out, run, host_index=None):
                 same = last[2:] == run[2:]
             else:
                 h, n = last[host_index], run[host_index]
-                same = (last[2:host_index] == run[2:host_index]
-                        and last[host_index + 1:] == run[host_index + 1:]
-                        and ((h is None and n is None) or
-                             (h is not None and n is not None and h + last[1] == n)))
+                same = (
+                    last[2:host_index] == run[2:host_index]
+                    and last[host_index + 1 :] == run[host_index + 1 :]
+                    and (
+                        (h is None and n is None)
+                        or (h is not None and n is not None and h + last[1] == n)
+                    )
+                )
             if same:
                 merged = (last[0], last[1] + run[1]) + tuple(last[2:])
                 out[-1] = last._make(merged) if hasattr(last, "_make") else merged

@@ -56,18 +56,29 @@ def parse_snapshot_table(f_pread, hdr, file_size, path):
         rest = f_pread(var_len, off + ENTRY_FIXED)
         if len(rest) < var_len:
             raise CorruptImage(path, "snapshot table runs past the end of the file")
-        extra = rest[:e.extra_data_size]
-        ids = rest[e.extra_data_size:e.extra_data_size + e.id_str_size]
-        name = rest[e.extra_data_size + e.id_str_size:]
+        extra = rest[: e.extra_data_size]
+        ids = rest[e.extra_data_size : e.extra_data_size + e.id_str_size]
+        name = rest[e.extra_data_size + e.id_str_size :]
         disk_size = int.from_bytes(extra[8:16], "big") if len(extra) >= 16 else None
-        if e.l1_size and (e.l1_table_offset % cs or e.l1_table_offset < cs
-                          or e.l1_table_offset + e.l1_size * 8 > file_size):
-            raise CorruptImage(path, "snapshot L1 table is misaligned or beyond the "
-                                     "end of the file")
+        if e.l1_size and (
+            e.l1_table_offset % cs
+            or e.l1_table_offset < cs
+            or e.l1_table_offset + e.l1_size * 8 > file_size
+        ):
+            raise CorruptImage(
+                path, "snapshot L1 table is misaligned or beyond the end of the file"
+            )
         if e.l1_size * 8 > 32 << 20:
             raise CorruptImage(path, "snapshot L1 table too large")
-        snaps.append(Snapshot(ids.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
-                              e.l1_table_offset, e.l1_size, disk_size))
+        snaps.append(
+            Snapshot(
+                ids.decode("utf-8", "replace"),
+                name.decode("utf-8", "replace"),
+                e.l1_table_offset,
+                e.l1_size,
+                disk_size,
+            )
+        )
         off += ENTRY_FIXED + var_len
         off += -off % 8
     return snaps

@@ -25,8 +25,8 @@ class TableCache:
         self.decode = decode
         self.encode = encode
         self.depends_on = depends_on
-        self._tables = OrderedDict()   # host offset -> table
-        self._dirty = {}               # host offset -> version of its last change
+        self._tables = OrderedDict()  # host offset -> table
+        self._dirty = {}  # host offset -> version of its last change
         self._version = 0
 
     def get(self, offset):
@@ -67,8 +67,7 @@ class TableCache:
             while len(self._tables) > self.capacity:
                 self._tables.popitem(last=False)
             return
-        for victim in [off for off in self._tables
-                       if off not in self._dirty and off != offset]:
+        for victim in [off for off in self._tables if off not in self._dirty and off != offset]:
             if len(self._tables) <= self.capacity:
                 break
             del self._tables[victim]
@@ -92,8 +91,10 @@ class TableCache:
     def take_dirty(self):
         """[(offset, version, encoded table)] of every dirty table, still dirty (and so
         still cached) until `written` says that version reached the file."""
-        return [(off, version, self.encode(self._tables[off]))
-                for off, version in sorted(self._dirty.items())]
+        return [
+            (off, version, self.encode(self._tables[off]))
+            for off, version in sorted(self._dirty.items())
+        ]
 
     def written(self, tables):
         for off, version, _raw in tables:

@@ -7,6 +7,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # The lock-order checker (qcow/lockdep.py) is on for the whole suite, daemons included.
 export QCOWFS_LOCKDEP=1
+
+# One style, checked (configuration in pyproject.toml): a lint finding or an unformatted
+# file fails the run.
+ruff check --quiet . || { echo "test.sh: ruff check failed (ruff check --fix . fixes most)" >&2; exit 1; }
+ruff format --check --quiet . || { echo "test.sh: unformatted files (run: ruff format .)" >&2; exit 1; }
+
 rc=0
 python -m pytest "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -10,13 +10,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qemu_helpers  # noqa: E402
 
+# The `mounter` fixture (and its finalizers) for every test module.
+pytest_plugins = ["mount_fixtures"]
+
 
 def pytest_configure(config):
     # The suite is meaningless without QEMU's tools; fail loudly rather than skip.
     missing = [t for t in ("qemu-img", "qemu-io") if shutil.which(t) is None]
     if missing:
         raise pytest.UsageError(
-            f"missing {', '.join(missing)}: run ./scripts/test.sh (it installs qemu-utils)")
+            f"missing {', '.join(missing)}: run ./scripts/test.sh (it installs qemu-utils)"
+        )
 
 
 @pytest.fixture

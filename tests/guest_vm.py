@@ -24,18 +24,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 import qemu_helpers
 from qemu_helpers import REPO_ROOT, K, M, qemu_img
 
 GUEST_DIR = Path(os.environ.get("QCOWFS_GUEST_DIR", REPO_ROOT / ".cache" / "guest"))
 BUILD = REPO_ROOT / "scripts" / "guest" / "build.sh"
 DISK_SIZE = 256 * M
-GUEST_FILES = 16       # files the workload keeps (guest_files= on the kernel command line)
-FS_BLOCK = 4096        # mkfs.ext4 would pick 1 KiB blocks for a disk this small
+GUEST_FILES = 16  # files the workload keeps (guest_files= on the kernel command line)
+FS_BLOCK = 4096  # mkfs.ext4 would pick 1 KiB blocks for a disk this small
 # Kernel messages that mean the disk failed the guest (scripts/guest/init counts the same).
-IO_ERROR = re.compile(r"I/O error|EXT4-fs error|EXT4-fs warning|Buffer I/O|"
-                      r"blk_update_request|JBD2.*error")
+IO_ERROR = re.compile(
+    r"I/O error|EXT4-fs error|EXT4-fs warning|Buffer I/O|"
+    r"blk_update_request|JBD2.*error"
+)
 
 
 def guest_image() -> tuple[Path, Path]:
@@ -43,8 +44,9 @@ def guest_image() -> tuple[Path, Path]:
     they are up to date). Fails, rather than skips, when they cannot be had."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: run ./scripts/setup.sh (qemu-system-x86)")
-    cp = subprocess.run([str(BUILD)], capture_output=True, text=True, timeout=600,
-                        stdin=subprocess.DEVNULL)
+    cp = subprocess.run(
+        [str(BUILD)], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
     if cp.returncode != 0:
         pytest.fail(f"{BUILD} failed:\n{cp.stderr}")
     return GUEST_DIR / "vmlinuz", GUEST_DIR / "initramfs.gz"
@@ -52,18 +54,17 @@ def guest_image() -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------- the file system
 
+
 def content(name: str, generation: int, size: int) -> bytes:
     """File NAME's bytes at GENERATION: unique 64-byte lines, as `gen` in scripts/guest/init."""
-    return b"".join(f"{f'{name} g{generation} {i}':<63}\n".encode()
-                    for i in range(size // 64))
+    return b"".join(f"{f'{name} g{generation} {i}':<63}\n".encode() for i in range(size // 64))
 
 
 def _host_files(generation: int, existing: list[str]) -> dict[str, int]:
     """Files (name -> size) generation G writes: six new ones, and new contents for two
     older ones (removed and written again, so freed blocks of lower layers are reused)."""
-    files = {f"g{generation}-{j}": ((generation * 5 + j * 3) % 12 + 1) * 64 * K
-             for j in range(6)}
-    for name in existing[generation % 3::5][:2]:
+    files = {f"g{generation}-{j}": ((generation * 5 + j * 3) % 12 + 1) * 64 * K for j in range(6)}
+    for name in existing[generation % 3 :: 5][:2]:
         files[name] = ((generation * 3 + len(name)) % 6 + 1) * 64 * K
     return files
 
@@ -71,10 +72,12 @@ def _host_files(generation: int, existing: list[str]) -> dict[str, int]:
 def _debugfs(raw: Path, commands: list[str]):
     script = raw.with_suffix(".debugfs")
     script.write_text("".join(c + "\n" for c in commands))
-    cp = subprocess.run(["debugfs", "-w", "-f", str(script), str(raw)],
-                        capture_output=True, text=True, timeout=120)
-    errors = [line for line in cp.stderr.splitlines()
-              if line.strip() and not line.startswith("debugfs ")]
+    cp = subprocess.run(
+        ["debugfs", "-w", "-f", str(script), str(raw)], capture_output=True, text=True, timeout=120
+    )
+    errors = [
+        line for line in cp.stderr.splitlines() if line.strip() and not line.startswith("debugfs ")
+    ]
     assert cp.returncode == 0 and not errors, (commands, cp.stderr)
 
 
@@ -92,7 +95,8 @@ def _write_generation(raw: Path, generation: int, manifest: dict[str, str]):
         cmds.append(f"write {src / name} h/{name}")
         manifest[name] = hashlib.sha256(data).hexdigest()
     (src / "host.sha256").write_text(
-        "".join(f"{digest}  h/{name}\n" for name, digest in sorted(manifest.items())))
+        "".join(f"{digest}  h/{name}\n" for name, digest in sorted(manifest.items()))
+    )
     cmds.append(f"write {src / 'host.sha256'} host.sha256")
     _debugfs(raw, cmds)
     shutil.rmtree(src)
@@ -110,9 +114,21 @@ def build_fs_chain(d: Path, layers: list[tuple[str, str]]) -> tuple[list[Path], 
     raw = d / "fs.raw"
     with open(raw, "wb") as f:
         f.truncate(DISK_SIZE)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", str(FS_BLOCK),
-                    "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            str(FS_BLOCK),
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            str(raw),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     manifest: dict[str, str] = {}
     images: list[Path] = []
     for name, opts in layers:
@@ -121,11 +137,25 @@ def build_fs_chain(d: Path, layers: list[tuple[str, str]]) -> tuple[list[Path], 
         if not images:
             qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", opts, raw, image)
         else:
-            qemu_img("create", "-q", "-f", "qcow2", "-o", opts, "-b", raw.name, "-F", "raw",
-                     image)
-            subprocess.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", images[-1].name,
-                            "-F", "qcow2", image.name], cwd=d, check=True,
-                           capture_output=True, timeout=300)
+            qemu_img("create", "-q", "-f", "qcow2", "-o", opts, "-b", raw.name, "-F", "raw", image)
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "rebase",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    images[-1].name,
+                    "-F",
+                    "qcow2",
+                    image.name,
+                ],
+                cwd=d,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
         images.append(image)
     # the chain must read as the last generation, and that must be a clean file system
     qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", raw, images[-1])
@@ -135,12 +165,12 @@ def build_fs_chain(d: Path, layers: list[tuple[str, str]]) -> tuple[list[Path], 
 
 
 def fsck(raw: Path):
-    cp = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True,
-                        timeout=300)
+    cp = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True, timeout=300)
     assert cp.returncode == 0, f"e2fsck -fn {raw}: exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
 
 
 # ---------------------------------------------------------------------------- QEMU
+
 
 class Guest:
     """qemu-system-x86_64 booting the test guest on one virtio disk; the serial console is
@@ -151,15 +181,37 @@ class Guest:
         self.console_log = console_log
         self.lines: list[str] = []
         self._cond = threading.Condition()
-        cmdline = (f"console=ttyS0 panic=-1 loglevel=4 guest_mode={mode} "
-                   f"guest_rounds={rounds} guest_files={GUEST_FILES}")
-        self.argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "1",
-                     "-nodefaults", "-no-user-config", "-display", "none",
-                     "-serial", "stdio", "-no-reboot",
-                     "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-                     "-drive", drive]
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cmdline = (
+            f"console=ttyS0 panic=-1 loglevel=4 guest_mode={mode} "
+            f"guest_rounds={rounds} guest_files={GUEST_FILES}"
+        )
+        self.argv = [
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            cmdline,
+            "-drive",
+            drive,
+        ]
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -183,10 +235,10 @@ class Guest:
         i = start
         with self._cond:
             while True:
-                for i in range(i, len(self.lines)):
-                    found = rx.search(self.lines[i])
+                for j in range(i, len(self.lines)):
+                    found = rx.search(self.lines[j])
                     if found:
-                        return found, i
+                        return found, j
                 i = len(self.lines)
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._reader.is_alive():
@@ -243,6 +295,7 @@ def drive(path: Path, fmt: str, extra: str = "") -> str:
 
 # ------------------------------------------------------------------------ watchdog
 
+
 def _caught_signals(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -258,9 +311,11 @@ def thread_report(pid: int) -> str:
         base = f"/proc/{pid}/task/{tid}"
         try:
             comm = Path(base, "comm").read_text().strip()
-            state = next(line.split(None, 1)[1].strip()
-                         for line in Path(base, "status").read_text().splitlines()
-                         if line.startswith("State:"))
+            state = next(
+                line.split(None, 1)[1].strip()
+                for line in Path(base, "status").read_text().splitlines()
+                if line.startswith("State:")
+            )
             stack = Path(base, "stack").read_text().strip()
         except (OSError, StopIteration):
             continue
@@ -280,22 +335,29 @@ class Watchdog:
         try:
             pid = self.mount.daemon_pid()
             caught = _caught_signals(pid)
-            dump = next((s for s in (signal.SIGQUIT, signal.SIGUSR1)
-                         if caught & (1 << (s - 1))), None)
+            dump = next(
+                (s for s in (signal.SIGQUIT, signal.SIGUSR1) if caught & (1 << (s - 1))), None
+            )
             if dump is not None:
                 os.kill(pid, dump)
-                time.sleep(2)       # faulthandler writes the stacks to the daemon's log
+                time.sleep(2)  # faulthandler writes the stacks to the daemon's log
                 parts.append(f"(sent {dump.name} to daemon {pid} for its thread dump)")
             else:
-                parts.append(f"(daemon {pid} catches neither SIGQUIT nor SIGUSR1: "
-                             "no Python stacks)")
+                parts.append(
+                    f"(daemon {pid} catches neither SIGQUIT nor SIGUSR1: no Python stacks)"
+                )
             parts.append(f"--- daemon {pid} threads (kernel side) ---\n{thread_report(pid)}")
         except (OSError, ValueError) as e:
             parts.append(f"(no daemon to inspect: {e})")
         try:
-            cp = qemu_helpers.run_qcowfs("jobs", str(self.mount.mountpoint), "--json",
-                                         "--control-socket", str(self.mount.socket),
-                                         timeout=5)
+            cp = qemu_helpers.run_qcowfs(
+                "jobs",
+                str(self.mount.mountpoint),
+                "--json",
+                "--control-socket",
+                str(self.mount.socket),
+                timeout=5,
+            )
             parts.append(f"--- qcowfs jobs --json ---\n{cp.stdout}{cp.stderr}")
         except subprocess.TimeoutExpired:
             parts.append("--- qcowfs jobs --json: no answer within 5 s ---")
@@ -304,8 +366,9 @@ class Watchdog:
         if self.guest is not None:
             code = self.guest.proc.poll()
             state = "running" if code is None else f"exited with {code}"
-            parts.append(f"--- guest console (last 60 lines; QEMU {state}) ---\n"
-                         + self.guest.console())
+            parts.append(
+                f"--- guest console (last 60 lines; QEMU {state}) ---\n" + self.guest.console()
+            )
         return "\n".join(parts)
 
     def fail(self, what: str):

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 import qemu_helpers
+
 from fusefs.daemon import pid_alive  # noqa: F401 (the tests' too)
 from fusefs.mountrecord import remove_record
 
@@ -71,8 +71,8 @@ class Mount:
         self.mountpoint = Path(mountpoint)
         self.socket = socket
         self.name = name
-        self.proc = None            # the Popen of a --foreground run
-        self.stderr_file = None     # and where its stderr goes
+        self.proc = None  # the Popen of a --foreground run
+        self.stderr_file = None  # and where its stderr goes
 
     @property
     def disk(self) -> Path:
@@ -100,8 +100,9 @@ class Mount:
 
     def unmount(self, *extra) -> subprocess.CompletedProcess:
         """`qcowfs unmount`; asserts it worked and the daemon is gone."""
-        cp = qemu_helpers.run_qcowfs("unmount", str(self.mountpoint),
-                                     "--control-socket", str(self.socket), *extra)
+        cp = qemu_helpers.run_qcowfs(
+            "unmount", str(self.mountpoint), "--control-socket", str(self.socket), *extra
+        )
         assert cp.returncode == 0, (cp.stderr, self.log())
         assert not self.is_mounted()
         assert not daemons_for(self.mountpoint), self.log()
@@ -114,8 +115,11 @@ class Mount:
 
     def cleanup(self):
         if self.is_mounted():
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         for pid in daemons_for(self.mountpoint):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -125,7 +129,7 @@ class Mount:
             self.proc.kill()
             self.proc.wait()
         for pid in daemons_for(self.mountpoint):
-            wait_until(lambda: not pid_alive(pid), 10, f"pid {pid} to die")
+            wait_until(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to die")
         # a killed daemon leaves its mount record behind (fusefs/mountrecord.py)
         remove_record(os.path.realpath(self.mountpoint))
 
@@ -156,8 +160,9 @@ class Mounter:
 
     def run(self, m: Mount, *args) -> subprocess.CompletedProcess:
         extra = [] if m.name == "disk.raw" else ["--name", m.name]
-        return qemu_helpers.run_qcowfs("mount", m.image, str(m.mountpoint),
-                                       "--control-socket", str(m.socket), *extra, *args)
+        return qemu_helpers.run_qcowfs(
+            "mount", m.image, str(m.mountpoint), "--control-socket", str(m.socket), *extra, *args
+        )
 
     def attempt(self, image, *args, mountpoint=None) -> tuple[Mount, subprocess.CompletedProcess]:
         """Try to mount (expected to fail); the Mount is cleaned up all the same."""
@@ -168,15 +173,29 @@ class Mounter:
         """Run `mount --foreground` as a child process; returns once the file answers."""
         m = self._new(image, mountpoint, "disk.raw")
         m.stderr_file = self.tmp / f"fg{self._n}.stderr"
-        with open(m.stderr_file, "w") as err:      # a file: a full pipe would block it
+        with open(m.stderr_file, "w") as err:  # a file: a full pipe would block it
             m.proc = subprocess.Popen(
-                [sys.executable, "-m", "fusefs", "mount", m.image, str(m.mountpoint),
-                 "--foreground", "--control-socket", str(m.socket), *args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                [
+                    sys.executable,
+                    "-m",
+                    "fusefs",
+                    "mount",
+                    m.image,
+                    str(m.mountpoint),
+                    "--foreground",
+                    "--control-socket",
+                    str(m.socket),
+                    *args,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
 
         def up():
             assert m.proc.poll() is None, m.stderr_file.read_text()
             return m.is_mounted() and m.disk.exists()
+
         wait_until(up, 30, "the foreground mount")
         return m
 
@@ -189,8 +208,10 @@ class Mounter:
             for path in (m.log_file, m.stderr_file):
                 text = path.read_text(errors="replace") if path and path.exists() else ""
                 if "LOCKDEP:" in text:
-                    raise AssertionError(f"lock order inversion in the daemon of "
-                                         f"{m.mountpoint}:\n{text[text.index('LOCKDEP:'):]}")
+                    raise AssertionError(
+                        f"lock order inversion in the daemon of "
+                        f"{m.mountpoint}:\n{text[text.index('LOCKDEP:') :]}"
+                    )
 
 
 @pytest.fixture
@@ -205,12 +226,14 @@ def mounter(tmp_path):
 
 # ---- helpers ---------------------------------------------------------------------------
 
+
 def read_file(path, direct=False, chunk=M) -> bytes:
     """The whole file, with O_DIRECT (aligned buffer) or through the page cache."""
     if not direct:
         with open(path, "rb") as f:
             return f.read()
     import mmap
+
     size = os.stat(path).st_size
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
@@ -236,8 +259,9 @@ def check_clean(image) -> dict:
             continue
         rc, rep = qemu_helpers.qemu_check(layer["filename"])
         assert rc == 0, (layer["filename"], rc, rep)
-        assert not rep.get("check-errors") and not rep.get("leaks") \
-            and not rep.get("corruptions"), rep
+        assert (
+            not rep.get("check-errors") and not rep.get("leaks") and not rep.get("corruptions")
+        ), rep
         reports[layer["filename"]] = rep
     return reports
 
@@ -252,13 +276,26 @@ def make_chain(d: Path, size=64 * M, cluster=65536) -> str:
     d = Path(d) / "images"
     d.mkdir(exist_ok=True)
     base, top = d / "base.qcow2", d / "top.qcow2"
-    qemu_helpers.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
-                          str(base), str(size))
+    qemu_helpers.qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(base), str(size)
+    )
     qemu_helpers.qemu_io(str(base), f"write -P 0x5a 0 {size // 2}")
-    qemu_helpers.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
-                          "-b", "base.qcow2", "-F", "qcow2", str(top))
-    qemu_helpers.qemu_io(str(top), f"write -P 0xa5 {size // 4} {size // 8}",
-                         f"write -z {size // 16} {size // 32}")
+    qemu_helpers.qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"cluster_size={cluster}",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        str(top),
+    )
+    qemu_helpers.qemu_io(
+        str(top), f"write -P 0xa5 {size // 4} {size // 8}", f"write -z {size // 16} {size // 32}"
+    )
     return str(top)
 
 
@@ -269,10 +306,10 @@ def make_chain3(d: Path, size=64 * M) -> str:
     base, mid, top = d / "base.qcow2", d / "mid.qcow2", d / "top.qcow2"
     qemu_helpers.qemu_img("create", "-q", "-f", "qcow2", str(base), str(size))
     qemu_helpers.qemu_io(str(base), f"write -P 0x11 0 {size // 2}")
-    qemu_helpers.qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                          str(mid))
+    qemu_helpers.qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(mid)
+    )
     qemu_helpers.qemu_io(str(mid), f"write -P 0x22 {size // 8} {16 * M}")
-    qemu_helpers.qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-                          str(top))
+    qemu_helpers.qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(top))
     qemu_helpers.qemu_io(str(top), f"write -P 0x33 {size // 4} {M}")
     return str(top)

@@ -46,7 +46,11 @@ class ToolError(subprocess.CalledProcessError):
 def _run(cmd, check=True, timeout=300, env=None):
     cmd = [str(c) for c in cmd]
     cp = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env,
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
         stdin=subprocess.DEVNULL,
     )
     if check and cp.returncode != 0:
@@ -136,7 +140,7 @@ def stamp_bytes(tag: str, start: int, length: int) -> bytes:
     first = start // 32 * 32
     end = start + length
     recs = [f"{tag[:10]:<10}@{o:020x}\n".encode() for o in range(first, end, 32)]
-    data = b"".join(recs)[start - first:start - first + length]
+    data = b"".join(recs)[start - first : start - first + length]
     assert len(data) == length
     return data
 
@@ -266,21 +270,50 @@ def qcow2_layout(path) -> dict:
     ``zero_entries`` likewise for standard entries with the zero flag."""
     with open(path, "rb") as f:
         raw = f.read()
-    (magic, version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-     nb_snap, snap_off) = struct.unpack_from(">IIQIIQIIQQIIQ", raw, 0)
-    lay = dict(magic=magic, version=version, backing_file_offset=bfo,
-               backing_file_size=bfs, cluster_bits=cbits, size=size,
-               crypt_method=crypt, l1_size=l1_size, l1_table_offset=l1_off,
-               refcount_table_offset=rt_off, refcount_table_clusters=rt_clusters,
-               nb_snapshots=nb_snap, snapshots_offset=snap_off, file_size=len(raw))
+    (
+        magic,
+        version,
+        bfo,
+        bfs,
+        cbits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+    ) = struct.unpack_from(">IIQIIQIIQQIIQ", raw, 0)
+    lay = dict(
+        magic=magic,
+        version=version,
+        backing_file_offset=bfo,
+        backing_file_size=bfs,
+        cluster_bits=cbits,
+        size=size,
+        crypt_method=crypt,
+        l1_size=l1_size,
+        l1_table_offset=l1_off,
+        refcount_table_offset=rt_off,
+        refcount_table_clusters=rt_clusters,
+        nb_snapshots=nb_snap,
+        snapshots_offset=snap_off,
+        file_size=len(raw),
+    )
     if version >= 3:
         inc, comp, auto, rorder, hlen = struct.unpack_from(">QQQII", raw, 72)
     else:
         inc = comp = auto = 0
         rorder, hlen = 4, 72
-    lay.update(incompatible=inc, compatible=comp, autoclear=auto, refcount_order=rorder,
-               header_length=hlen,
-               compression_type=raw[104] if version >= 3 and hlen > 104 else 0)
+    lay.update(
+        incompatible=inc,
+        compatible=comp,
+        autoclear=auto,
+        refcount_order=rorder,
+        header_length=hlen,
+        compression_type=raw[104] if version >= 3 and hlen > 104 else 0,
+    )
     cs = 1 << cbits
     lay["cluster_size"] = cs
     exts = []
@@ -293,7 +326,7 @@ def qcow2_layout(path) -> dict:
         pos += 8 + (elen + 7) // 8 * 8
     lay["extensions"] = exts
     lay["extensions_end"] = pos + 8
-    lay["backing_name"] = raw[bfo:bfo + bfs].decode(errors="replace") if bfo else None
+    lay["backing_name"] = raw[bfo : bfo + bfs].decode(errors="replace") if bfo else None
     extended = bool(inc & (1 << 4))
     esize = 16 if extended else 8
     lay["l2_entry_size"] = esize
@@ -341,6 +374,7 @@ def _case(name):
     def deco(fn):
         _BUILDERS[name] = fn
         return fn
+
     return deco
 
 
@@ -348,6 +382,7 @@ def _claim(name):
     def deco(fn):
         _CLAIMS[name] = fn
         return fn
+
     return deco
 
 
@@ -355,27 +390,37 @@ def _p(d, name):
     return str(Path(d) / name)
 
 
-def _two_layer(d, *, base_opts=None, top_opts=None, size=4 * M, base_ops=None,
-               top_ops=None):
+def _two_layer(d, *, base_opts=None, top_opts=None, size=4 * M, base_ops=None, top_ops=None):
     """base.qcow2 <- top.qcow2 with default data unless ops are given."""
     base = create(_p(d, "base.qcow2"), size, **(base_opts or {}))
-    apply_ops(base, base_ops if base_ops is not None else [
-        ("w", 0, M, "base"),
-        ("w", 2 * M - 3000, 70 * K, ("rand", "base")),
-        ("w", size - 64 * K, 64 * K, 0xB1),
-    ])
+    apply_ops(
+        base,
+        base_ops
+        if base_ops is not None
+        else [
+            ("w", 0, M, "base"),
+            ("w", 2 * M - 3000, 70 * K, ("rand", "base")),
+            ("w", size - 64 * K, 64 * K, 0xB1),
+        ],
+    )
     top = create(_p(d, "top.qcow2"), size, backing="base.qcow2", **(top_opts or {}))
-    apply_ops(top, top_ops if top_ops is not None else [
-        ("w", 64 * K + 100, 150 * K, "top"),
-        ("w", M - 512, 1024, 0x7A),
-        ("w", 2 * M, 4 * K, ("rand", "top")),
-        ("w", 3 * M + 1, 5, 0x7B),
-        ("z", 512 * K, 64 * K),
-    ])
+    apply_ops(
+        top,
+        top_ops
+        if top_ops is not None
+        else [
+            ("w", 64 * K + 100, 150 * K, "top"),
+            ("w", M - 512, 1024, 0x7A),
+            ("w", 2 * M, 4 * K, ("rand", "top")),
+            ("w", 3 * M + 1, 5, 0x7B),
+            ("z", 512 * K, 64 * K),
+        ],
+    )
     return top
 
 
 # --- format versions -------------------------------------------------------
+
 
 @_case("compat010")
 def _b_compat010(d):
@@ -401,6 +446,7 @@ def _c_compat11(path, chain):
 
 # --- cluster sizes ---------------------------------------------------------
 
+
 def _cluster_case(d, cs):
     if cs < 2 * M:
         size = 4 * M
@@ -415,24 +461,31 @@ def _cluster_case(d, cs):
     else:
         size = 8 * M
         top_ops = [
-            ("w", 0, 17, 0x5C),                       # a tiny write: COW a whole 2M cluster
-            ("w", 2 * M - 4 * K, 8 * K, "span"),      # across a cluster boundary
-            ("z", 4 * M, 2 * M),                      # a whole zero cluster
+            ("w", 0, 17, 0x5C),  # a tiny write: COW a whole 2M cluster
+            ("w", 2 * M - 4 * K, 8 * K, "span"),  # across a cluster boundary
+            ("z", 4 * M, 2 * M),  # a whole zero cluster
             ("w", 6 * M + 12345, 100 * K, ("rand", "top")),
         ]
     base = create(_p(d, "base.qcow2"), size, cluster_size=64 * K)
-    apply_ops(base, [("w", 0, 2 * M, "base"), ("w", 3 * M, 64 * K, ("rand", 1)),
-                     ("w", size - M, M, "bend")])
+    apply_ops(
+        base,
+        [("w", 0, 2 * M, "base"), ("w", 3 * M, 64 * K, ("rand", 1)), ("w", size - M, M, "bend")],
+    )
     top = create(_p(d, "top.qcow2"), size, backing="base.qcow2", cluster_size=cs)
     apply_ops(top, top_ops)
     return top
 
 
-for _cs, _nm in ((512, "cluster512"), (4 * K, "cluster4k"), (64 * K, "cluster64k"),
-                 (2 * M, "cluster2m")):
+for _cs, _nm in (
+    (512, "cluster512"),
+    (4 * K, "cluster4k"),
+    (64 * K, "cluster64k"),
+    (2 * M, "cluster2m"),
+):
     _BUILDERS[_nm] = (lambda cs: lambda d: _cluster_case(d, cs))(_cs)
-    _CLAIMS[_nm] = (lambda cs: lambda path, chain: _assert_eq(
-        chain[0]["cluster-size"], cs, "cluster-size"))(_cs)
+    _CLAIMS[_nm] = (
+        lambda cs: lambda path, chain: _assert_eq(chain[0]["cluster-size"], cs, "cluster-size")
+    )(_cs)
 
 
 def _assert_eq(a, b, what):
@@ -441,40 +494,51 @@ def _assert_eq(a, b, what):
 
 # --- refcount widths -------------------------------------------------------
 
+
 def _refcount_case(d, bits):
     base = create(_p(d, "base.qcow2"), 4 * M, refcount_bits=bits, cluster_size=4 * K)
     apply_ops(base, [("w", 0, M, "base"), ("w", 3 * M, 8 * K, 0x21)])
     if bits > 1:  # refcount 2 for shared clusters needs more than one bit
         qemu_img("snapshot", "-c", "s1", base)
         apply_ops(base, [("w", 4 * K, 4 * K, 0x22)])
-    top = create(_p(d, "top.qcow2"), 4 * M, backing="base.qcow2",
-                 refcount_bits=bits, cluster_size=4 * K)
+    top = create(
+        _p(d, "top.qcow2"), 4 * M, backing="base.qcow2", refcount_bits=bits, cluster_size=4 * K
+    )
     apply_ops(top, [("w", 100 * K, 300 * K, "top"), ("z", 0, 8 * K)])
     return top
 
 
 for _bits in (1, 16, 64):
     _BUILDERS[f"refcount{_bits}"] = (lambda b: lambda d: _refcount_case(d, b))(_bits)
-    _CLAIMS[f"refcount{_bits}"] = (lambda b: lambda path, chain: _assert_eq(
-        [fmt_specific(i)["refcount-bits"] for i in chain], [b, b], "refcount-bits"))(_bits)
+    _CLAIMS[f"refcount{_bits}"] = (
+        lambda b: (
+            lambda path, chain: _assert_eq(
+                [fmt_specific(i)["refcount-bits"] for i in chain], [b, b], "refcount-bits"
+            )
+        )
+    )(_bits)
 
 
 # --- zero clusters over backing data ---------------------------------------
+
 
 @_case("zero_over_backing")
 def _b_zero(d):
     base = create(_p(d, "base.qcow2"), 4 * M)
     apply_ops(base, [("w", 0, 4 * M, "base")])
     top = create(_p(d, "top.qcow2"), 4 * M, backing="base.qcow2")
-    apply_ops(top, [
-        ("z", 0, 64 * K),                 # zero cluster, no allocation
-        ("zu", 128 * K, 128 * K),         # zero clusters, may unmap
-        ("z", 300 * K + 7, 10 * K),       # unaligned: explicit zeros (COW)
-        ("w", 2 * M, 128 * K, 0x3C),
-        ("z", 2 * M, 128 * K),            # preallocated zero clusters (zero + offset)
-        ("d", M, 128 * K),                # discard over backing: zero clusters in v3
-        ("w", 3 * M, 64 * K, "top"),
-    ])
+    apply_ops(
+        top,
+        [
+            ("z", 0, 64 * K),  # zero cluster, no allocation
+            ("zu", 128 * K, 128 * K),  # zero clusters, may unmap
+            ("z", 300 * K + 7, 10 * K),  # unaligned: explicit zeros (COW)
+            ("w", 2 * M, 128 * K, 0x3C),
+            ("z", 2 * M, 128 * K),  # preallocated zero clusters (zero + offset)
+            ("d", M, 128 * K),  # discard over backing: zero clusters in v3
+            ("w", 3 * M, 64 * K, "top"),
+        ],
+    )
     return top
 
 
@@ -489,24 +553,44 @@ def _c_zero(path, chain):
 
 # --- compressed clusters ---------------------------------------------------
 
+
 def _compressed_case(d, ctype, cs):
-    src = make_raw(_p(d, "src.raw"), 4 * M, [
-        (0, M, "compress"),
-        (M + 4 * K, 200 * K, ("rand", "c")),   # incompressible: stored plainly
-        (2 * M, 512 * K, 0x44),
-        (3 * M + 1000, 300 * K, "tail"),
-    ])
+    src = make_raw(
+        _p(d, "src.raw"),
+        4 * M,
+        [
+            (0, M, "compress"),
+            (M + 4 * K, 200 * K, ("rand", "c")),  # incompressible: stored plainly
+            (2 * M, 512 * K, 0x44),
+            (3 * M + 1000, 300 * K, "tail"),
+        ],
+    )
     base = _p(d, "base.qcow2")
-    qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
-             f"compression_type={ctype},cluster_size={cs}", src, base)
+    qemu_img(
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compression_type={ctype},cluster_size={cs}",
+        src,
+        base,
+    )
     os.unlink(src)
-    top = create(_p(d, "top.qcow2"), 4 * M, backing="base.qcow2",
-                 compression_type=ctype, cluster_size=cs)
-    apply_ops(top, [
-        ("w", 100 * K + 3, 1000, 0x45),             # partial write into a compressed cluster
-        ("c", 3 * M - 4 * cs, 2 * cs, "topc"),      # compressed in the overlay too
-        ("z", 2 * M + 64 * K, 64 * K),
-    ])
+    top = create(
+        _p(d, "top.qcow2"), 4 * M, backing="base.qcow2", compression_type=ctype, cluster_size=cs
+    )
+    apply_ops(
+        top,
+        [
+            ("w", 100 * K + 3, 1000, 0x45),  # partial write into a compressed cluster
+            ("c", 3 * M - 4 * cs, 2 * cs, "topc"),  # compressed in the overlay too
+            ("z", 2 * M + 64 * K, 64 * K),
+        ],
+    )
     return top
 
 
@@ -516,6 +600,7 @@ def _compressed_claim(ctype):
         for img in (path, chain[1]["filename"]):
             rc, rep = qemu_check(img)
             assert rc == 0 and rep["compressed-clusters"] > 0, (img, rc, rep)
+
     return claim
 
 
@@ -529,21 +614,26 @@ _CLAIMS["compressed_zlib_4k"] = _compressed_claim("zlib")
 
 # --- extended L2 ------------------------------------------------------------
 
+
 @_case("extended_l2")
 def _b_extl2(d):
     base = create(_p(d, "base.qcow2"), 4 * M)
     apply_ops(base, [("w", 0, 4 * M, "base")])
-    top = create(_p(d, "top.qcow2"), 4 * M, backing="base.qcow2",
-                 cluster_size=64 * K, extended_l2="on")
-    apply_ops(top, [
-        ("w", 4 * K, 4 * K, 0x51),              # one subcluster
-        ("w", 20 * K, 8 * K, "top"),            # two subclusters
-        ("z", 40 * K, 4 * K),                   # a zero subcluster
-        ("w", 100 * K + 100, 1000, 0x52),       # inside one subcluster: COW from backing
-        ("w", 192 * K, 64 * K, ("rand", "x")),  # a whole cluster
-        ("zu", M, 12 * K),                      # zero subclusters in an unallocated cluster
-        ("w", 2 * M - 2 * K, 4 * K, 0x53),      # across a cluster boundary
-    ])
+    top = create(
+        _p(d, "top.qcow2"), 4 * M, backing="base.qcow2", cluster_size=64 * K, extended_l2="on"
+    )
+    apply_ops(
+        top,
+        [
+            ("w", 4 * K, 4 * K, 0x51),  # one subcluster
+            ("w", 20 * K, 8 * K, "top"),  # two subclusters
+            ("z", 40 * K, 4 * K),  # a zero subcluster
+            ("w", 100 * K + 100, 1000, 0x52),  # inside one subcluster: COW from backing
+            ("w", 192 * K, 64 * K, ("rand", "x")),  # a whole cluster
+            ("zu", M, 12 * K),  # zero subclusters in an unallocated cluster
+            ("w", 2 * M - 2 * K, 4 * K, 0x53),  # across a cluster boundary
+        ],
+    )
     return top
 
 
@@ -558,13 +648,16 @@ def _c_extl2(path, chain):
 
 # --- raw backing / raw base --------------------------------------------------
 
+
 @_case("raw_backing")
 def _b_rawbacking(d):
-    base = make_raw(_p(d, "base.raw"), 4 * M, [
-        (0, M, "rawbase"), (M + 12345, 70 * K, ("rand", "r")), (3 * M, 4 * K, 0x61)])
+    base = make_raw(
+        _p(d, "base.raw"),
+        4 * M,
+        [(0, M, "rawbase"), (M + 12345, 70 * K, ("rand", "r")), (3 * M, 4 * K, 0x61)],
+    )
     top = create(_p(d, "top.qcow2"), 4 * M, backing="base.raw", backing_fmt="raw")
-    apply_ops(top, [("w", 4 * K, 70 * K, "top"), ("z", 3 * M, 64 * K),
-                    ("w", 2 * M, 64 * K, 0x62)])
+    apply_ops(top, [("w", 4 * K, 70 * K, "top"), ("z", 3 * M, 64 * K), ("w", 2 * M, 64 * K, 0x62)])
     assert base
     return top
 
@@ -579,8 +672,9 @@ def _c_rawbacking(path, chain):
 def _b_rawchain(d):
     os.makedirs(_p(d, "sub"), exist_ok=True)
     make_raw(_p(d, "sub/base.raw"), 4 * M, [(0, 2 * M, "rawbase"), (3 * M, M, 0x71)])
-    mid = create(_p(d, "mid.qcow2"), 4 * M, backing="sub/base.raw", backing_fmt="raw",
-                 cluster_size=4 * K)
+    mid = create(
+        _p(d, "mid.qcow2"), 4 * M, backing="sub/base.raw", backing_fmt="raw", cluster_size=4 * K
+    )
     apply_ops(mid, [("w", M - 2 * K, 8 * K, "mid"), ("z", 3 * M + 4 * K, 4 * K)])
     top = create(_p(d, "top.qcow2"), 4 * M, backing="mid.qcow2")
     apply_ops(top, [("w", 0, 64 * K, "top"), ("w", 3 * M + 64 * K - 1, 2, 0x72)])
@@ -595,6 +689,7 @@ def _c_rawchain(path, chain):
 
 # --- a 4-layer chain with data around layer-size boundaries --------------------
 
+
 @_case("chain4")
 def _b_chain4(d):
     base = create(_p(d, "base.qcow2"), 3 * M)
@@ -603,25 +698,41 @@ def _b_chain4(d):
     apply_ops(mid, [("w", 3 * M - 32 * K, 64 * K, "mid"), ("w", 512 * K, 64 * K, 0x22)])
     # absolute backing name for variety
     top = create(_p(d, "top.qcow2"), 5 * M, backing=os.path.abspath(mid))
-    apply_ops(top, [("w", 4 * M - 4 * K, 8 * K, "top"), ("w", 540 * K, 8 * K, 0x33),
-                    ("z", 3 * M - 64 * K, 32 * K)])
-    active = create(_p(d, "active.qcow2"), 5 * M, backing="./top.qcow2",
-                    cluster_size=16 * K)
-    apply_ops(active, [("w", 5 * M - 16 * K, 16 * K, "active"), ("w", 544 * K, 2 * K, 0x44),
-                       ("w", 3 * M - 1, 2, 0x45)])
+    apply_ops(
+        top,
+        [
+            ("w", 4 * M - 4 * K, 8 * K, "top"),
+            ("w", 540 * K, 8 * K, 0x33),
+            ("z", 3 * M - 64 * K, 32 * K),
+        ],
+    )
+    active = create(_p(d, "active.qcow2"), 5 * M, backing="./top.qcow2", cluster_size=16 * K)
+    apply_ops(
+        active,
+        [
+            ("w", 5 * M - 16 * K, 16 * K, "active"),
+            ("w", 544 * K, 2 * K, 0x44),
+            ("w", 3 * M - 1, 2, 0x45),
+        ],
+    )
     return active
 
 
 @_claim("chain4")
 def _c_chain4(path, chain):
     assert [Path(i["filename"]).name for i in chain] == [
-        "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+        "active.qcow2",
+        "top.qcow2",
+        "mid.qcow2",
+        "base.qcow2",
+    ]
     assert [i["virtual-size"] for i in chain] == [5 * M, 5 * M, 4 * M, 3 * M]
     depths = {e["depth"] for e in qemu_map(path)}
     assert depths >= {0, 1, 2, 3}, depths
 
 
 # --- sizes that differ along the chain ------------------------------------------
+
 
 @_case("top_larger")
 def _b_top_larger(d):
@@ -652,7 +763,7 @@ def _b_274(d):
 def _c_274(path, chain):
     assert [i["virtual-size"] for i in chain] == [2 * M, M, 2 * M]
     data = convert_raw(path)
-    assert data[:M] == b"\x01" * M and data[M:M + 4 * K] == bytes(4 * K)
+    assert data[:M] == b"\x01" * M and data[M : M + 4 * K] == bytes(4 * K)
 
 
 @_case("short_unaligned")
@@ -660,7 +771,7 @@ def _b_short_unaligned(d):
     base = create(_p(d, "base.qcow2"), 512 * K)
     apply_ops(base, [("w", 0, 512 * K, "base")])
     mid = create(_p(d, "mid.qcow2"), 253 * K, backing="base.qcow2")
-    apply_ops(mid, [("w", 240 * K, 13 * K, "mid")])   # up to mid's unaligned EOF
+    apply_ops(mid, [("w", 240 * K, 13 * K, "mid")])  # up to mid's unaligned EOF
     top = create(_p(d, "top.qcow2"), 512 * K, backing="mid.qcow2", cluster_size=4 * K)
     apply_ops(top, [("w", 250 * K, 2 * K, 0x0D), ("w", 400 * K, 512, 0x0E)])
     return top
@@ -671,7 +782,7 @@ def _c_short_unaligned(path, chain):
     assert chain[1]["virtual-size"] == 253 * K
     assert (253 * K) % chain[1]["cluster-size"]
     data = convert_raw(path)
-    assert data[253 * K:256 * K] == bytes(3 * K)
+    assert data[253 * K : 256 * K] == bytes(3 * K)
 
 
 @_case("backing_larger")
@@ -690,14 +801,20 @@ def _c_backing_larger(path, chain):
 
 # --- internal snapshots ---------------------------------------------------------
 
+
 @_case("snapshot")
 def _b_snapshot(d):
     img = create(_p(d, "snap.qcow2"), 4 * M, cluster_size=16 * K)
     apply_ops(img, [("w", 0, 2 * M, "before"), ("w", 3 * M, 64 * K, 0x5A)])
     qemu_img("snapshot", "-c", "snap1", img)
-    apply_ops(img, [("w", 100 * K + 5, 50 * K, "after"),     # COW of shared clusters
-                    ("d", M, 64 * K),
-                    ("w", 2 * M + 32 * K, 32 * K, 0x5B)])
+    apply_ops(
+        img,
+        [
+            ("w", 100 * K + 5, 50 * K, "after"),  # COW of shared clusters
+            ("d", M, 64 * K),
+            ("w", 2 * M + 32 * K, 32 * K, 0x5B),
+        ],
+    )
     qemu_img("snapshot", "-c", "snap2", img)
     apply_ops(img, [("w", 0, 16 * K, 0x5C), ("z", 3 * M, 16 * K)])
     return img
@@ -710,6 +827,7 @@ def _c_snapshot(path, chain):
 
 
 # --- an L1 table longer than the virtual size needs (valid: after a shrink) -------
+
 
 @_case("shrunk_l1")
 def _b_shrunk(d):

@@ -1,8 +1,9 @@
 """A RawIO that records every write and flush barrier, for crash-consistency tests
 in the style of CrashMonkey / dm-log-writes.
 
-`Journal` collects, in program order, ("write", offset, bytes), ("sync",),
-("truncate", size) and ("reserve", offset, length) (fallocate: the file grows) events of one image file, plus markers the test adds itself
+`Journal` collects, in program order, ("write", offset, bytes), ("sync",), ("truncate",
+size) and ("reserve", offset, length) (fallocate: the file grows) events of one image file,
+plus markers the test adds itself
 (e.g. ("flushed", n) once `Qcow2Image.flush()` has returned). `crash_state` builds the
 file as a crash after the first `k` events could leave it: the file as it was at the
 start, every write before the last completed sync, then a random subset of the writes
@@ -37,7 +38,7 @@ class Journal:
                 _, off, data = e
                 if off > len(buf):
                     buf.extend(bytes(off - len(buf)))
-                buf[off:off + len(data)] = data
+                buf[off : off + len(data)] = data
             elif e[0] == "reserve":
                 if keep is not None and not keep(i):
                     continue
@@ -70,8 +71,11 @@ class Journal:
     def crash_state(self, upto, rng: random.Random, keep_prob=0.5) -> bytearray:
         """A possible file after a crash once events[:upto] were issued."""
         s = self.last_sync(upto)
-        chosen = {i for i in range(s + 1, upto)
-                  if self.events[i][0] in ("write", "truncate", "reserve") and rng.random() < keep_prob}
+        chosen = {
+            i
+            for i in range(s + 1, upto)
+            if self.events[i][0] in ("write", "truncate", "reserve") and rng.random() < keep_prob
+        }
         return self.replay(upto, keep=lambda i: i < s or i in chosen)
 
 

@@ -25,8 +25,8 @@ import time
 
 BLOCK = 4096
 CLASSES = 4
-REQUEST_LIMIT = 60.0        # a guest request in flight longer than this is a hang
-QUERY_LIMIT = 1.0           # query-block-jobs must answer within this (issue contract)
+REQUEST_LIMIT = 60.0  # a guest request in flight longer than this is a hang
+QUERY_LIMIT = 1.0  # query-block-jobs must answer within this (issue contract)
 
 
 class _Op:
@@ -44,8 +44,7 @@ class _Op:
 
 
 class GuestLoad:
-    def __init__(self, disk, model: bytearray, seed=0, readers=2, direct_writers=2,
-                 pause=0.0):
+    def __init__(self, disk, model: bytearray, seed=0, readers=2, direct_writers=2, pause=0.0):
         self.disk = str(disk)
         self.model = model
         self.nblocks = len(model) // BLOCK
@@ -66,8 +65,7 @@ class GuestLoad:
     def _spawn(self, fn, seed, name, *args):
         op = _Op()
         self.ops.append((name, op))
-        t = threading.Thread(target=self._guard, args=(fn, seed, op) + args, name=name,
-                             daemon=True)
+        t = threading.Thread(target=self._guard, args=(fn, seed, op) + args, name=name, daemon=True)
         self.threads.append(t)
 
     def start(self):
@@ -78,7 +76,7 @@ class GuestLoad:
     def _guard(self, fn, seed, op, *args):
         try:
             fn(random.Random(seed), op, *args)
-        except BaseException as e:      # noqa: BLE001 - reported by stop()
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
             self.errors.append(f"{threading.current_thread().name}: {e!r}")
             self.stop_flag.set()
 
@@ -105,12 +103,12 @@ class GuestLoad:
                     op.start(f"read {off}+{size}")
                     n = os.preadv(fd, [view], off)
                     op.done()
-                    want = self.model[off:off + size]
+                    want = self.model[off : off + size]
                     if n != size or view[:n] != want:
-                        bad = next(i for i in range(n) if view[i] != want[i]) \
-                            if n == size else n
-                        raise AssertionError(f"read at {off}+{size} differs from the model "
-                                             f"at byte {off + bad}")
+                        bad = next(i for i in range(n) if view[i] != want[i]) if n == size else n
+                        raise AssertionError(
+                            f"read at {off}+{size} differs from the model at byte {off + bad}"
+                        )
                 finally:
                     for lock in locks:
                         lock.release()
@@ -143,7 +141,7 @@ class GuestLoad:
                     n = os.pwrite(fd, buf, off)
                     op.done()
                     assert n == BLOCK, n
-                    self.model[off:off + BLOCK] = data
+                    self.model[off : off + BLOCK] = data
                     if not direct:
                         op.start(f"buffered read {off}")
                         got = os.pread(fd, BLOCK, off)
@@ -188,12 +186,18 @@ def scattered_chain(d, size, base_written, writes, seed):
     `writes` scattered 4 KiB writes) <- an empty active image: the deadlock report's
     layout, where copying into base writes parts of base clusters base does not hold."""
     from qemu_helpers import apply_ops, create
+
     base = create(str(d / "base.qcow2"), size, cluster_size=64 << 10)
     apply_ops(base, [("w", 0, base_written, 0x11)])
     top = create(str(d / "top.qcow2"), size, backing="base.qcow2", cluster_size=BLOCK)
     rnd = random.Random(seed)
-    apply_ops(top, [("w", b * BLOCK, BLOCK, 0x20 + i % 7)
-                    for i, b in enumerate(rnd.sample(range(size // BLOCK), writes))])
+    apply_ops(
+        top,
+        [
+            ("w", b * BLOCK, BLOCK, 0x20 + i % 7)
+            for i, b in enumerate(rnd.sample(range(size // BLOCK), writes))
+        ],
+    )
     active = create(str(d / "active.qcow2"), size, backing="top.qcow2")
     return base, top, active
 
@@ -234,7 +238,7 @@ class HangWatch:
                 if stuck:
                     self.fail(f"guest {stuck[0]}: {stuck[1]} in flight for {stuck[2]:.0f} s")
                     return
-        except Exception as e:          # noqa: BLE001 - the daemon died or hung
+        except Exception as e:  # noqa: BLE001 - the daemon died or hung
             self.fail(f"query-block-jobs failed: {e!r}")
 
     def fail(self, why):
@@ -248,7 +252,7 @@ class HangWatch:
         self.thread.join(30)
         try:
             self.qmp.close()
-        except Exception:               # noqa: BLE001
+        except Exception:  # noqa: BLE001
             pass
 
 
@@ -257,7 +261,7 @@ def dump_daemon(mount) -> str:
     stays blocked on the mount; returns the tail of its log."""
     try:
         pid = mount.daemon_pid()
-    except Exception:                   # noqa: BLE001
+    except Exception:  # noqa: BLE001
         pid = None
     if pid:
         try:
@@ -268,5 +272,5 @@ def dump_daemon(mount) -> str:
             pass
     try:
         return "daemon log (tail):\n" + mount.log()[-20000:]
-    except Exception as e:              # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
         return f"(no daemon log: {e!r})"

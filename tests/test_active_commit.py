@@ -14,12 +14,18 @@ import random
 import time
 
 import pytest
-
-from mount_fixtures import mounter, read_file  # noqa: F401  (fixture)
+from mount_fixtures import read_file
 from qemu_helpers import convert_raw, qemu_info_chain
 from test_commit_live import build_live_chain, kill9
-from test_commit_support import (M, SyncQMP, Writer, chain_names, check_images,
-                                 compare_with_pending, flat)
+from test_commit_support import (
+    M,
+    SyncQMP,
+    Writer,
+    chain_names,
+    check_images,
+    compare_with_pending,
+    flat,
+)
 
 SIZE = 64 * M
 
@@ -38,38 +44,45 @@ def _active_commit(qmp, job_id="ac", speed=0, **extra):
     return nodes
 
 
-def test_active_commit_pivot_under_guest_writes(tmp_path, mounter):  # noqa: F811
+def test_active_commit_pivot_under_guest_writes(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=SIZE)
     base, mid, top, active = c.images
     model = bytearray(flat(active))
     m = mounter(active)
     with SyncQMP(m.socket) as qmp:
         w = Writer(m.disk, model, seed=1).start()
-        time.sleep(0.3)                                   # before
+        time.sleep(0.3)  # before
         before = _active_commit(qmp, speed=32 * M)
         assert _files(before) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
-        ready = qmp.wait_event("BLOCK_JOB_READY", timeout=60)["data"]   # during
+        ready = qmp.wait_event("BLOCK_JOB_READY", timeout=60)["data"]  # during
         assert ready["device"] == "ac" and ready["type"] == "commit"
         assert qmp.statuses("ac") == ["created", "running", "ready"]
         (job,) = qmp.execute("query-block-jobs")
         assert job["ready"] is True and job["status"] == "ready"
         assert job["offset"] == job["len"] > 0, job
         writes_at_ready = w.writes
-        time.sleep(0.5)                                   # in sync, still writing
+        time.sleep(0.5)  # in sync, still writing
         assert w.writes > writes_at_ready, "the guest made no progress while READY"
         assert w.error is None, w.error
         qmp.execute("block-job-complete", {"device": "ac"})
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)["data"]
         assert "error" not in done, done
         qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "null")
-        assert qmp.statuses("ac") == ["created", "running", "ready", "waiting", "pending",
-                                      "concluded", "null"]
+        assert qmp.statuses("ac") == [
+            "created",
+            "running",
+            "ready",
+            "waiting",
+            "pending",
+            "concluded",
+            "null",
+        ]
         after = qmp.execute("query-named-block-nodes")
         assert _files(after) == ["base.qcow2"]
         assert after[0]["virtual-size"] == SIZE
         assert qmp.execute("query-block-jobs") == []
         writes_at_pivot = w.writes
-        time.sleep(0.5)                                   # after: writes go to base
+        time.sleep(0.5)  # after: writes go to base
         w.stop()
         assert w.writes > writes_at_pivot + 5 and w.samples > 20
     assert read_file(m.disk, direct=True) == model
@@ -83,7 +96,7 @@ def test_active_commit_pivot_under_guest_writes(tmp_path, mounter):  # noqa: F81
     check_images([active, top, mid])
 
 
-def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter):  # noqa: F811
+def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=SIZE)
     base, mid, top, active = c.images
     model = bytearray(flat(active))
@@ -97,13 +110,11 @@ def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter): 
             at_cancel = bytes(model)
             n = len(qmp.events)
             qmp.execute("block-job-cancel", {"device": "ac1"})
-            ev = qmp.wait_event("JOB_STATUS_CHANGE", start=n,
-                                pred=lambda d: d["status"] == "null")
+            ev = qmp.wait_event("JOB_STATUS_CHANGE", start=n, pred=lambda d: d["status"] == "null")
             assert ev
             names = qmp.names()[n:]
             # a soft cancel of a ready job completes without a pivot (QEMU)
-            assert "BLOCK_JOB_COMPLETED" in names and "BLOCK_JOB_CANCELLED" not in names, \
-                names
+            assert "BLOCK_JOB_COMPLETED" in names and "BLOCK_JOB_CANCELLED" not in names, names
             assert _files(qmp.execute("query-named-block-nodes")) == _files(before)
             # base holds what the flat view held at the cancel
             base_view = convert_raw(base, share=True)
@@ -114,8 +125,7 @@ def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter): 
         assert w.error is None, w.error
         # a later commit succeeds
         _active_commit(qmp, job_id="ac2")
-        qmp.wait_event("BLOCK_JOB_READY", timeout=60,
-                       pred=lambda d: d["device"] == "ac2")
+        qmp.wait_event("BLOCK_JOB_READY", timeout=60, pred=lambda d: d["device"] == "ac2")
         qmp.execute("block-job-complete", {"device": "ac2"})
         qmp.wait_event("BLOCK_JOB_COMPLETED", pred=lambda d: d["device"] == "ac2")
         assert _files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
@@ -127,13 +137,12 @@ def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter): 
     check_images([base, active, top, mid])
 
 
-def test_active_commit_events_and_errors(tmp_path, mounter):  # noqa: F811
+def test_active_commit_events_and_errors(tmp_path, mounter):
     """QEMU's error classes and refusals around an active job."""
     c = build_live_chain(tmp_path / "img", size=16 * M)
     m = mounter(c.active)
     with SyncQMP(m.socket) as qmp:
-        assert qmp.error_of("block-job-complete", {"device": "nosuch"})[0] == \
-            "DeviceNotActive"
+        assert qmp.error_of("block-job-complete", {"device": "nosuch"})[0] == "DeviceNotActive"
         _active_commit(qmp, job_id="ac", speed=4 * M)
         # complete before READY is refused; so is a second job on the chain
         cls, desc = qmp.error_of("block-job-complete", {"device": "ac"})
@@ -151,10 +160,11 @@ def test_active_commit_events_and_errors(tmp_path, mounter):  # noqa: F811
 
 # ---- kill -9 at random points of an active commit -------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["before_ready", "after_ready", "after_pivot"])
 @pytest.mark.parametrize("seed", [21, 22])
-def test_active_commit_kill9(tmp_path, mounter, phase, seed):  # noqa: F811
+def test_active_commit_kill9(tmp_path, mounter, phase, seed):
     rnd = random.Random(f"{seed}-{phase}")
     c = build_live_chain(tmp_path / "img", size=SIZE)
     base, mid, top, active = c.images
@@ -193,19 +203,27 @@ def test_active_commit_kill9(tmp_path, mounter, phase, seed):  # noqa: F811
         assert len(qemu_info_chain(active)) == 4
 
 
-def test_active_commit_into_short_intermediate_iotest274(tmp_path, mounter):  # noqa: F811
+def test_active_commit_into_short_intermediate_iotest274(tmp_path, mounter):
     """iotest 274's QMP case: base 2M of 0x01 <- mid 1M <- top 2M (mounted); active
     commit of top into mid (base-node=mid), complete: mid grows to 2M and reads zeros on
     [1M, 2M), the flat view is unchanged."""
     from test_commit_offline import _chain_274
+
     c = _chain_274(tmp_path / "img", with_active=False)
     base, mid, top = c.images
     v0 = flat(top)
     m = mounter(top)
     with SyncQMP(m.socket) as qmp:
         nodes = qmp.execute("query-named-block-nodes")
-        qmp.execute("block-commit", {"job-id": "ac", "device": nodes[0]["node-name"],
-                                     "top": nodes[0]["file"], "base-node": nodes[1]["node-name"]})
+        qmp.execute(
+            "block-commit",
+            {
+                "job-id": "ac",
+                "device": nodes[0]["node-name"],
+                "top": nodes[0]["file"],
+                "base-node": nodes[1]["node-name"],
+            },
+        )
         qmp.wait_event("BLOCK_JOB_READY", timeout=30)
         qmp.execute("block-job-complete", {"device": "ac"})
         qmp.wait_event("BLOCK_JOB_COMPLETED")
@@ -215,15 +233,18 @@ def test_active_commit_into_short_intermediate_iotest274(tmp_path, mounter):  # 
         assert read_file(m.disk, direct=True) == v0
     m.unmount()
     assert flat(mid) == v0
-    assert [(n, s) for n, _b, s in chain_names(mid)] == [("mid.qcow2", 2 * M),
-                                                        ("base.qcow2", 2 * M)]
+    assert [(n, s) for n, _b, s in chain_names(mid)] == [
+        ("mid.qcow2", 2 * M),
+        ("base.qcow2", 2 * M),
+    ]
     check_images([base, mid, top])
 
 
-def test_active_commit_of_the_design_discussion_chain(tmp_path, mounter):  # noqa: F811
+def test_active_commit_of_the_design_discussion_chain(tmp_path, mounter):
     """base[1M] <- mid[2M] <- top[3M] <- active[3M] (short layers, base smaller than
     the disk): an active commit with pivot leaves base alone holding the flat view."""
     from test_commit_support import build
+
     c = build("scenario", tmp_path / "img")
     base = c.images[0]
     model = bytearray(flat(c.active))
@@ -243,7 +264,7 @@ def test_active_commit_of_the_design_discussion_chain(tmp_path, mounter):  # noq
     check_images(c.images)
 
 
-def test_active_commit_cancel_before_ready(tmp_path, mounter):  # noqa: F811
+def test_active_commit_cancel_before_ready(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=SIZE)
     model = bytearray(flat(c.active))
     m = mounter(c.active)

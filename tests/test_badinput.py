@@ -15,9 +15,6 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
-
-import qcow
-from qcow.errors import QcowError
 from qemu_helpers import (
     COMPRESSED,
     HDR_BACKING_OFFSET,
@@ -33,8 +30,8 @@ from qemu_helpers import (
     HDR_SIZE,
     HDR_SNAPSHOTS_OFFSET,
     HDR_VERSION,
-    K,
     L2_OFFSET_MASK,
+    K,
     M,
     apply_ops,
     convert_raw,
@@ -48,16 +45,19 @@ from qemu_helpers import (
     sha256_tree,
 )
 
+import qcow
+from qcow.errors import QcowError
+
 G = 1 << 30
 
 
 @dataclass
 class Built:
-    image: str                      # what the user passes to qcowfs
-    names: tuple = ()               # file names any of which the error line may name
-    bad_offset: int | None = None   # EIO cases: a guest offset whose read must fail
+    image: str  # what the user passes to qcowfs
+    names: tuple = ()  # file names any of which the error line may name
+    bad_offset: int | None = None  # EIO cases: a guest offset whose read must fail
     good_offset: int | None = None  # EIO cases: a guest offset that must still read fine
-    pristine: bytes | None = None   # EIO cases: the disk before the corruption
+    pristine: bytes | None = None  # EIO cases: the disk before the corruption
     extra: dict = field(default_factory=dict)
 
 
@@ -67,9 +67,11 @@ CASES = {}
 def case(name, *, kind="open", fault=r".", builder=None):
     """kind "open": refused at open. kind "eio": EIO when the bad cluster is read.
     fault: a regex (case-insensitive) the error line must match: it names the fault."""
+
     def deco(fn):
         CASES[name] = (kind, fault, fn)
         return fn
+
     return deco(builder) if builder else deco
 
 
@@ -89,6 +91,7 @@ def _header_patch(name, off, fmt, value, fault):
         p = _img(d, name)
         patch(p, off, fmt, value(qcow2_layout(p)) if callable(value) else value)
         return Built(p)
+
     case(name, fault=fault, builder=build)
 
 
@@ -104,22 +107,29 @@ _header_patch("cluster_bits8", HDR_CLUSTER_BITS, "I", 8, r"cluster")
 _header_patch("cluster_bits30", HDR_CLUSTER_BITS, "I", 30, r"cluster")
 _header_patch("header_length_short", HDR_LENGTH, "I", 96, r"header")
 _header_patch("refcount_order7", HDR_REFCOUNT_ORDER, "I", 7, r"refcount")
-_header_patch("unknown_incompatible_bit", HDR_INCOMPATIBLE, "Q",
-              lambda lay: lay["incompatible"] | 1 << 5,
-              r"incompatible|feature|bit 5")
+_header_patch(
+    "unknown_incompatible_bit",
+    HDR_INCOMPATIBLE,
+    "Q",
+    lambda lay: lay["incompatible"] | 1 << 5,
+    r"incompatible|feature|bit 5",
+)
 
 # --- tables beyond EOF, misaligned, overlapping the header ----------------------------
 _header_patch("l1_beyond_eof", HDR_L1_OFFSET, "Q", _beyond_eof, r"l1")
-_header_patch("l1_misaligned", HDR_L1_OFFSET, "Q", lambda lay: lay["l1_table_offset"] + 8,
-              r"l1")
+_header_patch("l1_misaligned", HDR_L1_OFFSET, "Q", lambda lay: lay["l1_table_offset"] + 8, r"l1")
 _header_patch("l1_overlaps_header", HDR_L1_OFFSET, "Q", 0, r"l1")
 _header_patch("l1_size_absurd", HDR_L1_SIZE, "I", 0x1000_0000, r"l1")
 # the virtual size needs more L1 entries than the table has
 _header_patch("l1_too_small_for_size", HDR_SIZE, "Q", 1 << 50, r"l1|size")
-_header_patch("refcount_table_beyond_eof", HDR_REFTABLE_OFFSET, "Q", _beyond_eof,
-              r"refcount")
-_header_patch("refcount_table_misaligned", HDR_REFTABLE_OFFSET, "Q",
-              lambda lay: lay["refcount_table_offset"] + 512, r"refcount")
+_header_patch("refcount_table_beyond_eof", HDR_REFTABLE_OFFSET, "Q", _beyond_eof, r"refcount")
+_header_patch(
+    "refcount_table_misaligned",
+    HDR_REFTABLE_OFFSET,
+    "Q",
+    lambda lay: lay["refcount_table_offset"] + 512,
+    r"refcount",
+)
 _header_patch("refcount_table_overlaps_header", HDR_REFTABLE_OFFSET, "Q", 0, r"refcount")
 
 
@@ -144,7 +154,7 @@ def _b_named_bit(d):
         f.seek(pos + 8)
         table = f.read(length)
     for i in range(0, length, 48):
-        if table[i] == 0 and table[i + 1] == 4:   # incompatible bit 4 (extended L2)
+        if table[i] == 0 and table[i + 1] == 4:  # incompatible bit 4 (extended L2)
             patch_bytes(p, pos + 8 + i, bytes([0, 5]) + b"frobnication".ljust(46, b"\0"))
             break
     else:
@@ -154,6 +164,7 @@ def _b_named_bit(d):
 
 
 # --- backing file name --------------------------------------------------------------
+
 
 def _with_backing(d, name):
     base = _valid(d, f"{name}-base.qcow2")
@@ -202,8 +213,7 @@ def _b_missing(d):
 @case("missing_backing_deeper", fault=r"no such file|missing|not found|does not exist|cannot open")
 def _b_missing_deep(d):
     top, base = _with_backing(d, "missing_deep_mid")
-    active = create(str(d / "missing_backing_deeper.qcow2"), 4 * M,
-                    backing=os.path.basename(top))
+    active = create(str(d / "missing_backing_deeper.qcow2"), 4 * M, backing=os.path.basename(top))
     os.unlink(base)
     return Built(active, names=(os.path.basename(base), os.path.basename(top)))
 
@@ -211,8 +221,9 @@ def _b_missing_deep(d):
 @case("external_data_file", fault=r"data.?file|external")
 def _b_datafile(d):
     p = str(d / "external_data_file.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o",
-             f"data_file={d / 'external_data_file.raw'}", p, "1M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"data_file={d / 'external_data_file.raw'}", p, "1M"
+    )
     return Built(p)
 
 
@@ -226,6 +237,7 @@ def _b_header_truncated(d):
 
 
 # --- faults found only when a cluster is read: EIO for that read -----------------------
+
 
 @case("l2_entry_outside_file", kind="eio")
 def _b_l2_outside(d):
@@ -246,7 +258,7 @@ def _b_l2_misaligned(d):
     lay = qcow2_layout(p)
     where, guest, v = lay["data_entries"][0]
     good = lay["data_entries"][-1][1]
-    patch(p, where, "Q", v + 512)   # host offset not cluster-aligned
+    patch(p, where, "Q", v + 512)  # host offset not cluster-aligned
     return Built(p, bad_offset=guest, good_offset=good, pristine=pristine)
 
 
@@ -267,7 +279,7 @@ def _b_comp_eof(d):
     where, guest, v = lay["compressed_entries"][3]
     good = lay["compressed_entries"][0][1]
     host = lay["file_size"] - 100
-    nsect = 10                       # runs ~5 KiB past the end of the file
+    nsect = 10  # runs ~5 KiB past the end of the file
     patch(p, where, "Q", COMPRESSED | (nsect << x) | host)
     return Built(p, bad_offset=guest, good_offset=good, pristine=pristine)
 
@@ -289,7 +301,7 @@ def _b_comp_garbage(d):
 def _b_l2_table_eof(d):
     """An L1 entry pointing beyond EOF: only reads through that L2 table fail."""
     p = str(d / "l2_table_beyond_eof.qcow2")
-    create(p, 4 * M, cluster_size=4 * K)        # 4K clusters: one L2 table maps 2 MiB
+    create(p, 4 * M, cluster_size=4 * K)  # 4K clusters: one L2 table maps 2 MiB
     apply_ops(p, [("w", 0, 64 * K, "low"), ("w", 3 * M, 64 * K, "high")])
     pristine = convert_raw(p)
     lay = qcow2_layout(p)
@@ -322,8 +334,9 @@ def _assert_clean_failure(cp, built, what):
     assert err and "\n" not in err, f"{what}: stderr is not exactly one line: {cp.stderr!r}"
     names = (os.path.basename(built.image), *built.names)
     assert any(n in err for n in names), f"{what}: {err!r} names none of {names}"
-    assert re.search(built.extra["fault"], err, re.I), \
+    assert re.search(built.extra["fault"], err, re.I), (
         f"{what}: {err!r} does not name the fault (/{built.extra['fault']}/)"
+    )
 
 
 @pytest.mark.parametrize("bad", OPEN_CASES, indirect=True)
@@ -357,12 +370,12 @@ def test_eio_only_for_the_bad_cluster(bad):
         assert not isinstance(ei.value, QcowError)
         # the rest of the disk is still served, and served correctly
         g = bad.good_offset
-        assert chain.read(g, 4096) == bad.pristine[g:g + 4096]
+        assert chain.read(g, 4096) == bad.pristine[g : g + 4096]
         # the same fault again: still EIO, no state was poisoned
         with pytest.raises(OSError) as ei2:
             chain.read(bad.bad_offset + 512, 512)
         assert ei2.value.errno == errno.EIO
-        assert chain.read(g, 512) == bad.pristine[g:g + 512]
+        assert chain.read(g, 512) == bad.pristine[g : g + 512]
     assert sha256_tree(bad.extra["dir"]) == bad.extra["hashes"], "a file was modified"
 
 
@@ -395,7 +408,7 @@ def test_refused_at_open_or_eio_at_read(bad):
                 chain.read(bad.bad_offset, 4096)
             assert ei.value.errno == errno.EIO, ei.value
             g = bad.good_offset
-            assert chain.read(g, 4096) == bad.pristine[g:g + 4096]
+            assert chain.read(g, 4096) == bad.pristine[g : g + 4096]
     for command in ("info", "map"):
         cp = run_qcowfs(command, "--json", bad.image, timeout=60)
         assert "Traceback" not in cp.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from mount_fixtures import mounter, read_file  # noqa: F401
+from mount_fixtures import read_file
 from qemu_helpers import apply_ops, create, qemu_check, qemu_img
 from test_commit_support import flat
 
@@ -18,8 +18,7 @@ M = 1 << 20
 
 def _bitmaps(image):
     info = json.loads(qemu_img("info", "--output=json", image).stdout)
-    return [b["name"] for b in info.get("format-specific", {}).get("data", {})
-            .get("bitmaps", [])]
+    return [b["name"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])]
 
 
 def _chain_with_bitmaps(d):
@@ -33,14 +32,14 @@ def _chain_with_bitmaps(d):
     return base, top
 
 
-def test_first_write_drops_bitmaps_and_check_stays_clean(tmp_path, mounter):  # noqa: F811
+def test_first_write_drops_bitmaps_and_check_stays_clean(tmp_path, mounter):
     base, top = _chain_with_bitmaps(tmp_path)
     model = bytearray(flat(top))
     m = mounter(top)
     with open(m.disk, "r+b") as f:
         f.seek(5 * M)
         f.write(b"\x44" * 65536)
-        model[5 * M:5 * M + 65536] = b"\x44" * 65536
+        model[5 * M : 5 * M + 65536] = b"\x44" * 65536
     assert read_file(m.disk) == model
     m.unmount()
     rc, report = qemu_check(top)
@@ -51,7 +50,7 @@ def test_first_write_drops_bitmaps_and_check_stays_clean(tmp_path, mounter):  # 
     assert "inconsistent" not in cp.stderr and "lacking bitmap support" not in cp.stderr
 
 
-def test_read_only_mount_and_no_write_keep_bitmaps(tmp_path, mounter):  # noqa: F811
+def test_read_only_mount_and_no_write_keep_bitmaps(tmp_path, mounter):
     _base, top = _chain_with_bitmaps(tmp_path)
     for args in (("--read-only",), ()):
         m = mounter(top, *args)

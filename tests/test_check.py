@@ -19,16 +19,26 @@ import struct
 from pathlib import Path
 
 import pytest
+from qemu_helpers import (
+    K,
+    M,
+    apply_ops,
+    convert_raw,
+    create,
+    patch,
+    qcow2_layout,
+    qemu_check,
+    qemu_img,
+)
 
 import qcow
-from qemu_helpers import (K, M, apply_ops, convert_raw, create, patch, qcow2_layout,
-                          qemu_check, qemu_img)
 
 HDR_INCOMPATIBLE = 72
 HDR_COMPATIBLE = 80
 
 
 # ------------------------------------------------------------------ helpers
+
 
 def refcount_entry(path, cluster):
     """(file offset of the refcount entry of `cluster`, its width in bits)."""
@@ -37,8 +47,9 @@ def refcount_entry(path, cluster):
     bits = 1 << order
     per_block = cs * 8 // bits
     raw = Path(path).read_bytes()
-    (block,) = struct.unpack_from(">Q", raw, lay["refcount_table_offset"]
-                                  + 8 * (cluster // per_block))
+    (block,) = struct.unpack_from(
+        ">Q", raw, lay["refcount_table_offset"] + 8 * (cluster // per_block)
+    )
     block &= ~0x1FF
     assert block, "no refcount block for that cluster"
     return block + (cluster % per_block) * bits // 8, bits
@@ -61,8 +72,15 @@ def get_refcount16(path, cluster):
 def leaky_image(d: Path, name="leak.qcow2", **opts):
     """A clean image with a freed cluster inside the file; returns (path, freed cluster)."""
     p = create(d / name, 4 * M, **opts)
-    apply_ops(p, [("w", 0, 64 * K, 0x11), ("w", 64 * K, 64 * K, 0x22),
-                  ("w", 128 * K, 64 * K, 0x33), ("d", 64 * K, 64 * K)])
+    apply_ops(
+        p,
+        [
+            ("w", 0, 64 * K, 0x11),
+            ("w", 64 * K, 64 * K, 0x22),
+            ("w", 128 * K, 64 * K, 0x33),
+            ("d", 64 * K, 64 * K),
+        ],
+    )
     lay = qcow2_layout(p)
     used = {e & 0x00FF_FFFF_FFFF_FE00 for _w, _g, e in lay["data_entries"]}
     cs = lay["cluster_size"]
@@ -80,11 +98,16 @@ def data_cluster(path):
 
 def assert_qemu_clean(path):
     rc, rep = qemu_check(path)
-    assert rc == 0 and not rep.get("leaks") and not rep.get("corruptions") \
-        and rep.get("check-errors", 0) == 0, qemu_img("check", path, check=False)
+    assert (
+        rc == 0
+        and not rep.get("leaks")
+        and not rep.get("corruptions")
+        and rep.get("check-errors", 0) == 0
+    ), qemu_img("check", path, check=False)
 
 
 # ------------------------------------------------------------ refcount growth
+
 
 def _fill(chain, off, total, seed, step=1 * M + 1536):
     model = {}
@@ -102,17 +125,17 @@ def _fill(chain, off, total, seed, step=1 * M + 1536):
 def _verify(path, model):
     raw = convert_raw(path)
     for off, data in model.items():
-        assert raw[off:off + len(data)] == data, f"data at {off} differs"
+        assert raw[off : off + len(data)] == data, f"data at {off} differs"
 
 
 def test_refcount_block_growth_1bit_512(workdir):
     p = create(workdir / "grow.qcow2", 16 * M, cluster_size=512, refcount_bits=1)
     assert Path(p).stat().st_size < 64 * K
     with qcow.open_chain(p, writable=True) as chain:
-        model = _fill(chain, 7, 5 * M, "grow")             # file > 2 MiB: new blocks
+        model = _fill(chain, 7, 5 * M, "grow")  # file > 2 MiB: new blocks
         chain.flush()
         model.update(_fill(chain, 9 * M + 511, M, "grow2"))
-        chain.write_zeroes(10 * M, 700 * K)                 # frees clusters...
+        chain.write_zeroes(10 * M, 700 * K)  # frees clusters...
         model.update(_fill(chain, 14 * M, M + 3, "grow3"))  # ...and reuses them
     lay = qcow2_layout(p)
     assert lay["file_size"] > 2 * M
@@ -126,8 +149,8 @@ def test_refcount_block_growth_1bit_512(workdir):
         for a in range(off, off + len(data), 64 * K):
             b = min(a + 64 * K, off + len(data))
             if b <= 10 * M or a >= 10 * M + 700 * K:
-                assert raw[a:b] == data[a - off:b - off], f"data at {a} differs"
-    assert raw[10 * M:10 * M + 700 * K] == bytes(700 * K)
+                assert raw[a:b] == data[a - off : b - off], f"data at {a} differs"
+    assert raw[10 * M : 10 * M + 700 * K] == bytes(700 * K)
 
 
 @pytest.mark.slow
@@ -162,6 +185,7 @@ def test_refcount_table_relocation_16bit_512(workdir):
 
 
 # ------------------------------------------------------------ qcowfs check
+
 
 def test_check_clean(workdir, qcowfs):
     p = create(workdir / "clean.qcow2", 4 * M)
@@ -261,15 +285,20 @@ def test_check_with_snapshot_is_clean(workdir, qcowfs):
 
 def test_check_reports_like_qemu_on_random_leaks(workdir):
     """Several leaked clusters: the same count as qemu-img."""
-    from fusefs import cli
     import contextlib
     import io
+
+    from fusefs import cli
+
     p = create(workdir / "many.qcow2", 8 * M, cluster_size=4 * K)
     apply_ops(p, [("w", 0, M, 0x11), ("d", 100 * K, 200 * K), ("d", 600 * K, 12 * K)])
     lay = qcow2_layout(p)
     used = {e & 0x00FF_FFFF_FFFF_FE00 for _w, _g, e in lay["data_entries"]}
-    free = [c for c in range(1, lay["file_size"] // 4096)
-            if c * 4096 not in used and get_refcount16(p, c) == 0]
+    free = [
+        c
+        for c in range(1, lay["file_size"] // 4096)
+        if c * 4096 not in used and get_refcount16(p, c) == 0
+    ]
     assert len(free) >= 5
     for c in free[:5]:
         set_refcount16(p, c, 1 + c % 3)
@@ -282,6 +311,7 @@ def test_check_reports_like_qemu_on_random_leaks(workdir):
 
 
 # ------------------------------------------------------------ dirty images
+
 
 def dirty_lazy_image(d: Path, name="dirty.qcow2"):
     """A lazy-refcounts image left 'dirty' with a leaked cluster, as after a crash."""
@@ -304,7 +334,7 @@ def test_dirty_image_repaired_on_writable_open(workdir):
     assert get_refcount16(p, c) == 0
     assert_qemu_clean(p)
     expect = bytearray(guest)
-    expect[5 * 512:6 * 512] = b"w" * 512
+    expect[5 * 512 : 6 * 512] = b"w" * 512
     assert convert_raw(p) == bytes(expect)
 
 

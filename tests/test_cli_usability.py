@@ -20,12 +20,22 @@ import termios
 from pathlib import Path
 
 import pytest
+from mount_fixtures import M, check_clean, make_chain3, wait_until
+from qemu_helpers import (
+    MATRIX_CASES,
+    REPO_ROOT,
+    apply_ops,
+    build_case,
+    convert_raw,
+    create,
+    qemu_check,
+    qemu_info_chain,
+    run_qcowfs,
+    sha256_tree,
+)
+from test_check import leaky_image, set_refcount16
 
 from fusefs.cli import build_parser
-from mount_fixtures import M, check_clean, make_chain3, mounter, wait_until  # noqa: F401
-from qemu_helpers import (MATRIX_CASES, REPO_ROOT, apply_ops, build_case, convert_raw,
-                          create, qemu_check, qemu_info_chain, run_qcowfs, sha256_tree)
-from test_check import leaky_image, set_refcount16
 
 K = 1 << 10
 
@@ -51,6 +61,7 @@ def _slow_commit(m, speed="64K"):
 
 # ---- sizes in units, set-speed, wait ----------------------------------------------------
 
+
 def test_speed_units_set_speed_and_wait(tmp_path, mounter):
     top = make_chain3(tmp_path)
     m = mounter(top)
@@ -60,7 +71,7 @@ def test_speed_units_set_speed_and_wait(tmp_path, mounter):
     cp = run_qcowfs("set-speed", m.mountpoint, "commit", "256K")
     assert cp.returncode == 0, cp.stderr
     assert job(m)["speed"] == 256 * K
-    waiter = Waiter(m)                              # the only job
+    waiter = Waiter(m)  # the only job
     try:
         cp = run_qcowfs("set-speed", m.mountpoint, "commit", "1G")
         assert cp.returncode == 0, cp.stderr
@@ -118,14 +129,18 @@ class Waiter:
         self.seen = b""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fusefs", "wait", str(m.mountpoint), *job_id],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, text=True)
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+        )
         os.close(slave)
         wait_until(lambda: self._read() and b"%" in self.seen, 60, "the progress bar")
 
     def _read(self):
         try:
             self.seen += os.read(self.master, 4096)
-        except OSError:         # the other end closed
+        except OSError:  # the other end closed
             return False
         return True
 
@@ -159,6 +174,7 @@ def _daemon_cache_mib(m):
 
 # ---- help and version -----------------------------------------------------------------
 
+
 def _subcommands():
     """{name: its argparse parser}, from the CLI's own parser."""
     return build_parser()._subparsers._group_actions[0].choices
@@ -177,7 +193,7 @@ def test_help_describes_every_command_and_option():
                 continue
             assert action.help and len(action.help) > 10, (name, action.dest)
             assert action.help.split()[0] in cp.stdout, (name, action.dest)
-        assert "`" not in cp.stdout, name     # no developer docstring
+        assert "`" not in cp.stdout, name  # no developer docstring
 
 
 def test_readme_documents_every_option():
@@ -193,11 +209,13 @@ def test_readme_documents_every_option():
 
 def test_version():
     from importlib.metadata import version
+
     cp = run_qcowfs("--version")
     assert cp.returncode == 0 and cp.stdout == f"qcowfs {version('qcowfs')}\n"
 
 
 # ---- offline commit like qemu-img commit ----------------------------------------------
+
 
 def test_offline_active_commit(tmp_path):
     d = tmp_path / "img"
@@ -215,8 +233,7 @@ def test_offline_active_commit(tmp_path):
 
     cp = run_qcowfs("commit", top, "--active")
     assert cp.returncode == 0, cp.stderr
-    assert cp.stdout == f"Image committed.\nPivoted: the disk is now {base}; {top} is a " \
-                        f"leftover\n"
+    assert cp.stdout == f"Image committed.\nPivoted: the disk is now {base}; {top} is a leftover\n"
     assert convert_raw(base) == expected
     for img in (base, top):
         rc, rep = qemu_check(img)
@@ -227,6 +244,7 @@ def test_offline_active_commit(tmp_path):
 
 
 # ---- check like qemu-img --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", MATRIX_CASES)
 def test_check_json_equals_qemu_img(tmp_path, case):
@@ -254,8 +272,9 @@ def test_check_repair_alias_and_json(tmp_path):
     assert cp.returncode == 0, cp.stderr
     out = json.loads(cp.stdout)
     assert out["leaks-fixed"] == 1 and "leaks" not in out, out
-    ref = subprocess.run(["qemu-img", "check", "-r", "leaks", "--output=json", r],
-                         capture_output=True, text=True)
+    ref = subprocess.run(
+        ["qemu-img", "check", "-r", "leaks", "--output=json", r], capture_output=True, text=True
+    )
     ref = json.loads(ref.stdout)
     ref["filename"] = p
     assert ref == out
@@ -266,20 +285,26 @@ def test_check_repair_alias_and_json(tmp_path):
 
 # ---- closed pipes ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("argv", [("info",), ("map",), ("map", "--json")])
 def test_closed_pipe_is_quiet(tmp_path, argv):
     top = make_chain3(tmp_path)
     r, w = os.pipe()
     os.close(r)
     try:
-        cp = subprocess.run([sys.executable, "-m", "fusefs", argv[0], top, *argv[1:]],
-                            stdout=w, stderr=subprocess.PIPE, text=True)
+        cp = subprocess.run(
+            [sys.executable, "-m", "fusefs", argv[0], top, *argv[1:]],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     finally:
         os.close(w)
     assert cp.returncode == 0 and cp.stderr == "", cp.stderr
 
 
 # ---- clear errors for common mistakes ------------------------------------------------
+
 
 def test_nonempty_mountpoint(tmp_path, mounter):
     top = make_chain3(tmp_path)
@@ -302,10 +327,24 @@ def _as_nobody(cwd, *args):
     into the root-only interpreter's directory, nothing more)."""
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
-         sys.executable, "-m", "fusefs", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            sys.executable,
+            "-m",
+            "fusefs",
+            *map(str, args),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_unprivileged_user_gets_own_runtime_dir_and_read_only_hint(tmp_path):
@@ -314,7 +353,7 @@ def test_unprivileged_user_gets_own_runtime_dir_and_read_only_hint(tmp_path):
     d = tmp_path / "u"
     d.mkdir()
     (d / "mnt").mkdir()
-    img = create(str(d / "root.qcow2"), 4 * M)          # root's: not writable by nobody
+    img = create(str(d / "root.qcow2"), 4 * M)  # root's: not writable by nobody
     os.chmod(tmp_path, 0o755)
     os.chown(d, NOBODY, NOBODY)
     os.chown(d / "mnt", NOBODY, NOBODY)
@@ -340,4 +379,5 @@ def test_unprivileged_user_gets_own_runtime_dir_and_read_only_hint(tmp_path):
 
 def _key(mnt):
     from fusefs.mountrecord import mount_key
+
     return mount_key(mnt)

@@ -17,13 +17,21 @@ import sys
 import time
 
 import pytest
-
-from mount_fixtures import mounter, pid_alive, read_file, wait_until  # noqa: F401
+from mount_fixtures import pid_alive, read_file, wait_until
 from qemu_helpers import apply_ops, convert_raw, create
-from test_commit_support import (K, M, Chain, SyncQMP, Writer, chain_names, check_images,
-                                 compare_with_pending, flat)
+from test_commit_support import (
+    Chain,
+    K,
+    M,
+    SyncQMP,
+    Writer,
+    chain_names,
+    check_images,
+    compare_with_pending,
+    flat,
+)
 
-CHUNK = 1 << 20     # the engine's copy chunk (commit.steps.CHUNK)
+CHUNK = 1 << 20  # the engine's copy chunk (commit.steps.CHUNK)
 
 
 def build_live_chain(d, size=256 * M, scale=1):
@@ -35,12 +43,18 @@ def build_live_chain(d, size=256 * M, scale=1):
     apply_ops(base, [("w", 0, size // 2, 0x11), ("w", size - M, M, 0x12)])
     mid = create(str(d / "mid.qcow2"), size, backing="base.qcow2")
     step = 4 * M * scale
-    apply_ops(mid, [("w", o, M, 0x20 + (o // step) % 16) for o in range(0, size - M, step)]
-              + [("z", 2 * M, 2 * M)])
+    apply_ops(
+        mid,
+        [("w", o, M, 0x20 + (o // step) % 16) for o in range(0, size - M, step)]
+        + [("z", 2 * M, 2 * M)],
+    )
     top = create(str(d / "top.qcow2"), size, backing="mid.qcow2")
     step = 6 * M * scale
-    apply_ops(top, [("w", o + 512 * K, M, 0x40 + (o // step) % 16)
-                    for o in range(0, size - 2 * M, step)] + [("z", size // 2 + 64 * K, M)])
+    apply_ops(
+        top,
+        [("w", o + 512 * K, M, 0x40 + (o // step) % 16) for o in range(0, size - 2 * M, step)]
+        + [("z", size // 2 + 64 * K, M)],
+    )
     active = create(str(d / "active.qcow2"), size, backing="top.qcow2")
     apply_ops(active, [("w", 3 * M, 64 * K, 0x61), ("w", size - 64 * K, 64 * K, 0x62)])
     return Chain(d, [base, mid, top, active], top, base)
@@ -55,8 +69,13 @@ def kill9(m):
 
 
 def _commit_args(nodes, mode, speed, job_id="c1", **extra):
-    args = {"job-id": job_id, "device": nodes[0]["node-name"], "top": nodes[1]["file"],
-            "base": nodes[-1]["file"], "speed": speed}
+    args = {
+        "job-id": job_id,
+        "device": nodes[0]["node-name"],
+        "top": nodes[1]["file"],
+        "base": nodes[-1]["file"],
+        "speed": speed,
+    }
     if mode != "simple":
         args["x-mode"] = mode
     args.update(extra)
@@ -69,14 +88,14 @@ def _files(nodes):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
-def test_live_commit_under_guest_writes(tmp_path, mounter, mode):  # noqa: F811
+def test_live_commit_under_guest_writes(tmp_path, mounter, mode):
     c = build_live_chain(tmp_path / "img")
     model = bytearray(flat(c.active))
     m = mounter(c.active)
     with SyncQMP(m.socket) as qmp:
         nodes = qmp.execute("query-named-block-nodes")
         assert _files(nodes) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
-        w = Writer(m.disk, model, seed=hash(mode) & 0xffff).start()
+        w = Writer(m.disk, model, seed=hash(mode) & 0xFFFF).start()
         time.sleep(0.3)
         qmp.execute("block-commit", _commit_args(nodes, mode, speed=48 * M))
         progress = []
@@ -93,16 +112,21 @@ def test_live_commit_under_guest_writes(tmp_path, mounter, mode):  # noqa: F811
         qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
         done = qmp.wait_event("BLOCK_JOB_COMPLETED")["data"]
         assert "error" not in done, done
-        assert qmp.statuses("c1") == ["created", "running", "waiting", "pending",
-                                      "concluded", "null"]
+        assert qmp.statuses("c1") == [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null",
+        ]
         assert done["offset"] == done["len"] > 32 * M
         offsets = [o for o, _n in progress]
         assert offsets == sorted(offsets) and len(progress) > 5, progress
-        time.sleep(0.3)                     # the guest goes on after the commit
+        time.sleep(0.3)  # the guest goes on after the commit
         w.stop()
         assert w.writes > 50 and w.samples > 50, (w.writes, w.samples)
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2",
-                                                                  "base.qcow2"]
+        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(c.active) == model
@@ -111,7 +135,7 @@ def test_live_commit_under_guest_writes(tmp_path, mounter, mode):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_live_commit_cli_wait_and_second_client(tmp_path, mounter):  # noqa: F811
+def test_live_commit_cli_wait_and_second_client(tmp_path, mounter):
     """`qcowfs commit MOUNT --top mid --wait --delete` while a qemu.qmp client listens (several
     clients at once, each gets every event) and the guest writes; then the rest."""
     c = build_live_chain(tmp_path / "img", size=64 * M)
@@ -119,23 +143,54 @@ def test_live_commit_cli_wait_and_second_client(tmp_path, mounter):  # noqa: F81
     m = mounter(c.active)
     with SyncQMP(m.socket) as qmp:
         w = Writer(m.disk, model, seed=7).start()
-        cp = subprocess.run([sys.executable, "-m", "fusefs", "commit", str(m.mountpoint),
-                             "--control-socket", str(m.socket), "--top", "mid.qcow2",
-                             "--speed", str(32 * M), "--wait", "--delete"],
-                            capture_output=True, text=True, timeout=120)
+        cp = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fusefs",
+                "commit",
+                str(m.mountpoint),
+                "--control-socket",
+                str(m.socket),
+                "--top",
+                "mid.qcow2",
+                "--speed",
+                str(32 * M),
+                "--wait",
+                "--delete",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cp.returncode == 0, (cp.stdout, cp.stderr, m.log())
         assert "Traceback" not in cp.stderr
         qmp.wait_event("BLOCK_JOB_COMPLETED")
         assert _files(qmp.execute("query-named-block-nodes")) == [
-            "active.qcow2", "top.qcow2", "base.qcow2"]
+            "active.qcow2",
+            "top.qcow2",
+            "base.qcow2",
+        ]
         assert not os.path.exists(c.images[1]), "--delete left mid.qcow2"
-        cp = subprocess.run([sys.executable, "-m", "fusefs", "commit", str(m.mountpoint),
-                             "--control-socket", str(m.socket), "--wait", "--delete"],
-                            capture_output=True, text=True, timeout=120)
+        cp = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fusefs",
+                "commit",
+                str(m.mountpoint),
+                "--control-socket",
+                str(m.socket),
+                "--wait",
+                "--delete",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cp.returncode == 0, (cp.stdout, cp.stderr, m.log())
         w.stop()
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2",
-                                                                  "base.qcow2"]
+        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     assert not os.path.exists(c.images[2]), "--delete left top.qcow2"
     m.unmount()
@@ -145,14 +200,15 @@ def test_live_commit_cli_wait_and_second_client(tmp_path, mounter):  # noqa: F81
 
 # ---- restartable: kill -9 of the daemon at random points, remount, commit again ---------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [11, 12, 13])
-def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):  # noqa: F811
+def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):
     rnd = random.Random(seed)
     c = build_live_chain(tmp_path / "img", size=64 * M, scale=1)
     model = bytearray(flat(c.active))
     speed = 12 * M
-    runs = []           # per run: [len at start, last offset seen before the kill]
+    runs = []  # per run: [len at start, last offset seen before the kill]
     kills = 0
     finished = False
     for attempt in range(8):
@@ -165,12 +221,13 @@ def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):  # noqa: F
         with SyncQMP(m.socket) as qmp:
             nodes = qmp.execute("query-named-block-nodes")
             if len(nodes) == 2:
-                finished = True          # the last run dropped the last layer
+                finished = True  # the last run dropped the last layer
                 m.unmount()
                 break
             w = Writer(m.disk, model, seed=seed * 100 + attempt).start()
-            qmp.execute("block-commit", _commit_args(nodes, "restartable", speed,
-                                                     job_id=f"r{attempt}"))
+            qmp.execute(
+                "block-commit", _commit_args(nodes, "restartable", speed, job_id=f"r{attempt}")
+            )
             run = [None, 0]
             runs.append(run)
             kill_at = time.monotonic() + rnd.uniform(0.15, 0.9) if attempt < 3 else None
@@ -200,9 +257,9 @@ def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):  # noqa: F
         m.cleanup()
         got = flat(c.active)
         compare_with_pending(got, model, w.pending)
-        if w.pending is not None:             # whatever of it landed is the new truth
+        if w.pending is not None:  # whatever of it landed is the new truth
             off, _old, new = w.pending
-            model[off:off + len(new)] = got[off:off + len(new)]
+            model[off : off + len(new)] = got[off : off + len(new)]
         check_images(c.existing(), allow_leaks=True)
     assert finished, "the commit never finished"
     assert kills >= 1
@@ -213,15 +270,17 @@ def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):  # noqa: F
     assert data > 16 * M, runs
     copied = sum(r[1] for r in runs)
     assert copied <= data * 1.05 + kills * CHUNK, (
-        f"{copied} bytes copied by {len(runs)} runs for {data} bytes of data: {runs}")
+        f"{copied} bytes copied by {len(runs)} runs for {data} bytes of data: {runs}"
+    )
 
 
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
-def test_live_commit_short_mid_iotest274(tmp_path, mounter, mode):  # noqa: F811
+def test_live_commit_short_mid_iotest274(tmp_path, mounter, mode):
     """base 2M of 0x01 <- mid 1M <- top 2M (mounted): live commit of mid into base. The
     guest keeps reading zeros on [1M, 2M) (QEMU 7.2's block-commit leaks base's 0x01
     there), and so does base afterwards."""
     from test_commit_offline import _chain_274
+
     c = _chain_274(tmp_path / "img", with_active=False)
     base, mid, top = c.images
     v0 = flat(top)
@@ -239,7 +298,7 @@ def test_live_commit_short_mid_iotest274(tmp_path, mounter, mode):  # noqa: F811
     check_images(c.images)
 
 
-def test_live_commit_pause_resume_set_speed(tmp_path, mounter):  # noqa: F811
+def test_live_commit_pause_resume_set_speed(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=64 * M)
     model = bytearray(flat(c.active))
     m = mounter(c.active)
@@ -259,7 +318,7 @@ def test_live_commit_pause_resume_set_speed(tmp_path, mounter):  # noqa: F811
             f.seek(5 * M)
             f.write(b"\x77" * 4096)
             os.fsync(f.fileno())
-        model[5 * M:5 * M + 4096] = b"\x77" * 4096
+        model[5 * M : 5 * M + 4096] = b"\x77" * 4096
         qmp.execute("block-job-set-speed", {"device": "c1", "speed": 0})
         qmp.execute("block-job-resume", {"device": "c1"})
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
@@ -273,7 +332,7 @@ def test_live_commit_pause_resume_set_speed(tmp_path, mounter):  # noqa: F811
 
 
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
-def test_live_cancel_then_commit_again(tmp_path, mounter, mode):  # noqa: F811
+def test_live_cancel_then_commit_again(tmp_path, mounter, mode):
     """block-job-cancel midway: BLOCK_JOB_CANCELLED, the flat view is unchanged, a clean
     unmount leaves no leak. A new commit then finishes; in restartable mode it copies
     only what the cancelled run had not (never a cluster twice)."""
@@ -303,7 +362,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):  # noqa: F811
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(c.active) == model
-    check_images(c.images)                        # clean: no leak after a cancel
+    check_images(c.images)  # clean: no leak after a cancel
     m = mounter(c.active)
     with SyncQMP(m.socket) as qmp:
         nodes = qmp.execute("query-named-block-nodes")
@@ -311,7 +370,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):  # noqa: F811
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
         assert "error" not in done, done
         if mode == "simple":
-            assert done["len"] == first_len       # starts over
+            assert done["len"] == first_len  # starts over
         else:
             assert done["len"] <= first_len - first_offset, (done, first_len, first_offset)
     assert read_file(m.disk, direct=True) == model
@@ -321,7 +380,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):  # noqa: F811
     check_images(c.images)
 
 
-def test_unmount_during_a_job(tmp_path, mounter):  # noqa: F811
+def test_unmount_during_a_job(tmp_path, mounter):
     """`qcowfs unmount` refuses while a job runs; `--cancel-jobs` cancels it and
     unmounts cleanly: the chain is unchanged and every image is clean."""
     c = build_live_chain(tmp_path / "img", size=64 * M)
@@ -331,29 +390,52 @@ def test_unmount_during_a_job(tmp_path, mounter):  # noqa: F811
         nodes = qmp.execute("query-named-block-nodes")
         qmp.execute("block-commit", _commit_args(nodes, "simple", speed=2 * M))
         time.sleep(0.3)
-        cp = subprocess.run([sys.executable, "-m", "fusefs", "unmount", str(m.mountpoint),
-                             "--control-socket", str(m.socket)],
-                            capture_output=True, text=True, timeout=60)
+        cp = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fusefs",
+                "unmount",
+                str(m.mountpoint),
+                "--control-socket",
+                str(m.socket),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp
         assert len(cp.stderr.strip().splitlines()) == 1, cp.stderr
         assert qmp.execute("query-block-jobs"), "the refused unmount ended the job"
     m.unmount("--cancel-jobs")
     assert flat(c.active) == v0
     assert [n for n, _b, _s in chain_names(c.active)] == [
-        "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+        "active.qcow2",
+        "top.qcow2",
+        "mid.qcow2",
+        "base.qcow2",
+    ]
     check_images(c.images)
 
 
-LIVE_ORACLE_CASES = ["scenario", "short_intermediate4", "raw_base", "compressed_mid",
-                     "extended_l2", "short_unaligned", "top_larger_095"]
+LIVE_ORACLE_CASES = [
+    "scenario",
+    "short_intermediate4",
+    "raw_base",
+    "compressed_mid",
+    "extended_l2",
+    "short_unaligned",
+    "top_larger_095",
+]
 
 
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
 @pytest.mark.parametrize("case", LIVE_ORACLE_CASES)
-def test_live_commit_matches_qemu_img_commit(tmp_path, mounter, case, mode):  # noqa: F811
+def test_live_commit_matches_qemu_img_commit(tmp_path, mounter, case, mode):
     """The offline oracle, live: commit (base, top] inside the mount; the flat file
     never changes and the result equals QEMU's own commit of a copy of the chain."""
     from test_commit_support import build, qemu_reference_commit
+
     ours = build(case, tmp_path / "ours")
     ref = build(case, tmp_path / "qemu")
     v0 = flat(ours.active)
@@ -370,20 +452,23 @@ def test_live_commit_matches_qemu_img_commit(tmp_path, mounter, case, mode):  # 
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
         assert "error" not in done, done
         assert read_file(m.disk, direct=True) == v0
-        above = ours.images[ours.images.index(ours.top) + 1:]
-        assert [os.path.realpath(n["file"]) for n in qmp.execute("query-named-block-nodes")] \
-            == [os.path.realpath(p) for p in above[::-1] + [ours.base]]
+        above = ours.images[ours.images.index(ours.top) + 1 :]
+        assert [os.path.realpath(n["file"]) for n in qmp.execute("query-named-block-nodes")] == [
+            os.path.realpath(p) for p in above[::-1] + [ours.base]
+        ]
     m.unmount()
     assert flat(ours.active) == v0 == qemu_view
     check_images(ours.existing())
 
 
-def test_live_commit_io_error_stops_the_job(tmp_path, mounter):  # noqa: F811
+def test_live_commit_io_error_stops_the_job(tmp_path, mounter):
     """A bad L2 entry in mid (pointing past the end of its file): the job fails with
     BLOCK_JOB_ERROR and BLOCK_JOB_COMPLETED{error}, the chain stays as it was, and the
     flat file keeps serving everything else correctly (the bad cluster: EIO)."""
     import errno
+
     from qemu_helpers import patch, qcow2_layout
+
     c = build_live_chain(tmp_path / "img", size=16 * M)
     base, mid, top, active = c.images
     v0 = flat(active)
@@ -404,6 +489,7 @@ def test_live_commit_io_error_stops_the_job(tmp_path, mounter):  # noqa: F811
         fd = os.open(m.disk, os.O_RDONLY | os.O_DIRECT)
         try:
             import mmap
+
             buf = mmap.mmap(-1, 4096)
             with pytest.raises(OSError) as e:
                 os.preadv(fd, [buf], guest)
@@ -412,7 +498,7 @@ def test_live_commit_io_error_stops_the_job(tmp_path, mounter):  # noqa: F811
             os.close(fd)
         got = bytearray(read_file_skipping(m.disk, guest, cs))
         want = bytearray(v0)
-        want[guest:guest + cs] = bytes(cs)
+        want[guest : guest + cs] = bytes(cs)
         assert got == want
     m.unmount()
     check_images([base, top, active])
@@ -424,6 +510,7 @@ def read_file_skipping(path, bad_off, bad_len):
     out = bytearray(size)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     import mmap
+
     buf = mmap.mmap(-1, 64 * 1024)
     try:
         off = 0
@@ -433,7 +520,7 @@ def read_file_skipping(path, bad_off, bad_len):
                 off += n
                 continue
             k = os.preadv(fd, [buf], off)
-            out[off:off + k] = buf[:k]
+            out[off : off + k] = buf[:k]
             off += n
     finally:
         os.close(fd)

@@ -17,11 +17,22 @@ import time
 from pathlib import Path
 
 import pytest
-
 from qemu_helpers import apply_ops, convert_raw, create, qemu_info_chain, sha256_tree
-from test_commit_support import (BUILDERS, K, M, Chain, assert_clean, build, chain_names,
-                                 check_images, commit_cli, crash_script, flat,
-                                 offline_script, qemu_reference_commit)
+from test_commit_support import (
+    BUILDERS,
+    Chain,
+    K,
+    M,
+    assert_clean,
+    build,
+    chain_names,
+    check_images,
+    commit_cli,
+    crash_script,
+    flat,
+    offline_script,
+    qemu_reference_commit,
+)
 
 from commit.engine import run_offline
 from qcow.errors import QcowError
@@ -29,7 +40,7 @@ from qcow.errors import QcowError
 REPO = Path(__file__).resolve().parent.parent
 
 
-LATE = 576 * K      # of the scenario's 640 KiB: after top's data past 2M was copied
+LATE = 576 * K  # of the scenario's 640 KiB: after top's data past 2M was copied
 
 
 def _env():
@@ -50,11 +61,13 @@ def interrupt_after(nbytes):
         seen.append((offset, length))
         if offset >= nbytes:
             raise Interrupt(offset)
+
     progress.seen = seen
     return progress
 
 
 # ---- the 2012 design discussion, step by step ---------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
 def test_design_discussion_scenario(tmp_path, mode):
@@ -64,7 +77,7 @@ def test_design_discussion_scenario(tmp_path, mode):
     c = build("scenario", tmp_path / "img")
     base, mid, top, active = c.images
     v0 = flat(active)
-    assert v0[M:2 * M] != bytes(M) and v0[2 * M:] != bytes(M)
+    assert v0[M : 2 * M] != bytes(M) and v0[2 * M :] != bytes(M)
     assert_clean(c)
 
     def after_step(expected_chain):
@@ -74,8 +87,9 @@ def test_design_discussion_scenario(tmp_path, mode):
 
     # 1. top into base, stopped early: the chain is unchanged, base has grown to 3M
     with pytest.raises(Interrupt):
-        run_offline(active, top=top, base=base, mode=mode, speed=4 * M,
-                    progress=interrupt_after(64 * K))
+        run_offline(
+            active, top=top, base=base, mode=mode, speed=4 * M, progress=interrupt_after(64 * K)
+        )
     after_step(["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"])
     assert chain_names(active)[-1][2] == 3 * M, "base was not grown to top's size"
 
@@ -84,13 +98,13 @@ def test_design_discussion_scenario(tmp_path, mode):
     # would have drained mid and dropped it from the chain by then.)
     if mode == "simple":
         with pytest.raises(Interrupt):
-            run_offline(active, top=top, base=base, mode=mode,
-                        progress=interrupt_after(LATE))
+            run_offline(active, top=top, base=base, mode=mode, progress=interrupt_after(LATE))
         after_step(["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"])
         base_view = convert_raw(base)
-        past = slice(2 * M + 4 * K, 2 * M + 16 * K)     # top's data (active's ends at +4K)
-        assert base_view[past] == v0[past], \
+        past = slice(2 * M + 4 * K, 2 * M + 16 * K)  # top's data (active's ends at +4K)
+        assert base_view[past] == v0[past], (
             "the interrupted run did not get past 2M; the scenario is not exercised"
+        )
 
     # 2. mid into base (mid is shorter than top: top must keep reading zeros past 2M)
     run_offline(active, top=mid, base=base, mode=mode, delete=True)
@@ -103,7 +117,7 @@ def test_design_discussion_scenario(tmp_path, mode):
     assert not os.path.exists(top)
     after_step(["active.qcow2", "base.qcow2"])
     info = qemu_info_chain(active)
-    assert info[0]["backing-filename"] == "base.qcow2"        # relative stays relative
+    assert info[0]["backing-filename"] == "base.qcow2"  # relative stays relative
     assert info[0]["backing-filename-format"] == "qcow2"
     assert info[1]["virtual-size"] == 3 * M
 
@@ -129,10 +143,25 @@ def test_design_discussion_scenario_cli_interrupted(tmp_path):
     c = build("scenario", tmp_path / "img")
     base, mid, top, active = c.images
     v0 = flat(active)
-    proc = subprocess.Popen([sys.executable, "-m", "fusefs", "commit", active, "--top", top,
-                             "--base", base, "--speed", str(64 * K)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fusefs",
+            "commit",
+            active,
+            "--top",
+            top,
+            "--base",
+            base,
+            "--speed",
+            str(64 * K),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     time.sleep(1.5)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
@@ -167,18 +196,20 @@ def test_commit_matches_qemu_img_commit(tmp_path, case, mode):
     assert flat(ref.active) == v0, "the builder is not deterministic"
     top_size = chain_names(ours.top)[0][2]
     overlay_name = chain_names(ours.overlay)[0][1]
-    above = [os.path.basename(p) for p in ours.images[ours.images.index(ours.top) + 1:]]
+    above = [os.path.basename(p) for p in ours.images[ours.images.index(ours.top) + 1 :]]
 
     qemu_view, qemu_base = qemu_reference_commit(ref)
 
     dropped, _stranded = run_offline(ours.active, top=ours.top, base=ours.base, mode=mode)
-    assert sorted(dropped) == sorted(ours.images[ours.images.index(ours.base) + 1:
-                                                 ours.images.index(ours.top) + 1])
+    assert sorted(dropped) == sorted(
+        ours.images[ours.images.index(ours.base) + 1 : ours.images.index(ours.top) + 1]
+    )
     ours_view = flat(ours.active)
     assert ours_view == v0, "our commit changed the guest view"
     assert ours_view == qemu_view, "our guest view differs from QEMU's"
-    ours_base = convert_raw(ours.base) if ours.base.endswith(".qcow2") else \
-        Path(ours.base).read_bytes()
+    ours_base = (
+        convert_raw(ours.base) if ours.base.endswith(".qcow2") else Path(ours.base).read_bytes()
+    )
     assert ours_base[:top_size] == qemu_base[:top_size], "base differs from QEMU's base"
     assert len(ours_base) == len(qemu_base)
     # the chain is reduced: what was above top, then base; relative names stay relative
@@ -201,6 +232,7 @@ def test_commit_into_an_empty_base(tmp_path):
 
 
 # ---- short layers (QEMU iotest 274, and a short top) ---------------------------------------
+
 
 def _chain_274(d, with_active):
     d.mkdir(parents=True, exist_ok=True)
@@ -230,6 +262,7 @@ def test_iotest274_commit_short_mid(tmp_path, mode):
     # QEMU's whole-chain commit of a copy agrees with us
     ref = _chain_274(tmp_path / "qemu", with_active=False)
     from qemu_helpers import qemu_img
+
     qemu_img("commit", "-q", "-b", ref.base, ref.active)
     assert convert_raw(ref.base) == v0
 
@@ -242,7 +275,7 @@ def test_iotest274_commit_top_over_short_mid(tmp_path, mode):
     base, mid, top, active = c.images
     apply_ops(top, [("w", 1536 * K, 4 * K, 0x0C)])
     v0 = flat(active)
-    assert v0[:M] == b"\x01" * M and v0[M:1536 * K] == bytes(512 * K)
+    assert v0[:M] == b"\x01" * M and v0[M : 1536 * K] == bytes(512 * K)
     run_offline(active, top=top, base=base, mode=mode)
     assert flat(active) == v0
     assert convert_raw(base) == v0
@@ -265,18 +298,19 @@ def test_short_top_under_longer_overlay_zeroes_base(tmp_path, mode):
     apply_ops(active, [("w", 2 * M, 4 * K, 0x03)])
     c = Chain(d, [base, top, active], top, base)
     v0 = flat(active)
-    assert v0[M:2 * M] == bytes(M)
+    assert v0[M : 2 * M] == bytes(M)
     run_offline(active, top=top, base=base, mode=mode)
     assert flat(active) == v0
     b = convert_raw(base)
     assert len(b) == 4 * M
     assert b[:M] == v0[:M]
-    assert b[M:3 * M] == bytes(2 * M)
-    assert b[3 * M:] == b"\x01" * M
+    assert b[M : 3 * M] == bytes(2 * M)
+    assert b[3 * M :] == b"\x01" * M
     assert_clean(c)
 
 
 # ---- restartable mode: killed at random points, restarted --------------------------------
+
 
 def _restartable_chain(d):
     """~12 MiB of data in the range over a 32 MiB disk, spread over mid and top, with
@@ -323,10 +357,17 @@ def test_restartable_kill9_loses_only_the_chunk_in_flight(tmp_path):
     v0 = flat(active)
     progress_file = tmp_path / "progress"
     env = _env()
-    script = offline_script(active, progress_file, kill_after=3 * M, top=top, base=base,
-                            mode="restartable")
-    cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+    script = offline_script(
+        active, progress_file, kill_after=3 * M, top=top, base=base, mode="restartable"
+    )
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cp.returncode == -signal.SIGKILL, cp.stderr
     assert flat(active) == v0
     check_images(c.existing(), allow_leaks=True)
@@ -334,8 +375,14 @@ def test_restartable_kill9_loses_only_the_chunk_in_flight(tmp_path):
     data, copied = first[0][1], first[-1][0]
     assert copied >= 3 * M
     script = offline_script(active, progress_file, top=top, base=base, mode="restartable")
-    cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cp.returncode == 0, cp.stderr
     second = _progress_runs(progress_file)[1]
     assert second[-1] == "done"
@@ -344,7 +391,8 @@ def test_restartable_kill9_loses_only_the_chunk_in_flight(tmp_path):
     assert left <= data - copied, (
         f"after a kill -9 at {copied} of {data} bytes (nothing in flight) the restart "
         f"has {left} bytes to copy: {left - (data - copied)} bytes reported copied are "
-        f"copied again")
+        f"copied again"
+    )
 
 
 def test_simple_kill9_then_restart_starts_over(tmp_path):
@@ -355,15 +403,27 @@ def test_simple_kill9_then_restart_starts_over(tmp_path):
     progress_file = tmp_path / "progress"
     env = _env()
     script = offline_script(c.active, progress_file, kill_after=3 * M)
-    cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cp.returncode == -signal.SIGKILL, cp.stderr
     assert flat(c.active) == v0
     assert len(chain_names(c.active)) == 4
     check_images(c.existing(), allow_leaks=True)
     script = offline_script(c.active, progress_file)
-    cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cp.returncode == 0, cp.stderr
     first, second = _progress_runs(progress_file)
     assert second[-1] == "done" and second[0][1] == first[0][1]
@@ -380,13 +440,17 @@ def test_restartable_restart_after_drop_is_not_refused(tmp_path):
     base, mid, top, active = c.images
     v0 = flat(active)
     env = _env()
-    script = offline_script(active, tmp_path / "progress", kill_after=10 * M,
-                            mode="restartable")
-    cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+    script = offline_script(active, tmp_path / "progress", kill_after=10 * M, mode="restartable")
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cp.returncode == -signal.SIGKILL, cp.stderr
-    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "top.qcow2",
-                                                        "base.qcow2"]
+    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "top.qcow2", "base.qcow2"]
     assert flat(active) == v0
     cp = commit_cli(active, "--mode", "restartable")
     assert cp.returncode == 0, cp.stderr
@@ -417,10 +481,17 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
     kills = 0
     env = _env()
     for attempt in range(12):
-        script = offline_script(active, progress_file, top=top, base=base,
-                                mode="restartable", speed=speed)
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        script = offline_script(
+            active, progress_file, top=top, base=base, mode="restartable", speed=speed
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=str(REPO),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if attempt < 3:
             # kill at a random point of the copy (not during start-up)
             _wait_for_reports(progress_file, attempt + 1, proc)
@@ -454,7 +525,8 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
     total = sum(copied)
     assert total <= data * 1.05 + kills * chunk, (
         f"restarts copied {total} bytes for {data} bytes of data "
-        f"(per run: {copied}, lens: {[r[0][1] for r in runs if r and r[0] != 'done']})")
+        f"(per run: {copied}, lens: {[r[0][1] for r in runs if r and r[0] != 'done']})"
+    )
     # each restart's len is what is left: never more than the data not yet copied
     for k in range(1, len(runs)):
         if runs[k] and runs[k][0] != "done":
@@ -464,9 +536,16 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
 
 # ---- a crash at every flush barrier ---------------------------------------------------------
 
+
 def _run_script(script, env, expect_kill):
-    cp = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), env=env,
-                        capture_output=True, text=True, timeout=120)
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if expect_kill is None:
         pass
     elif expect_kill:
@@ -486,8 +565,9 @@ def test_kill9_in_base_flush_then_rerun_leaves_no_corruption(tmp_path):
     c = build("zeros_into_new_l2", tmp_path / "img")
     v0 = flat(c.active)
     env = _env()
-    _run_script(crash_script(c.active, tmp_path / "p", 1, "kill", 1, tmp_path / "n"),
-                env, expect_kill=True)
+    _run_script(
+        crash_script(c.active, tmp_path / "p", 1, "kill", 1, tmp_path / "n"), env, expect_kill=True
+    )
     check_images(c.images, allow_leaks=True)
     assert flat(c.active) == v0
     _run_script(offline_script(c.active, tmp_path / "q"), env, expect_kill=False)
@@ -506,14 +586,18 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
     of it kept). After the crash the chain the headers describe reads as before and
     has no corruption; the same command run again finishes, with the same view."""
     import shutil
+
     pristine = build(case, tmp_path / "pristine")
     v0 = flat(pristine.active)
     env = _env()
     count_file = tmp_path / "count"
     probe = tmp_path / "probe"
     shutil.copytree(pristine.directory, probe)
-    _run_script(crash_script(probe / "active.qcow2", tmp_path / "p0", 0, how, 0, count_file,
-                             mode=mode), env, expect_kill=False)
+    _run_script(
+        crash_script(probe / "active.qcow2", tmp_path / "p0", 0, how, 0, count_file, mode=mode),
+        env,
+        expect_kill=False,
+    )
     barriers = int(count_file.read_text())
     assert barriers >= 5
     failures = []
@@ -521,8 +605,11 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
         d = tmp_path / f"crash{k}"
         shutil.copytree(pristine.directory, d)
         active = d / "active.qcow2"
-        _run_script(crash_script(active, tmp_path / f"p{k}", k, how, k, count_file,
-                                 mode=mode), env, expect_kill=True)
+        _run_script(
+            crash_script(active, tmp_path / f"p{k}", k, how, k, count_file, mode=mode),
+            env,
+            expect_kill=True,
+        )
         images = [str(p) for p in sorted(d.glob("*.qcow2"))]
         try:
             check_images(images, allow_leaks=True)
@@ -530,20 +617,22 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
             # the same command again, unless the crash came after the overlay was
             # rewritten (nothing left to commit)
             if len(chain_names(str(active))) > 2:
-                cp = _run_script(offline_script(active, tmp_path / f"q{k}", mode=mode),
-                                 env, expect_kill=None)
+                cp = _run_script(
+                    offline_script(active, tmp_path / f"q{k}", mode=mode), env, expect_kill=None
+                )
                 assert cp.returncode == 0, cp.stderr.strip().splitlines()[-1]
             assert flat(str(active)) == v0, "the guest view changed after the restart"
-            assert [n for n, _b, _s in chain_names(str(active))] == ["active.qcow2",
-                                                                     "base.qcow2"]
+            assert [n for n, _b, _s in chain_names(str(active))] == ["active.qcow2", "base.qcow2"]
             check_images(images, allow_leaks=True)
         except AssertionError as e:
-            failures.append(f"crash at barrier {k}/{barriers}: "
-                            f"{(str(e).splitlines() or [repr(e)])[0][:300]}")
+            failures.append(
+                f"crash at barrier {k}/{barriers}: {(str(e).splitlines() or [repr(e)])[0][:300]}"
+            )
     assert not failures, "\n".join(failures)
 
 
 # ---- errors: one line, non-zero exit, nothing modified ---------------------------------------
+
 
 def _assert_refused(cp, directory, before, *words, lines_expected=1):
     assert cp.returncode != 0, cp
@@ -628,12 +717,15 @@ def test_cli_guard_refusal(tmp_path):
     assert cp.stderr.strip().splitlines()[1].startswith(other + ": ")
 
 
-@pytest.mark.parametrize("kw,word", [
-    (dict(top="mid.qcow2", base="top.qcow2"), "top.qcow2"),
-    (dict(top="nosuch.qcow2"), "nosuch.qcow2"),
-    (dict(mode="restartable", top="active.qcow2"), "active"),
-    (dict(mode="bogus"), "bogus"),
-])
+@pytest.mark.parametrize(
+    "kw,word",
+    [
+        (dict(top="mid.qcow2", base="top.qcow2"), "top.qcow2"),
+        (dict(top="nosuch.qcow2"), "nosuch.qcow2"),
+        (dict(mode="restartable", top="active.qcow2"), "active"),
+        (dict(mode="bogus"), "bogus"),
+    ],
+)
 def test_run_offline_refusals_change_nothing(tmp_path, kw, word):
     c = _error_chain(tmp_path)
     before = sha256_tree(c.directory)

@@ -14,18 +14,43 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu_helpers import (K, M, apply_ops, build_case, convert_raw, create,
-                          qemu_check, qemu_img, qemu_info_chain)
+from qemu_helpers import (
+    K,
+    M,
+    apply_ops,
+    build_case,
+    convert_raw,
+    create,
+    qemu_check,
+    qemu_img,
+    qemu_info_chain,
+)
 
-__all__ = ["K", "M", "Chain", "BUILDERS", "build", "flat", "check_images",
-           "assert_clean", "chain_names", "qemu_reference_commit", "commit_cli",
-           "offline_script", "crash_script", "SyncQMP", "Writer", "compare_with_pending"]
+__all__ = [
+    "K",
+    "M",
+    "Chain",
+    "BUILDERS",
+    "build",
+    "flat",
+    "check_images",
+    "assert_clean",
+    "chain_names",
+    "qemu_reference_commit",
+    "commit_cli",
+    "offline_script",
+    "crash_script",
+    "SyncQMP",
+    "Writer",
+    "compare_with_pending",
+]
 
 
 @dataclass
 class Chain:
     """A built chain. `images` bottom first (absolute paths); `top`/`base` the commit's
     range by default; `overlay` the image just above top."""
+
     directory: Path
     images: list[str]
     top: str
@@ -81,8 +106,10 @@ def _is_qcow2(path):
 
 def chain_names(image, share=False):
     """[(basename of filename, backing-filename or None, virtual-size)], top first."""
-    return [(os.path.basename(i["filename"]), i.get("backing-filename"), i["virtual-size"])
-            for i in qemu_info_chain(image, share=share)]
+    return [
+        (os.path.basename(i["filename"]), i.get("backing-filename"), i["virtual-size"])
+        for i in qemu_info_chain(image, share=share)
+    ]
 
 
 def qemu_reference_commit(chain: Chain, top=None, base=None):
@@ -95,17 +122,28 @@ def qemu_reference_commit(chain: Chain, top=None, base=None):
     overlay = chain.images[chain.images.index(top) + 1]
     qemu_img("commit", "-q", "-b", base, top)
     fmt = "qcow2" if _is_qcow2(base) else "raw"
-    qemu_img("rebase", "-q", "-u", "-b", os.path.relpath(base, os.path.dirname(overlay)),
-             "-F", fmt, overlay)
-    return flat(chain.active), convert_raw(base) if fmt == "qcow2" else \
-        Path(base).read_bytes()
+    qemu_img(
+        "rebase",
+        "-q",
+        "-u",
+        "-b",
+        os.path.relpath(base, os.path.dirname(overlay)),
+        "-F",
+        fmt,
+        overlay,
+    )
+    return flat(chain.active), convert_raw(base) if fmt == "qcow2" else Path(base).read_bytes()
 
 
 def commit_cli(*args, timeout=300):
     """`qcowfs commit ARGS` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "fusefs", "commit", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "fusefs", "commit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def offline_script(image, progress_file, kill_after=None, **kw):
@@ -128,6 +166,7 @@ def offline_script(image, progress_file, kill_after=None, **kw):
 
 # ------------------------------------------------------------------------ chains
 
+
 def _c(d, name, size, backing=None, fmt="qcow2", **opts):
     return create(str(d / name), size, backing=backing, backing_fmt=fmt, **opts)
 
@@ -139,27 +178,39 @@ def scenario(d):
     base = _c(d, "base.qcow2", M)
     apply_ops(base, [("w", 0, M, "base"), ("w", 900 * K, 124 * K, ("rand", "b"))])
     mid = _c(d, "mid.qcow2", 2 * M, "base.qcow2")
-    apply_ops(mid, [
-        ("w", M - 32 * K, 64 * K, "mid"),          # across base's end
-        ("w", 2 * M - 48 * K, 48 * K, "mid-end"),  # up to mid's end
-        ("w", 256 * K, 128 * K, "mid-only"),       # case 2 (mid only) ...
-        ("w", 384 * K, 64 * K, "mid-both"),        # case 3 (mid and top)
-        ("z", 128 * K, 64 * K),                    # zero cluster over base data
-        ("w", 1536 * K + 5, 3000, 0x4D),           # unaligned, past base's end
-    ])
+    apply_ops(
+        mid,
+        [
+            ("w", M - 32 * K, 64 * K, "mid"),  # across base's end
+            ("w", 2 * M - 48 * K, 48 * K, "mid-end"),  # up to mid's end
+            ("w", 256 * K, 128 * K, "mid-only"),  # case 2 (mid only) ...
+            ("w", 384 * K, 64 * K, "mid-both"),  # case 3 (mid and top)
+            ("z", 128 * K, 64 * K),  # zero cluster over base data
+            ("w", 1536 * K + 5, 3000, 0x4D),  # unaligned, past base's end
+        ],
+    )
     top = _c(d, "top.qcow2", 3 * M, "mid.qcow2")
-    apply_ops(top, [
-        ("w", 384 * K, 64 * K, "top-both"),        # case 3
-        ("w", 512 * K, 64 * K, "top-only"),        # case 4 (top only, over base)
-        ("z", 320 * K, 64 * K),                    # zero over mid data
-        ("w", M - 8 * K, 16 * K, "top-1M"),        # across 1M
-        ("w", 2 * M - 16 * K, 32 * K, "top-2M"),   # across 2M (mid's end)
-        ("w", 3 * M - 64 * K, 64 * K, ("rand", "t")),
-        ("w", 2 * M + 256 * K, 1000, 0x54),        # past mid's end, unaligned
-    ])
+    apply_ops(
+        top,
+        [
+            ("w", 384 * K, 64 * K, "top-both"),  # case 3
+            ("w", 512 * K, 64 * K, "top-only"),  # case 4 (top only, over base)
+            ("z", 320 * K, 64 * K),  # zero over mid data
+            ("w", M - 8 * K, 16 * K, "top-1M"),  # across 1M
+            ("w", 2 * M - 16 * K, 32 * K, "top-2M"),  # across 2M (mid's end)
+            ("w", 3 * M - 64 * K, 64 * K, ("rand", "t")),
+            ("w", 2 * M + 256 * K, 1000, 0x54),  # past mid's end, unaligned
+        ],
+    )
     active = _c(d, "active.qcow2", 3 * M, "top.qcow2")
-    apply_ops(active, [("w", 2 * M - 4 * K, 8 * K, "active"), ("w", 700 * K, 4 * K, 0x41),
-                       ("z", 2 * M + 512 * K, 64 * K)])
+    apply_ops(
+        active,
+        [
+            ("w", 2 * M - 4 * K, 8 * K, "active"),
+            ("w", 700 * K, 4 * K, 0x41),
+            ("z", 2 * M + 512 * K, 64 * K),
+        ],
+    )
     return Chain(d, [base, mid, top, active], top, base)
 
 
@@ -198,11 +249,23 @@ def compressed_mid(d):
     base = _c(d, "base.qcow2", 4 * M)
     apply_ops(base, [("w", 0, 4 * M, "base")])
     mid = _c(d, "mid.qcow2", 4 * M, "base.qcow2", compression_type="zstd")
-    apply_ops(mid, [("c", 0, M, "mid-comp"), ("c", 2 * M, 256 * K, 0x00),
-                    ("c", 3 * M, 128 * K, ("rand", "m")), ("w", M + 4 * K, 8 * K, 0x4D)])
+    apply_ops(
+        mid,
+        [
+            ("c", 0, M, "mid-comp"),
+            ("c", 2 * M, 256 * K, 0x00),
+            ("c", 3 * M, 128 * K, ("rand", "m")),
+            ("w", M + 4 * K, 8 * K, 0x4D),
+        ],
+    )
     top = _c(d, "top.qcow2", 4 * M, "mid.qcow2")
-    apply_ops(top, [("w", 100 * K + 3, 1000, 0x54),     # partial over a compressed one
-                    ("c", 2 * M + 64 * K, 64 * K, "top-comp")])
+    apply_ops(
+        top,
+        [
+            ("w", 100 * K + 3, 1000, 0x54),  # partial over a compressed one
+            ("c", 2 * M + 64 * K, 64 * K, "top-comp"),
+        ],
+    )
     active = _c(d, "active.qcow2", 4 * M, "top.qcow2")
     return Chain(d, [base, mid, top, active], top, base)
 
@@ -212,11 +275,18 @@ def extended_l2_chain(d):
     base = _c(d, "base.qcow2", 4 * M, cluster_size=64 * K, extended_l2="on")
     apply_ops(base, [("w", 0, 2 * M, "base"), ("w", 3 * M + 2 * K, 2 * K, 0x42)])
     mid = _c(d, "mid.qcow2", 4 * M, "base.qcow2", cluster_size=32 * K, extended_l2="on")
-    apply_ops(mid, [("w", 4 * K, 2 * K, 0x4D), ("w", 33 * K, 3 * K, "mid"),
-                    ("z", 40 * K, 2 * K), ("zu", M, 12 * K), ("w", 3 * M + 64 * K, 1024, 0x4E)])
+    apply_ops(
+        mid,
+        [
+            ("w", 4 * K, 2 * K, 0x4D),
+            ("w", 33 * K, 3 * K, "mid"),
+            ("z", 40 * K, 2 * K),
+            ("zu", M, 12 * K),
+            ("w", 3 * M + 64 * K, 1024, 0x4E),
+        ],
+    )
     top = _c(d, "top.qcow2", 4 * M, "mid.qcow2", cluster_size=16 * K, extended_l2="on")
-    apply_ops(top, [("w", 5 * K, 1536, 0x54), ("w", 2 * M - K, 2 * K, "top"),
-                    ("z", 3 * M, 1024)])
+    apply_ops(top, [("w", 5 * K, 1536, 0x54), ("w", 2 * M - K, 2 * K, "top"), ("z", 3 * M, 1024)])
     active = _c(d, "active.qcow2", 4 * M, "top.qcow2")
     apply_ops(active, [("w", 6 * K, 512, 0x41)])
     return Chain(d, [base, mid, top, active], top, base)
@@ -227,11 +297,11 @@ def mixed_clusters(d):
     base = _c(d, "base.qcow2", 6 * M, cluster_size=2 * M)
     apply_ops(base, [("w", 0, 6 * M, "base")])
     mid = _c(d, "mid.qcow2", 6 * M, "base.qcow2", cluster_size=512)
-    apply_ops(mid, [("w", 2 * M - 700, 1400, "mid"), ("z", 4 * M, 64 * K),
-                    ("w", 5 * M + 1, 10, 0x4D)])
+    apply_ops(
+        mid, [("w", 2 * M - 700, 1400, "mid"), ("z", 4 * M, 64 * K), ("w", 5 * M + 1, 10, 0x4D)]
+    )
     top = _c(d, "top.qcow2", 6 * M, "mid.qcow2", cluster_size=4 * K)
-    apply_ops(top, [("w", 17, 100, 0x54), ("w", 4 * M + 4 * K, 4 * K, "top"),
-                    ("z", M, 12 * K)])
+    apply_ops(top, [("w", 17, 100, 0x54), ("w", 4 * M + 4 * K, 4 * K, "top"), ("z", M, 12 * K)])
     active = _c(d, "active.qcow2", 6 * M, "top.qcow2")
     return Chain(d, [base, mid, top, active], top, base)
 
@@ -274,23 +344,28 @@ def zeros_into_new_l2(d):
 def _matrix_plus_active(case):
     """A coverage-matrix case with an empty-ish active overlay added on top (an
     offline commit commits the active image's backing file, never the active one)."""
+
     def build_it(d):
         top = build_case(case, d)
         info = qemu_info_chain(top)
-        images = [os.path.abspath(os.path.join(d, i["filename"])) if not
-                  os.path.isabs(i["filename"]) else i["filename"] for i in info][::-1]
+        images = [
+            os.path.abspath(os.path.join(d, i["filename"]))
+            if not os.path.isabs(i["filename"])
+            else i["filename"]
+            for i in info
+        ][::-1]
         size = info[0]["virtual-size"]
         active = _c(d, "active.qcow2", size, os.path.basename(top))
         apply_ops(active, [("w", 0, 512, 0x41)])
         images.append(active)
         return Chain(d, images, images[-2], images[0])
+
     return build_it
 
 
 def chain4_matrix(d):
     top = build_case("chain4", d)
-    images = [str(d / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2",
-                                   "active.qcow2")]
+    images = [str(d / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2", "active.qcow2")]
     assert top == images[-1]
     return Chain(d, images, images[2], images[0])
 
@@ -326,6 +401,7 @@ def build(name, d) -> Chain:
 
 # ------------------------------------------------------------------ live helpers
 
+
 class SyncQMP:
     """The real `qemu.qmp` client (asyncio), driven from plain test code: its event loop
     runs in a thread; every event received is kept (`events`, in order)."""
@@ -333,6 +409,7 @@ class SyncQMP:
     def __init__(self, socket_path, timeout=30.0):
         import asyncio
         import threading
+
         self._asyncio = asyncio
         self.timeout = timeout
         self.loop = asyncio.new_event_loop()
@@ -349,6 +426,7 @@ class SyncQMP:
 
     async def _connect(self, path):
         from qemu.qmp import QMPClient
+
         self.client = QMPClient("qcowfs-tests")
         await self.client.connect(path)
         self._pump = self._asyncio.ensure_future(self._pump_events())
@@ -369,6 +447,7 @@ class SyncQMP:
     def error_of(self, cmd, args=None):
         """(error class, description) of a command expected to fail."""
         from qemu.qmp import ExecuteError
+
         try:
             self.execute(cmd, args)
         except ExecuteError as e:
@@ -378,6 +457,7 @@ class SyncQMP:
     def wait_event(self, name, timeout=60.0, pred=None, start=0):
         """The first event named NAME (index >= start) satisfying pred."""
         import time as _time
+
         deadline = _time.monotonic() + timeout
         with self._cond:
             while True:
@@ -386,15 +466,20 @@ class SyncQMP:
                         return ev
                 left = deadline - _time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no {name} event within {timeout} s; got "
-                                         f"{[e.get('event') for e in self.events]}")
+                    raise AssertionError(
+                        f"no {name} event within {timeout} s; got "
+                        f"{[e.get('event') for e in self.events]}"
+                    )
                 self._cond.wait(min(left, 0.5))
 
     def statuses(self, job_id):
         """The JOB_STATUS_CHANGE statuses of a job, in order."""
         with self._cond:
-            return [e["data"]["status"] for e in self.events
-                    if e.get("event") == "JOB_STATUS_CHANGE" and e["data"].get("id") == job_id]
+            return [
+                e["data"]["status"]
+                for e in self.events
+                if e.get("event") == "JOB_STATUS_CHANGE" and e["data"].get("id") == job_id
+            ]
 
     def names(self):
         with self._cond:
@@ -406,12 +491,12 @@ class SyncQMP:
             pump.cancel()
             try:
                 await pump
-            except BaseException:      # noqa: BLE001 - cancelled
+            except BaseException:  # noqa: BLE001 - cancelled
                 pass
         if self.client is not None:
             try:
                 await self.client.disconnect()
-            except Exception:          # noqa: BLE001 - the daemon may be gone
+            except Exception:  # noqa: BLE001 - the daemon may be gone
                 pass
 
     def close(self):
@@ -421,7 +506,7 @@ class SyncQMP:
             if self.loop.is_running():
                 try:
                     self._call(self._shutdown(), timeout=10)
-                except Exception:      # noqa: BLE001
+                except Exception:  # noqa: BLE001
                     pass
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -442,10 +527,19 @@ class Writer:
     sample and compares it with the model. `pending` is the write in progress (issued,
     not yet fsync'd) when the thread stops or fails."""
 
-    def __init__(self, path, model: bytearray, seed=0, block_sizes=(4096, 16384, 65536),
-                 pause=0.002, sample=256 * 1024, regions=None):
+    def __init__(
+        self,
+        path,
+        model: bytearray,
+        seed=0,
+        block_sizes=(4096, 16384, 65536),
+        pause=0.002,
+        sample=256 * 1024,
+        regions=None,
+    ):
         import random as _random
         import threading
+
         self.path = str(path)
         self.model = model
         self.rnd = _random.Random(seed)
@@ -454,13 +548,13 @@ class Writer:
         self.sample = sample
         self.regions = regions or [(0, len(model))]
         self.stop_flag = threading.Event()
-        self.lock = threading.Lock()      # held around a write and its model update
+        self.lock = threading.Lock()  # held around a write and its model update
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.writes = 0
         self.samples = 0
         self.error = None
         self.mismatch = None
-        self.pending = None               # (off, old bytes, new bytes)
+        self.pending = None  # (off, old bytes, new bytes)
         self.seq = 0
 
     def start(self):
@@ -475,11 +569,11 @@ class Writer:
         self.seq += 1
         data = self.rnd.randbytes(bs)
         with self.lock:
-            self.pending = (off, bytes(self.model[off:off + bs]), data)
+            self.pending = (off, bytes(self.model[off : off + bs]), data)
             n = os.pwrite(self.fd, data, off)
             assert n == bs, n
             os.fsync(self.fd)
-            self.model[off:off + bs] = data
+            self.model[off : off + bs] = data
             self.pending = None
             self.writes += 1
 
@@ -488,22 +582,24 @@ class Writer:
         off = self.rnd.randrange(0, len(self.model) - n + 1) // 512 * 512
         with self.lock:
             got = os.pread(self.fd, n, off)
-            want = bytes(self.model[off:off + n])
+            want = bytes(self.model[off : off + n])
         self.samples += 1
         if got != want:
             self.mismatch = (off, n, _first_diff(got, want))
-            raise AssertionError(f"sampled read at {off}+{n} differs from the model at "
-                                 f"{self.mismatch[2]}")
+            raise AssertionError(
+                f"sampled read at {off}+{n} differs from the model at {self.mismatch[2]}"
+            )
 
     def _run(self):
         import time as _time
+
         try:
             while not self.stop_flag.is_set():
                 self._one_write()
                 self._one_sample()
                 if self.pause:
                     _time.sleep(self.pause)
-        except BaseException as e:       # noqa: BLE001 - reported by stop()
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
             self.error = e
 
     def stop(self, expect_error=False):
@@ -515,8 +611,9 @@ class Writer:
         except OSError:
             pass
         if not expect_error and self.error is not None:
-            raise AssertionError(f"writer failed after {self.writes} writes: "
-                                 f"{self.error!r}") from self.error
+            raise AssertionError(
+                f"writer failed after {self.writes} writes: {self.error!r}"
+            ) from self.error
         return self
 
     @contextlib.contextmanager
@@ -544,13 +641,13 @@ def compare_with_pending(got: bytes, model: bytearray, pending, sector=512):
     assert got[:off] == model[:off], f"differs at {_first_diff(got[:off], model[:off])}"
     assert got[end:] == model[end:], f"differs at {end + _first_diff(got[end:], model[end:])}"
     for s in range(0, len(new), sector):
-        part = got[off + s:off + s + sector]
-        assert part in (old[s:s + sector], new[s:s + sector]), f"torn sector at {off + s}"
+        part = got[off + s : off + s + sector]
+        assert part in (old[s : s + sector], new[s : s + sector]), f"torn sector at {off + s}"
 
 
 # ------------------------------------------------------------- crash-point sweeps
 
-CRASH_PRELUDE = r'''
+CRASH_PRELUDE = r"""
 import os, random, signal
 import qcow.rawio as _rawio
 _CRASH_AT, _CRASH_MODE, _CRASH_SEED = {crash_at!r}, {mode!r}, {seed!r}
@@ -598,7 +695,7 @@ def _s(self):
             f.write(str(_count[0]))
 
 _rawio.RawIO.pwrite, _rawio.RawIO.pwritev, _rawio.RawIO.sync = _w, _wv, _s
-'''
+"""
 
 
 def crash_script(image, progress_file, crash_at, how, seed, count_file, **kw):
@@ -606,6 +703,6 @@ def crash_script(image, progress_file, crash_at, how, seed, count_file, **kw):
     image: 'kill' (SIGKILL: what was written stays) or 'powercut' (writes since the
     file's last barrier are lost, or a random subset of them kept). crash_at=0 only
     counts the barriers into count_file."""
-    return CRASH_PRELUDE.format(crash_at=crash_at, mode=how, seed=seed,
-                                count_file=str(count_file)) + \
-        offline_script(image, progress_file, **kw)
+    return CRASH_PRELUDE.format(
+        crash_at=crash_at, mode=how, seed=seed, count_file=str(count_file)
+    ) + offline_script(image, progress_file, **kw)

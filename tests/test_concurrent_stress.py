@@ -21,8 +21,7 @@ import subprocess
 import time
 
 import pytest
-
-from mount_fixtures import mounter, read_file  # noqa: F401
+from mount_fixtures import read_file
 from qemu_helpers import apply_ops, create, run_qcowfs
 from stress_support import GuestLoad, HangWatch, dump_daemon, scattered_chain
 from test_commit_support import SyncQMP, check_images, flat
@@ -34,8 +33,10 @@ JOB_LIMIT = 180.0
 
 def _scatter(rnd, count, size, length, align, pattern, end=None):
     end = end or size
-    return [("w", rnd.randrange(0, (end - length) // align) * align, length,
-             pattern + i % 7) for i in range(count)]
+    return [
+        ("w", rnd.randrange(0, (end - length) // align) * align, length, pattern + i % 7)
+        for i in range(count)
+    ]
 
 
 def base64k_under_4k(d, rnd):
@@ -52,8 +53,10 @@ def base2m_under_64k(d, rnd):
     base = create(str(d / "base.qcow2"), SIZE, cluster_size=2 * M)
     apply_ops(base, [("w", 0, 20 * M, 0x12)])
     mid = create(str(d / "mid.qcow2"), SIZE, backing="base.qcow2")
-    apply_ops(mid, _scatter(rnd, 80, SIZE, 64 * K, 64 * K, 0x20)
-              + _scatter(rnd, 40, SIZE, 4 * K, 512, 0x28))
+    apply_ops(
+        mid,
+        _scatter(rnd, 80, SIZE, 64 * K, 64 * K, 0x20) + _scatter(rnd, 40, SIZE, 4 * K, 512, 0x28),
+    )
     top = create(str(d / "top.qcow2"), SIZE, backing="mid.qcow2")
     apply_ops(top, _scatter(rnd, 80, SIZE, 64 * K, 64 * K, 0x30))
     return [base, mid, top]
@@ -62,12 +65,17 @@ def base2m_under_64k(d, rnd):
 def extended_l2(d, rnd):
     base = create(str(d / "base.qcow2"), SIZE, cluster_size=64 * K, extended_l2="on")
     apply_ops(base, [("w", 0, 16 * M, 0x13)] + _scatter(rnd, 50, SIZE, 2 * K, 2 * K, 0x18))
-    mid = create(str(d / "mid.qcow2"), SIZE, backing="base.qcow2", cluster_size=64 * K,
-                 extended_l2="on")
-    apply_ops(mid, _scatter(rnd, 300, SIZE, 2 * K, 2 * K, 0x20)
-              + [("z", o, 2 * K) for o in range(M, 2 * M, 128 * K)])
-    top = create(str(d / "top.qcow2"), SIZE, backing="mid.qcow2", cluster_size=32 * K,
-                 extended_l2="on")
+    mid = create(
+        str(d / "mid.qcow2"), SIZE, backing="base.qcow2", cluster_size=64 * K, extended_l2="on"
+    )
+    apply_ops(
+        mid,
+        _scatter(rnd, 300, SIZE, 2 * K, 2 * K, 0x20)
+        + [("z", o, 2 * K) for o in range(M, 2 * M, 128 * K)],
+    )
+    top = create(
+        str(d / "top.qcow2"), SIZE, backing="mid.qcow2", cluster_size=32 * K, extended_l2="on"
+    )
     apply_ops(top, _scatter(rnd, 300, SIZE, 1 * K, 1 * K, 0x30))
     return [base, mid, top]
 
@@ -79,8 +87,9 @@ def short_layers(d, rnd):
     mid = create(str(d / "mid.qcow2"), 8 * M, backing="base.qcow2")
     apply_ops(mid, _scatter(rnd, 60, 8 * M, 16 * K, 4 * K, 0x20))
     top = create(str(d / "top.qcow2"), 16 * M, backing="mid.qcow2")
-    apply_ops(top, _scatter(rnd, 60, 16 * M, 16 * K, 4 * K, 0x30)
-              + [("w", 16 * M - 6 * K, 6 * K, 0x3F)])
+    apply_ops(
+        top, _scatter(rnd, 60, 16 * M, 16 * K, 4 * K, 0x30) + [("w", 16 * M - 6 * K, 6 * K, 0x3F)]
+    )
     return [base, mid, top]
 
 
@@ -90,8 +99,11 @@ def compressed(d, rnd):
     mid = create(str(d / "mid.qcow2"), SIZE, backing="base.qcow2", compression_type="zstd")
     apply_ops(mid, [("c", o, 64 * K, 0x20 + o // M % 7) for o in range(0, SIZE, 512 * K)])
     top = create(str(d / "top.qcow2"), SIZE, backing="mid.qcow2")
-    apply_ops(top, [("c", o, 128 * K, 0x30) for o in range(256 * K, SIZE, 2 * M)]
-              + _scatter(rnd, 60, SIZE, 3 * K, 512, 0x38))
+    apply_ops(
+        top,
+        [("c", o, 128 * K, 0x30) for o in range(256 * K, SIZE, 2 * M)]
+        + _scatter(rnd, 60, SIZE, 3 * K, 512, 0x38),
+    )
     return [base, mid, top]
 
 
@@ -130,8 +142,9 @@ def _wait_job(qmp, watch, event, job_id, limit=JOB_LIMIT):
     while True:
         assert watch.failure is None, watch.failure
         try:
-            return qmp.wait_event(event, timeout=0.5,
-                                  pred=lambda data: data.get("device") == job_id)
+            return qmp.wait_event(
+                event, timeout=0.5, pred=lambda data: data.get("device") == job_id
+            )
         except AssertionError:
             if time.monotonic() > deadline:
                 watch.fail(f"job {job_id} did not reach {event} within {limit:.0f} s")
@@ -141,12 +154,12 @@ def _wait_job(qmp, watch, event, job_id, limit=JOB_LIMIT):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_commit_under_guest_load(tmp_path, mounter, layout, mode):  # noqa: F811
+def test_commit_under_guest_load(tmp_path, mounter, layout, mode):
     images = _build(tmp_path, layout)
     base, active = images[0], images[-1]
     model = bytearray(flat(active))
     m = mounter(active)
-    load = GuestLoad(m.disk, model, seed=hash((layout, mode)) & 0xffff)
+    load = GuestLoad(m.disk, model, seed=hash((layout, mode)) & 0xFFFF)
     watch = HangWatch(m, lambda: SyncQMP(m.socket), load)
     try:
         with SyncQMP(m.socket) as qmp:
@@ -162,20 +175,18 @@ def test_commit_under_guest_load(tmp_path, mounter, layout, mode):  # noqa: F811
             qmp.execute("block-commit", args)
             if mode == "active":
                 _wait_job(qmp, watch, "BLOCK_JOB_READY", "j")
-                time.sleep(0.5)                     # stays in sync under the load
+                time.sleep(0.5)  # stays in sync under the load
                 qmp.execute("block-job-complete", {"device": "j"})
             done = _wait_job(qmp, watch, "BLOCK_JOB_COMPLETED", "j")["data"]
             assert "error" not in done, done
-            time.sleep(0.5)                         # the guest goes on after the job
+            time.sleep(0.5)  # the guest goes on after the job
             counts = load.stop()
             watch.stop()
             assert watch.failure is None, watch.failure
             assert watch.queries > 5 and watch.max_query < 1.0, watch.max_query
             assert counts["reads"] > 20 and counts["writes"] > 20, counts
-            nodes = [os.path.basename(n["file"])
-                     for n in qmp.execute("query-named-block-nodes")]
-            assert nodes == (["base.qcow2"] if mode == "active"
-                             else ["active.qcow2", "base.qcow2"])
+            nodes = [os.path.basename(n["file"]) for n in qmp.execute("query-named-block-nodes")]
+            assert nodes == (["base.qcow2"] if mode == "active" else ["active.qcow2", "base.qcow2"])
         assert read_file(m.disk, direct=True) == model
         m.unmount()
     finally:
@@ -187,7 +198,7 @@ def test_commit_under_guest_load(tmp_path, mounter, layout, mode):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_issue_reproduction_fio_randread_during_commit(tmp_path, mounter):  # noqa: F811
+def test_issue_reproduction_fio_randread_during_commit(tmp_path, mounter):
     """The report: base with 64 KiB clusters (192 MiB written), an overlay with 4 KiB
     clusters holding 6,000 scattered 4 KiB writes, an empty active overlay; fio 4 KiB
     O_DIRECT random reads with 4 jobs on disk.raw while `qcowfs commit MNT --top
@@ -196,22 +207,43 @@ def test_issue_reproduction_fio_randread_during_commit(tmp_path, mounter):  # no
     model = flat(active)
     m = mounter(active)
     fio = subprocess.Popen(
-        ["fio", "--name=rr", f"--filename={m.disk}", "--rw=randread", "--bs=4k",
-         "--direct=1", "--numjobs=4", "--ioengine=psync", "--time_based",
-         "--runtime=300", "--group_reporting", "--output-format=terse"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            "fio",
+            "--name=rr",
+            f"--filename={m.disk}",
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--numjobs=4",
+            "--ioengine=psync",
+            "--time_based",
+            "--runtime=300",
+            "--group_reporting",
+            "--output-format=terse",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         time.sleep(1.0)
         assert fio.poll() is None, fio.communicate()
         try:
-            cp = run_qcowfs("commit", str(m.mountpoint), "--top", "top.qcow2", "--wait",
-                            "--control-socket", str(m.socket), timeout=JOB_LIMIT)
+            cp = run_qcowfs(
+                "commit",
+                str(m.mountpoint),
+                "--top",
+                "top.qcow2",
+                "--wait",
+                "--control-socket",
+                str(m.socket),
+                timeout=JOB_LIMIT,
+            )
         except subprocess.TimeoutExpired:
             raise AssertionError("the commit hung under fio\n" + dump_daemon(m)) from None
         assert cp.returncode == 0, (cp.stderr, m.log()[-4000:])
         assert fio.poll() is None, "fio stopped during the commit"
     finally:
-        fio.terminate()                 # fio's exit status after SIGTERM is not 0
+        fio.terminate()  # fio's exit status after SIGTERM is not 0
         out, err = fio.communicate(timeout=60)
     assert b"error" not in err.lower() and b"error" not in out.lower(), (out, err)
     assert read_file(m.disk, direct=True) == model

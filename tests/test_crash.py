@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemu_helpers import K, M, apply_ops, convert_raw, create, qemu_check, qemu_img, run_qcowfs
+from recording_io import Journal, recording_factory
 
 import qcow
 from fusefs import cli
 from qcow.image import Qcow2Image
-from qemu_helpers import (K, M, apply_ops, convert_raw, create, qemu_check, qemu_img,
-                          run_qcowfs)
-from recording_io import Journal, recording_factory
 
 
 def _zeros(off, n):
@@ -49,8 +48,8 @@ class CrashConfig:
     extended_l2: bool = False
     snapshot: bool = False
     prefill: bool = True
-    cache_tables: int = 0          # 0: default cache; else a tiny cache (evictions)
-    big_write: int = 0             # one large sequential write of this many bytes
+    cache_tables: int = 0  # 0: default cache; else a tiny cache (evictions)
+    big_write: int = 0  # one large sequential write of this many bytes
     ops: int = 30
     crash_points: int = 14
 
@@ -59,13 +58,15 @@ CONFIGS = [
     CrashConfig("c64k", 64 * K, 4 * M),
     CrashConfig("c4k-smallcache", 4 * K, 2 * M, cache_tables=4),
     CrashConfig("c512-rb16-big", 512, 3 * M, big_write=M + 300 * K),
-    CrashConfig("c512-rb1-smallcache", 512, 3 * M, refcount_bits=1, cache_tables=5,
-                big_write=700 * K),
+    CrashConfig(
+        "c512-rb1-smallcache", 512, 3 * M, refcount_bits=1, cache_tables=5, big_write=700 * K
+    ),
     CrashConfig("c4k-rb64-snap", 4 * K, 2 * M, refcount_bits=64, snapshot=True),
     CrashConfig("c4k-v2-snap", 4 * K, 2 * M, compat="0.10", snapshot=True),
     CrashConfig("extl2-32k", 32 * K, 4 * M, extended_l2=True),
-    CrashConfig("c512-reftable-growth", 512, 12 * M, prefill=False, big_write=9 * M,
-                ops=12, crash_points=10),
+    CrashConfig(
+        "c512-reftable-growth", 512, 12 * M, prefill=False, big_write=9 * M, ops=12, crash_points=10
+    ),
 ]
 
 
@@ -78,9 +79,14 @@ def build_image(cfg: CrashConfig, d: Path) -> str:
     p = create(d / "crash.qcow2", cfg.size, **opts)
     if cfg.prefill:
         cs = cfg.cluster_size
-        apply_ops(p, [("w", 0, 3 * cs + 100, "pre"),
-                      ("w", cfg.size // 2 - 777, 5 * cs, ("rand", "pre")),
-                      ("z", cfg.size // 4 // cs * cs, 2 * cs)])
+        apply_ops(
+            p,
+            [
+                ("w", 0, 3 * cs + 100, "pre"),
+                ("w", cfg.size // 2 - 777, 5 * cs, ("rand", "pre")),
+                ("z", cfg.size // 4 // cs * cs, 2 * cs),
+            ],
+        )
     if cfg.snapshot:
         qemu_img("snapshot", "-c", "s1", p)
     return p
@@ -96,8 +102,9 @@ class Workload:
         self.journal = Journal(Path(path).read_bytes())
         self.journal.mark("flushed", bytes(self.model))
         cache = cfg.cache_tables * cfg.cluster_size if cfg.cache_tables else 32 << 20
-        self.img = Qcow2Image(path, writable=True, cache_bytes=cache,
-                              rawio_factory=recording_factory(self.journal))
+        self.img = Qcow2Image(
+            path, writable=True, cache_bytes=cache, rawio_factory=recording_factory(self.journal)
+        )
 
     def op(self, kind, off, data):
         """Record the op as started (its range may be old or new after a crash)."""
@@ -106,7 +113,7 @@ class Workload:
             self.img.write(off, data, below=_zeros)
         elif kind == "zero":
             self.img.write_zeroes(off, len(data), below=_zeros)
-        self.model[off:off + len(data)] = data
+        self.model[off : off + len(data)] = data
 
     def flush(self):
         self.img.flush()
@@ -123,14 +130,18 @@ class Workload:
                 continue
             r = rng.random()
             off = rng.choice([rng.randrange(size), rng.randrange(size // cs) * cs])
-            n = min(size - off, rng.choice([rng.randrange(1, 600), rng.randrange(1, 3 * cs),
-                                            cs * rng.randrange(1, 5)]))
+            n = min(
+                size - off,
+                rng.choice(
+                    [rng.randrange(1, 600), rng.randrange(1, 3 * cs), cs * rng.randrange(1, 5)]
+                ),
+            )
             if r < 0.55:
                 self.op("write", off, rng.randbytes(n))
             elif r < 0.75:
                 self.op("zero", off, bytes(n))
             elif r < 0.85:
-                self.op("zero", off, bytes(n))   # a discard is a zero write here
+                self.op("zero", off, bytes(n))  # a discard is a zero write here
             else:
                 self.flush()
         self.img.close()
@@ -143,7 +154,7 @@ def _segments(later_ops, size):
         bounds.add(off)
         bounds.add(off + len(data))
     b = sorted(bounds)
-    return zip(b, b[1:])
+    return zip(b, b[1:], strict=False)
 
 
 def check_content(got: bytes, flushed: bytes, later_ops, where):
@@ -151,21 +162,25 @@ def check_content(got: bytes, flushed: bytes, later_ops, where):
     assert len(got) == len(flushed), where
     for a, b in _segments(later_ops, len(got)):
         seg = got[a:b]
-        cands = [flushed[a:b]] + [d[a - off:b - off] for off, d in later_ops
-                                  if off <= a and b <= off + len(d)]
+        cands = [flushed[a:b]] + [
+            d[a - off : b - off] for off, d in later_ops if off <= a and b <= off + len(d)
+        ]
         if seg in cands:
             continue
-        assert len(cands) > 1, (f"{where}: flushed data lost in guest range "
-                                f"[{a}, {b}) (first bad byte "
-                                f"{a + next(i for i in range(b - a) if seg[i] != flushed[a + i])})")
+        assert len(cands) > 1, (
+            f"{where}: flushed data lost in guest range "
+            f"[{a}, {b}) (first bad byte "
+            f"{a + next(i for i in range(b - a) if seg[i] != flushed[a + i])})"
+        )
         # torn at cluster granularity mostly: compare 512-byte pieces, bytes if need be
         for p in range(0, b - a, 512):
-            piece = seg[p:p + 512]
-            if any(c[p:p + 512] == piece for c in cands):
+            piece = seg[p : p + 512]
+            if any(c[p : p + 512] == piece for c in cands):
                 continue
             for i in range(p, p + len(piece)):
-                assert any(c[i] == seg[i] for c in cands), \
+                assert any(c[i] == seg[i] for c in cands), (
                     f"{where}: byte {a + i} is neither its flushed nor a later-written value"
+                )
 
 
 def _our_check(path, repair=False):
@@ -175,14 +190,16 @@ def _our_check(path, repair=False):
     return rc, out.getvalue()
 
 
-def verify_crash_state(state: bytes, d: Path, tag: str, flushed: bytes, later_ops,
-                       rng: random.Random):
+def verify_crash_state(
+    state: bytes, d: Path, tag: str, flushed: bytes, later_ops, rng: random.Random
+):
     p = d / f"{tag}.qcow2"
     p.write_bytes(state)
     rc, rep = qemu_check(p)
     text = qemu_img("check", p, check=False).stdout
-    assert rc in (0, 3) and rep.get("check-errors", 0) == 0 and not rep.get("corruptions"), \
+    assert rc in (0, 3) and rep.get("check-errors", 0) == 0 and not rep.get("corruptions"), (
         f"{tag}: qemu-img check rc={rc}\n{text}"
+    )
     ours_rc, ours_out = _our_check(p)
     assert ours_rc == rc, f"{tag}: qcowfs check rc={ours_rc}, qemu-img {rc}\n{ours_out}\n{text}"
     guest = convert_raw(p)
@@ -200,19 +217,21 @@ def verify_crash_state(state: bytes, d: Path, tag: str, flushed: bytes, later_op
             off = rng.randrange(size)
             data = rng.randbytes(min(size - off, rng.choice([777, 64 * K + 5, 300 * K])))
             chain.write(off, data)
-            model[off:off + len(data)] = data
+            model[off : off + len(data)] = data
     rc2, rep2 = qemu_check(q)
-    assert rc2 in (0, 3) and not rep2.get("corruptions") and rep2.get("check-errors", 0) == 0, \
-        f"{tag}: writing after the crash corrupted the image: " \
+    assert rc2 in (0, 3) and not rep2.get("corruptions") and rep2.get("check-errors", 0) == 0, (
+        f"{tag}: writing after the crash corrupted the image: "
         f"{qemu_img('check', q, check=False).stdout}"
+    )
     assert convert_raw(q) == bytes(model), f"{tag}: writes after the crash read back wrong"
 
     # repair
     rrc, rout = _our_check(p, repair=True)
     assert rrc == 0, f"{tag}: qcowfs check --repair exit {rrc}\n{rout}"
     rc3, rep3 = qemu_check(p)
-    assert rc3 == 0 and not rep3.get("leaks") and not rep3.get("corruptions"), \
+    assert rc3 == 0 and not rep3.get("leaks") and not rep3.get("corruptions"), (
         f"{tag}: not clean after repair: {qemu_img('check', p, check=False).stdout}"
+    )
     assert convert_raw(p) == guest, f"{tag}: repair changed the guest's data"
     for f in (p, q):
         f.unlink()
@@ -232,7 +251,7 @@ def crash_points(journal: Journal, n, rng):
 def _flushed_and_later(journal: Journal, upto):
     fi, marker = journal.last_marker("flushed", upto)
     # ops started since (the last one may still be in flight at the crash)
-    later = [(e[1], e[2]) for e in journal.events[fi + 1:upto] if e[0] == "op"]
+    later = [(e[1], e[2]) for e in journal.events[fi + 1 : upto] if e[0] == "op"]
     return marker[1], later
 
 
@@ -242,8 +261,9 @@ def run_crash_test(cfg: CrashConfig, seed, d: Path):
     w.run()
     journal = w.journal
     # every write went through RawIO: replaying the whole journal gives the file
-    assert journal.replay() == Path(path).read_bytes(), \
+    assert journal.replay() == Path(path).read_bytes(), (
         "the journal misses writes: something wrote to the image bypassing RawIO"
+    )
     assert convert_raw(path) == bytes(w.model)
     rc, rep = qemu_check(path)
     assert rc == 0, qemu_img("check", path, check=False).stdout

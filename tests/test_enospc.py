@@ -14,8 +14,6 @@ import os
 import subprocess
 
 import pytest
-
-from mount_fixtures import mounter  # noqa: F401
 from qemu_helpers import apply_ops, convert_raw, create, qemu_check
 
 M = 1 << 20
@@ -29,8 +27,9 @@ def small_fs(tmp_path):
     mnt.mkdir()
     subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    dev = subprocess.run(["losetup", "--find", "--show", str(img)], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(img)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     mounted = False
     try:
         subprocess.run(["mount", dev, str(mnt)], check=True)
@@ -46,7 +45,7 @@ def pattern(i):
     return bytes([(i * 7 + 1) & 0xFF]) * (M - 16) + i.to_bytes(16, "big")
 
 
-def test_write_until_enospc_keeps_every_acknowledged_write(tmp_path, small_fs, mounter):  # noqa: F811
+def test_write_until_enospc_keeps_every_acknowledged_write(tmp_path, small_fs, mounter):
     base = create(str(tmp_path / "base.qcow2"), 128 * M)
     apply_ops(base, [("w", 0, 128 * M, 0x11)])
     active = create(str(small_fs / "active.qcow2"), 128 * M, backing=base)
@@ -67,10 +66,10 @@ def test_write_until_enospc_keeps_every_acknowledged_write(tmp_path, small_fs, m
                 if failed == 3:
                     break
         assert failed == 3 and len(acked) > 20, (acked, failed)
-        os.fsync(fd)                    # what was acknowledged can be made durable
+        os.fsync(fd)  # what was acknowledged can be made durable
     finally:
         os.close(fd)
-    os.close(reader)                    # a reader's close has nothing to report
+    os.close(reader)  # a reader's close has nothing to report
     st = os.statvfs(small_fs)
     assert st.f_bavail * st.f_frsize < 2 * M, "the file system is not full"
     m.unmount()
@@ -81,9 +80,9 @@ def test_write_until_enospc_keeps_every_acknowledged_write(tmp_path, small_fs, m
     assert not rep.get("leaks"), rep
     flat = convert_raw(active)
     for i in acked:
-        assert flat[i * M:(i + 1) * M] == pattern(i), i
+        assert flat[i * M : (i + 1) * M] == pattern(i), i
     # and what failed left the rest as it was or as written, never something else
     for i in range(128):
         if i not in acked:
-            got = flat[i * M:(i + 1) * M]
+            got = flat[i * M : (i + 1) * M]
             assert got.count(0x11) + got.count((i * 7 + 1) & 0xFF) >= M - 16, i

@@ -21,10 +21,10 @@ import time
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from qemu_helpers import K, M, apply_ops, convert_raw, create, make_raw, qcow2_layout, qemu_img
 
 import qcow
 from qcow.errors import QcowError
-from qemu_helpers import K, M, apply_ops, convert_raw, create, make_raw, qcow2_layout, qemu_img
 
 EXAMPLE_SECONDS = 10
 EXAMPLE_EXTRA_MEMORY = 2 << 30
@@ -39,8 +39,10 @@ class Hang(BaseException):
 def time_bound(seconds):
     """SIGALRM after SECONDS. pytest-timeout (signal method) also uses ITIMER_REAL:
     its remaining time is put back afterwards."""
+
     def on_alarm(signum, frame):
         raise Hang(f"no result within {seconds}s")
+
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
     start = time.monotonic()
     old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -85,13 +87,15 @@ def pristine(tmp_path_factory):
     qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", src, base)
     os.unlink(src)
     active = create(str(d / "active.qcow2"), 2 * M, backing="base.qcow2")
-    apply_ops(active, [("w", 64 * K, 100 * K, "fuzztop"), ("z", 0, 64 * K),
-                       ("w", M + 512 * K, 64 * K, 0x31)])
+    apply_ops(
+        active,
+        [("w", 64 * K, 100 * K, "fuzztop"), ("z", 0, 64 * K), ("w", M + 512 * K, 64 * K, 0x31)],
+    )
     qemu_img("snapshot", "-c", "s1", active)
     apply_ops(active, [("w", 64 * K, 4 * K, 0x32)])
     qemu_img("bitmap", "--add", active, "b0")
 
-    regions = []   # (file, start, length, neutral)
+    regions = []  # (file, start, length, neutral)
     for name in ("active.qcow2", "base.qcow2"):
         lay = qcow2_layout(str(d / name))
         hdr_end = lay["extensions_end"]
@@ -102,7 +106,7 @@ def pristine(tmp_path_factory):
         with open(d / name, "rb") as f:
             f.seek(lay["refcount_table_offset"])
             rt = f.read(lay["refcount_table_clusters"] * lay["cluster_size"])
-        used = max(i for i in range(0, len(rt), 8) if any(rt[i:i + 8])) + 8
+        used = max(i for i in range(0, len(rt), 8) if any(rt[i : i + 8])) + 8
         regions.append((name, lay["refcount_table_offset"], max(used, 64), True))
         l2 = lay["l2_tables"][0]
         entries = lay["compressed_entries"] + lay["data_entries"] + lay["zero_entries"]
@@ -140,7 +144,7 @@ def exercise(path, want, neutral):
                 continue
             assert isinstance(got, bytes) and len(got) == ln, (off, ln, type(got))
             if neutral:
-                assert got == want[off:off + ln], f"read({off}, {ln}) changed by a neutral flip"
+                assert got == want[off : off + ln], f"read({off}, {ln}) changed by a neutral flip"
         span = min(vs, 8 * M)
         if span:
             try:
@@ -159,15 +163,18 @@ def exercise(path, want, neutral):
 
 
 flip = st.tuples(
-    st.integers(0, 10_000),                       # region (modulo)
-    st.integers(0, 1 << 31),                      # position in the region (modulo)
+    st.integers(0, 10_000),  # region (modulo)
+    st.integers(0, 1 << 31),  # position in the region (modulo)
     st.one_of(st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]), st.integers(1, 255)),
 )
 
 
 @pytest.mark.slow
-@settings(max_examples=3000, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=3000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(flips=st.lists(flip, min_size=1, max_size=4))
 def test_flips_give_a_clean_error_or_data(pristine, flips):
     src, regions, want = pristine

@@ -12,12 +12,21 @@ import shutil
 import subprocess
 
 import pytest
+from qemu_helpers import (
+    REPO_ROOT,
+    M,
+    apply_ops,
+    convert_raw,
+    create,
+    make_raw,
+    qemu_img,
+    qemu_info_chain,
+    run_qcowfs,
+    sha256_tree,
+)
 
 from commit.guard import Dependant, dependants_report, find_dependants, guard_commit
 from qcow.errors import JobError, QcowError
-from mount_fixtures import mounter  # noqa: F401 (fixture)
-from qemu_helpers import (M, REPO_ROOT, apply_ops, convert_raw, create, make_raw,
-                          qemu_img, qemu_info_chain, run_qcowfs, sha256_tree)
 
 
 def make_chain(d, fmt_base="qcow2"):
@@ -66,19 +75,18 @@ def test_clone_of_mid_in_same_dir_refused_and_nothing_touched(workdir):
     lines = str(ei.value).splitlines()
     assert len(lines) == 2
     assert "refusing to commit" in lines[0] and "--force" in lines[0]
-    assert lines[0].startswith(chain[1] + ": ")      # names the file, like every error
+    assert lines[0].startswith(chain[1] + ": ")  # names the file, like every error
     assert lines[1].startswith(clone + ": ")
     assert chain[2] in lines[1] and "case 4" in lines[1]
     assert "qemu-img rebase -u -b mid-copy.qcow2 -F qcow2" in lines[1]
-    assert sha256_tree(workdir) == before               # headers only, nothing written
+    assert sha256_tree(workdir) == before  # headers only, nothing written
 
     stranded = guard_commit(chain, 3, 1, "simple", [], True)
-    assert [(d.path, d.depends_on, d.kind) for d in stranded] == [
-        (clone, chain[2], "intermediate")]
+    assert [(d.path, d.depends_on, d.kind) for d in stranded] == [(clone, chain[2], "intermediate")]
     d = stranded[0]
     assert d.cases == (4,) and d.via == clone and d.backing_name == "mid.qcow2"
     assert d.message() == lines[1]
-    json.dumps(d.to_dict())                             # a job event can carry it
+    json.dumps(d.to_dict())  # a job event can carry it
     assert find_dependants(chain, [chain[3]], chain[1:3], exclude=[clone]) == []
     assert sha256_tree(workdir) == before
 
@@ -99,7 +107,7 @@ def test_chain_of_clones_reports_each_with_the_image_to_rebase(workdir):
     assert set(deps) == {c1, c2}
     assert deps[c2].route == (c2, c1, chain[2])
     assert deps[c2].via == c1 and f"(through {c1})" in deps[c2].message()
-    assert deps[c2].fix_commands()[-1][-1] == c1       # fixing c1 keeps c2 valid too
+    assert deps[c2].fix_commands()[-1][-1] == c1  # fixing c1 keeps c2 valid too
 
 
 # ------------------------------------------------------------------------------ scope
@@ -109,10 +117,10 @@ def test_dependant_in_other_dir_found_only_with_guard_dir(tmp_path):
     chain = make_chain(tmp_path / "chain")
     deep = tmp_path / "vms" / "a" / "b"
     deep.mkdir(parents=True)
-    clone = create(deep / "clone.qcow2", 4 * M, backing=chain[2])   # absolute name
+    clone = create(deep / "clone.qcow2", 4 * M, backing=chain[2])  # absolute name
     assert commit_top(chain) == []
     assert guard_commit(chain, 3, 1, "simple", [], False) == []
-    deps = commit_top(chain, guard_dirs=[tmp_path / "vms"])         # recursive
+    deps = commit_top(chain, guard_dirs=[tmp_path / "vms"])  # recursive
     assert paths(deps) == [clone] and deps[0].depends_on == chain[2]
     with pytest.raises(JobError):
         guard_commit(chain, 3, 1, "simple", [str(tmp_path / "vms")], False)
@@ -146,7 +154,7 @@ def test_dependant_through_symlinks(tmp_path):
     c_real = create(hidden / "c.qcow2", 4 * M, backing=chain[2])
     os.symlink(c_real, other / "c-link.qcow2")
     for p in (a, b, c_real):
-        assert ino(chain[2]) in qemu_chain_inodes(p)        # QEMU agrees
+        assert ino(chain[2]) in qemu_chain_inodes(p)  # QEMU agrees
 
     deps = commit_top(chain, guard_dirs=[other])
     assert paths(deps) == sorted([a, b, str(other / "c-link.qcow2")])
@@ -180,7 +188,7 @@ def test_dotdot_after_a_symlink_resolves_as_the_kernel_does(tmp_path):
     (tmp_path / "chain" / "sub").mkdir()
     elsewhere = tmp_path / "elsewhere" / "deep"
     (elsewhere / "dir").mkdir(parents=True)
-    create(elsewhere / "mid.qcow2", 4 * M)          # a different "mid.qcow2"
+    create(elsewhere / "mid.qcow2", 4 * M)  # a different "mid.qcow2"
     vms = tmp_path / "vms"
     vms.mkdir()
     # lexically vms/mid.qcow2 (no such file); really chain/sub/.. = chain/mid.qcow2
@@ -222,9 +230,10 @@ def test_header_past_the_first_block_falls_back_to_the_whole_cluster(workdir, mo
     """The scan reads one 4 KiB block; a header whose extensions or backing name lie
     beyond it (possible with big clusters) is read whole instead, not skipped."""
     import qcow.header
+
     chain = make_chain(workdir)
     clone = create(workdir / "clone.qcow2", 4 * M, backing="mid.qcow2")
-    monkeypatch.setattr(qcow.header, "HEADER_PROBE_BYTES", 112)   # extensions lie past it
+    monkeypatch.setattr(qcow.header, "HEADER_PROBE_BYTES", 112)  # extensions lie past it
     assert paths(commit_top(chain)) == [clone]
 
 
@@ -236,10 +245,10 @@ def test_odd_file_names_give_one_printable_line_each(workdir):
         guard_commit(chain, 3, 1, "simple", [], False)
     lines = str(ei.value).splitlines()
     assert len(lines) == 2 and "two\\nlines-\\udcff.qcow2" in lines[1]
-    lines[1].encode("utf-8")                            # printable as it is
+    lines[1].encode("utf-8")  # printable as it is
     cp = run_qcowfs("info", chain[2], "--dependants")
     assert cp.returncode == 0, cp.stderr
-    assert len(cp.stdout.splitlines()) == 3             # active, the odd one, top
+    assert len(cp.stdout.splitlines()) == 3  # active, the odd one, top
 
 
 # ------------------------------------------------------------------ no false positives
@@ -287,7 +296,7 @@ def test_dependant_of_top_only_matters_when_the_dropped_images_are_deleted(workd
     chain = make_chain(workdir)
     ontop = create(workdir / "ontop.qcow2", 4 * M, backing="top.qcow2")
     assert guard_commit(chain, 3, 1, "simple", [], False, delete=False) == []
-    [d] = guard_commit(chain, 3, 1, "simple", [], True)          # delete unknown
+    [d] = guard_commit(chain, 3, 1, "simple", [], True)  # delete unknown
     assert (d.path, d.depends_on, d.cases, d.is_top) == (ontop, chain[1], (), True)
     assert "--delete" in d.message() and "no allocation case" in d.message()
     # committing mid alone: top is above the range, its overlays keep their view
@@ -318,9 +327,14 @@ def test_bad_range_is_a_job_error(workdir):
 
 def _case_setup(d):
     chain = make_chain(d)
-    apply_ops(chain[2], [("w", 0, 64 * 1024, 0x22)])                  # mid only: case 2
-    apply_ops(chain[1], [("w", 0, 64 * 1024, 0x33),                     # both: case 3
-                         ("w", 1 * M, 64 * 1024, 0x44)])               # top only: case 4
+    apply_ops(chain[2], [("w", 0, 64 * 1024, 0x22)])  # mid only: case 2
+    apply_ops(
+        chain[1],
+        [
+            ("w", 0, 64 * 1024, 0x33),  # both: case 3
+            ("w", 1 * M, 64 * 1024, 0x44),
+        ],
+    )  # top only: case 4
     create(d / "clone.qcow2", 4 * M, backing="mid.qcow2")
     create(d / "onbase.qcow2", 4 * M, backing="base.qcow2")
     return chain
@@ -336,7 +350,9 @@ def test_reported_breakage_is_real_and_the_suggested_fix_prevents_it(tmp_path, f
     views = {n: convert_raw(d / n) for n in ("clone.qcow2", "onbase.qcow2")}
     deps = guard_commit(chain, 3, 1, "simple", [], True)
     assert {(os.path.basename(x.path), x.kind) for x in deps} == {
-        ("clone.qcow2", "intermediate"), ("onbase.qcow2", "base")}
+        ("clone.qcow2", "intermediate"),
+        ("onbase.qcow2", "base"),
+    }
     if fix:
         for dep in deps:
             for cmd in dep.fix_commands():
@@ -365,12 +381,14 @@ def test_offline_commit_refused_then_forced(workdir):
     err = cp.stderr.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("qcowfs: ") and "--force" in err[0]
     assert err[1].startswith(clone + ": ") and "case 4" in err[1]
-    assert sha256_tree(workdir) == before                    # nothing touched
+    assert sha256_tree(workdir) == before  # nothing touched
 
     cp = run_qcowfs("commit", chain[0], "--force")
     assert cp.returncode == 0, cp.stderr
     assert [os.path.basename(x["filename"]) for x in qemu_info_chain(chain[0])] == [
-        "active.qcow2", "base.qcow2"]
+        "active.qcow2",
+        "base.qcow2",
+    ]
 
 
 def test_forced_offline_commit_names_what_it_stranded(workdir):
@@ -420,7 +438,7 @@ def test_dependants_report_in_process(workdir, capsys):
     clone = create(workdir / "clone.qcow2", 4 * M, backing="base.qcow2")
     assert dependants_report(chain[3], []) == 0
     out = capsys.readouterr().out.splitlines()
-    assert f"{clone} -> {chain[3]}" in out and len(out) == 4   # active, top, mid, clone
+    assert f"{clone} -> {chain[3]}" in out and len(out) == 4  # active, top, mid, clone
 
 
 # ---------------------------------------------------------------- a big directory
@@ -428,7 +446,8 @@ def test_dependants_report_in_process(workdir, capsys):
 
 def _bench_module():
     spec = importlib.util.spec_from_file_location(
-        "bench_guard", REPO_ROOT / "scripts" / "benchlib" / "guard.py")
+        "bench_guard", REPO_ROOT / "scripts" / "benchlib" / "guard.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -454,14 +473,16 @@ def test_live_commit_refused_then_forced_job_says_what_it_strands(workdir, mount
     with x-force the job runs, and query-block-jobs and its events say it was forced
     and name the clone it strands."""
     from fusefs.qmp import QMPCallError, QMPConnection
+
     chain, clone = _clone_setup(workdir)
     m = mounter(chain[0])
     with QMPConnection(str(m.socket)) as conn:
         with pytest.raises(QMPCallError) as ei:
             conn.execute("block-commit", {"job-id": "c", "top": chain[1]})
         assert clone in ei.value.desc and "nothing was touched" in ei.value.desc
-        conn.execute("block-commit", {"job-id": "c", "top": chain[1], "x-force": True,
-                                      "auto-dismiss": False})
+        conn.execute(
+            "block-commit", {"job-id": "c", "top": chain[1], "x-force": True, "auto-dismiss": False}
+        )
         done = None
         for event in conn.events(timeout=60):
             if event["event"] == "BLOCK_JOB_COMPLETED":
@@ -473,5 +494,7 @@ def test_live_commit_refused_then_forced_job_says_what_it_strands(workdir, mount
         assert job["x-forced"] is True and any(clone in s for s in job["x-stranded"])
         conn.execute("job-dismiss", {"id": "c"})
     m.unmount()
-    assert [os.path.basename(layer["filename"]) for layer in qemu_info_chain(chain[0])] \
-        == ["active.qcow2", "base.qcow2"]
+    assert [os.path.basename(layer["filename"]) for layer in qemu_info_chain(chain[0])] == [
+        "active.qcow2",
+        "base.qcow2",
+    ]

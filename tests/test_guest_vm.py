@@ -17,24 +17,35 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
-from guest_vm import (FS_BLOCK, GUEST_FILES, Guest, Watchdog, build_fs_chain, drive,
-                      fsck)
-from mount_fixtures import check_clean, mounter  # noqa: F401  (fixture)
+from guest_vm import FS_BLOCK, GUEST_FILES, Guest, Watchdog, build_fs_chain, drive, fsck
+from mount_fixtures import check_clean
 from qemu_helpers import M, qemu_img, run_qcowfs
 
-LAYOUTS = {      # the chain's (name, qemu-img -o options), bottom first; QEMU's aio= mode
-    "uniform64k": ([("base", "cluster_size=64k"), ("mid", "cluster_size=64k"),
-                    ("top", "cluster_size=64k"), ("active", "cluster_size=64k")], "threads"),
+LAYOUTS = {  # the chain's (name, qemu-img -o options), bottom first; QEMU's aio= mode
+    "uniform64k": (
+        [
+            ("base", "cluster_size=64k"),
+            ("mid", "cluster_size=64k"),
+            ("top", "cluster_size=64k"),
+            ("active", "cluster_size=64k"),
+        ],
+        "threads",
+    ),
     # base clusters larger than the upper layers', 4 KiB and extended-L2 layers: the
     # commits write parts of base clusters that base does not hold yet
-    "mixed": ([("base", "cluster_size=2M"), ("mid", "cluster_size=4k"),
-               ("top", "cluster_size=64k,extended_l2=on"), ("active", "cluster_size=64k")],
-              "native"),
+    "mixed": (
+        [
+            ("base", "cluster_size=2M"),
+            ("mid", "cluster_size=4k"),
+            ("top", "cluster_size=64k,extended_l2=on"),
+            ("active", "cluster_size=64k"),
+        ],
+        "native",
+    ),
 }
 # bytes/s: each commit spans several guest rounds (the active one has the journal to copy)
 LIVE_SPEED, ACTIVE_SPEED = 1 * M, 4 * M
-BOOT = 90              # seconds, each limit generous for TCG on a busy 2-core machine
+BOOT = 90  # seconds, each limit generous for TCG on a busy 2-core machine
 ROUND = 60
 COMMIT = 120
 RESULT = 90
@@ -43,7 +54,7 @@ RESULT_LINE = r"^GUEST: RESULT (PASS|FAIL)(.*)"
 
 
 @pytest.fixture
-def guests(mounter):  # noqa: F811
+def guests(mounter):
     """Starts guests; kills every one at the end, the mounts' daemons too if a guest
     hangs in a FUSE request that only the daemon's death ends."""
     started: list[Guest] = []
@@ -51,6 +62,7 @@ def guests(mounter):  # noqa: F811
     def start(*args, **kwargs) -> Guest:
         started.append(Guest(*args, **kwargs))
         return started[-1]
+
     yield start
     for g in started:
         if not g.close(10):
@@ -60,9 +72,18 @@ def guests(mounter):  # noqa: F811
 
 def _commit(dog: Watchdog, m, what: str, speed: int, *args):
     try:
-        cp = run_qcowfs("commit", str(m.mountpoint), "--control-socket", str(m.socket),
-                        "--speed", str(speed), "--wait", *args, timeout=COMMIT)
-    except subprocess.TimeoutExpired:      # the job or the mount hangs
+        cp = run_qcowfs(
+            "commit",
+            str(m.mountpoint),
+            "--control-socket",
+            str(m.socket),
+            "--speed",
+            str(speed),
+            "--wait",
+            *args,
+            timeout=COMMIT,
+        )
+    except subprocess.TimeoutExpired:  # the job or the mount hangs
         cp = None
     if cp is None:
         dog.fail(f"{what} did not finish within {COMMIT} s")
@@ -96,16 +117,21 @@ def _result(dog: Watchdog, guest: Guest, what: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)       # above the sum of the limits: the watchdog reports first
+@pytest.mark.timeout(900)  # above the sum of the limits: the watchdog reports first
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_guest_on_mount_through_live_and_active_commit(tmp_path, mounter, guests,  # noqa: F811
-                                                       layout):
+def test_guest_on_mount_through_live_and_active_commit(
+    tmp_path,
+    mounter,
+    guests,
+    layout,
+):
     layers, aio = LAYOUTS[layout]
     (base, mid, top, active), host_files = build_fs_chain(tmp_path / "img", layers)
     m = mounter(active)
     dog = Watchdog(m)
-    guest = dog.guest = guests(drive(m.disk, "raw", f"cache=none,aio={aio}"), "workload",
-                               tmp_path / "console-workload.log")
+    guest = dog.guest = guests(
+        drive(m.disk, "raw", f"cache=none,aio={aio}"), "workload", tmp_path / "console-workload.log"
+    )
 
     found = guest.wait_for(ROUND_LINE, BOOT)
     if found is None:
@@ -129,8 +155,7 @@ def test_guest_on_mount_through_live_and_active_commit(tmp_path, mounter, guests
     flat.unlink()
 
     # QEMU's own qcow2 driver reads every file back from base
-    verify = dog.guest = guests(drive(base, "qcow2"), "verify",
-                                tmp_path / "console-verify.log")
+    verify = dog.guest = guests(drive(base, "qcow2"), "verify", tmp_path / "console-verify.log")
     summary = _result(dog, verify, "verify-only boot of base.qcow2")
     assert f"verified={GUEST_FILES + host_files} " in summary, summary
 
@@ -149,8 +174,9 @@ def test_guest_verify_detects_a_corrupt_file(tmp_path, guests):
 
 
 def _corrupt_first_block(raw, path):
-    cp = subprocess.run(["debugfs", "-R", f"bmap {path} 0", str(raw)],
-                        capture_output=True, text=True, check=True)
+    cp = subprocess.run(
+        ["debugfs", "-R", f"bmap {path} 0", str(raw)], capture_output=True, text=True, check=True
+    )
     block = int(cp.stdout.split()[0])
     with open(raw, "r+b") as f:
         f.seek(block * FS_BLOCK + 10)

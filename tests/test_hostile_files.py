@@ -15,11 +15,11 @@ import subprocess
 import time
 
 import pytest
-
-from fusefs.daemonfiles import LogHandler, RepeatFilter
-from mount_fixtures import daemons_for, make_chain3, mounter, read_file, wait_until  # noqa: F401
+from mount_fixtures import daemons_for, make_chain3, read_file, wait_until
 from qemu_helpers import convert_raw, create, qemu_info_chain, run_qcowfs
 from test_commit_support import SyncQMP
+
+from fusefs.daemonfiles import LogHandler, RepeatFilter
 
 M = 1 << 20
 SECRET = b"root-only secret\n"
@@ -42,7 +42,7 @@ def _one_line(cp, *words):
 
 
 @pytest.mark.parametrize("which", ["pid", "log", "sock"])
-def test_symlink_at_a_daemon_file_is_refused(tmp_path, mounter, secret, which):  # noqa: F811
+def test_symlink_at_a_daemon_file_is_refused(tmp_path, mounter, secret, which):
     """A user's symlink at DIR/m.pid, DIR/m.log or DIR/m.sock, pointing at a root-only
     file: the mount is refused with one line naming the path, and the file is neither
     truncated, nor appended to, nor chmod'ed."""
@@ -57,10 +57,10 @@ def test_symlink_at_a_daemon_file_is_refused(tmp_path, mounter, secret, which): 
     assert secret.read_bytes() == SECRET
     after = os.stat(secret)
     assert stat.S_IMODE(after.st_mode) == 0o600 and after.st_mtime_ns == before.st_mtime_ns
-    assert os.path.islink(planted)                  # left as it was
+    assert os.path.islink(planted)  # left as it was
 
 
-def test_daemon_files_are_private_and_a_stale_pid_file_is_replaced(tmp_path, mounter):  # noqa: F811
+def test_daemon_files_are_private_and_a_stale_pid_file_is_replaced(tmp_path, mounter):
     """A pid file left by a killed daemon of ours is replaced; an old 0644 log is made
     0600; pid file and log are 0600 while mounted; the pid file goes at unmount."""
     top = make_chain3(tmp_path)
@@ -79,7 +79,7 @@ def test_daemon_files_are_private_and_a_stale_pid_file_is_replaced(tmp_path, mou
     assert not m.pid_file.exists()
 
 
-def test_pid_file_of_someone_else_is_refused(tmp_path, mounter):  # noqa: F811
+def test_pid_file_of_someone_else_is_refused(tmp_path, mounter):
     top = make_chain3(tmp_path)
     m = mounter._new(top, None, "disk.raw")
     m.pid_file.write_text("1\n")
@@ -118,7 +118,7 @@ def test_log_rotates_and_repeats_are_rate_limited(tmp_path):
 
 
 @pytest.mark.slow
-def test_pause_resume_spam_does_not_flood_the_log(tmp_path, mounter):  # noqa: F811
+def test_pause_resume_spam_does_not_flood_the_log(tmp_path, mounter):
     """Thousands of pause/resume commands on a running job: the log keeps a bounded
     number of their lines and says how many it suppressed."""
     top = make_chain3(tmp_path)
@@ -129,7 +129,7 @@ def test_pause_resume_spam_does_not_flood_the_log(tmp_path, mounter):  # noqa: F
             qmp.execute("block-job-pause", {"device": "j"})
             qmp.execute("block-job-resume", {"device": "j"})
         time.sleep(RepeatFilter.WINDOW + 0.5)
-        qmp.execute("block-job-pause", {"device": "j"})     # opens a new window: the count
+        qmp.execute("block-job-pause", {"device": "j"})  # opens a new window: the count
         qmp.execute("block-job-cancel", {"device": "j", "force": True})
         qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
     log = m.log()
@@ -142,11 +142,20 @@ def test_pause_resume_spam_does_not_flood_the_log(tmp_path, mounter):  # noqa: F
 
 
 def _commit_wait(m, *args, timeout=60):
-    return run_qcowfs("commit", str(m.mountpoint), "--control-socket", str(m.socket),
-                      "--top", "mid.qcow2", "--wait", *args, timeout=timeout)
+    return run_qcowfs(
+        "commit",
+        str(m.mountpoint),
+        "--control-socket",
+        str(m.socket),
+        "--top",
+        "mid.qcow2",
+        "--wait",
+        *args,
+        timeout=timeout,
+    )
 
 
-def test_guard_scan_skips_fifos_and_blocking_files(tmp_path, mounter):  # noqa: F811
+def test_guard_scan_skips_fifos_and_blocking_files(tmp_path, mounter):
     """A FIFO, a symlink to it and a symlink to /proc/kmsg (whose read blocks) in the
     chain's folder: the commit is answered and runs to the end."""
     top = make_chain3(tmp_path)
@@ -160,14 +169,17 @@ def test_guard_scan_skips_fifos_and_blocking_files(tmp_path, mounter):  # noqa: 
     assert cp.returncode == 0, (cp.stderr, m.log())
     assert read_file(m.disk) == want
     m.unmount()
-    assert [os.path.basename(x["filename"]) for x in qemu_info_chain(top)] == \
-        ["top.qcow2", "base.qcow2"]
+    assert [os.path.basename(x["filename"]) for x in qemu_info_chain(top)] == [
+        "top.qcow2",
+        "base.qcow2",
+    ]
 
 
 def test_guard_scan_time_is_bounded(tmp_path, monkeypatch):
     """A scan past its time bound stops with an error naming what it searched."""
     from commit import guard
     from qcow.errors import JobError
+
     top = make_chain3(tmp_path)
     d = os.path.dirname(top)
     chain = [os.path.join(d, n) for n in ("top.qcow2", "mid.qcow2", "base.qcow2")]
@@ -176,12 +188,13 @@ def test_guard_scan_time_is_bounded(tmp_path, monkeypatch):
         guard.guard_commit(chain, 2, 1, "simple", [d], False)
 
 
-def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):  # noqa: F811
+def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):
     """block-commit's guard scan hangs in a folder whose file system does not answer
     (another FUSE mount, its daemon stopped): the command stays cancellable, so
     `qcowfs unmount` still ends the mount cleanly, without waiting for the scan."""
     import signal
     import socket
+
     top = make_chain3(tmp_path)
     m = mounter(top)
     other = str(tmp_path / "other.qcow2")
@@ -192,11 +205,12 @@ def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):  # n
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.connect(str(m.socket))
-        client.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"block-commit","arguments":'
-                       b'{"top":"mid.qcow2","x-guard-dirs":["' + str(hung.mountpoint).encode()
-                       + b'"]}}\n')
+        client.sendall(
+            b'{"execute":"qmp_capabilities"}\n{"execute":"block-commit","arguments":'
+            b'{"top":"mid.qcow2","x-guard-dirs":["' + str(hung.mountpoint).encode() + b'"]}}\n'
+        )
         time.sleep(1.0)
-        m.unmount()                     # asserts: exit 0, unmounted, daemon gone
+        m.unmount()  # asserts: exit 0, unmounted, daemon gone
     finally:
         client.close()
         os.kill(pid, signal.SIGCONT)
@@ -204,8 +218,11 @@ def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):  # n
     # SIGSTOP with a request pending it sometimes stays silent for a while): end it.
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not daemons_for(hung.mountpoint), 30, "the stopped daemon's end")
-    assert [os.path.basename(x["filename"]) for x in qemu_info_chain(top)] == \
-        ["top.qcow2", "mid.qcow2", "base.qcow2"]
+    assert [os.path.basename(x["filename"]) for x in qemu_info_chain(top)] == [
+        "top.qcow2",
+        "mid.qcow2",
+        "base.qcow2",
+    ]
 
 
 @pytest.fixture
@@ -220,7 +237,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_guard_walk_stays_on_its_file_system_unless_named(tmp_path, mounter, tmpfs):  # noqa: F811
+def test_guard_walk_stays_on_its_file_system_unless_named(tmp_path, mounter, tmpfs):
     """A clone of base (which the commit changes) on another file system mounted
     below a guard directory is not searched (the walk stays on the guard directory's
     file system, as it must for --guard-dir /, which holds /proc, /sys and /dev); named
@@ -241,7 +258,7 @@ def test_guard_walk_stays_on_its_file_system_unless_named(tmp_path, mounter, tmp
 # ---------------------------------------------------------------- the flat file
 
 
-def test_open_with_o_trunc_is_refused_like_truncate(tmp_path, mounter):  # noqa: F811
+def test_open_with_o_trunc_is_refused_like_truncate(tmp_path, mounter):
     top = make_chain3(tmp_path)
     want = convert_raw(top)
     m = mounter(top)
@@ -256,9 +273,10 @@ def test_open_with_o_trunc_is_refused_like_truncate(tmp_path, mounter):  # noqa:
     m.unmount()
 
 
-@pytest.mark.parametrize("mode, read_only, shown", [(0o600, False, 0o600), (0o640, False, 0o640),
-                                                     (0o644, True, 0o444)])
-def test_flat_file_takes_the_top_image_mode(tmp_path, mounter, mode, read_only, shown):  # noqa: F811
+@pytest.mark.parametrize(
+    "mode, read_only, shown", [(0o600, False, 0o600), (0o640, False, 0o640), (0o644, True, 0o444)]
+)
+def test_flat_file_takes_the_top_image_mode(tmp_path, mounter, mode, read_only, shown):
     """Under --allow-other every user reaches the mount: disk.raw is no more open than
     the top image (0600 stays 0600), without write bits on a read-only mount."""
     top = make_chain3(tmp_path)

@@ -18,11 +18,11 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from commit.qapi import ENUMS, SCHEMA
-from mount_fixtures import make_chain3, mounter, pid_alive, read_file  # noqa: F401
+from mount_fixtures import make_chain3, pid_alive, read_file
 from qemu_helpers import convert_raw, qemu_img, qemu_io, sha256_tree
 from test_commit_support import SyncQMP
+
+from commit.qapi import ENUMS, SCHEMA
 
 M = 1 << 20
 ERROR_CLASSES = {"GenericError", "CommandNotFound", "DeviceNotActive", "DeviceNotFound"}
@@ -30,8 +30,10 @@ ERROR_CLASSES = {"GenericError", "CommandNotFound", "DeviceNotActive", "DeviceNo
 
 def strict_json(line):
     """json.loads that refuses NaN/Infinity (Python's json accepts them)."""
+
     def refuse(token):
         raise ValueError(f"not JSON: {token}")
+
     return json.loads(line, parse_constant=refuse)
 
 
@@ -48,7 +50,7 @@ def exchange(sock_path, payload, negotiate=True, timeout=30.0):
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
-            pass                        # dropped as abusive: what it got is checked
+            pass  # dropped as abusive: what it got is checked
         data = b""
         while True:
             try:
@@ -79,7 +81,7 @@ def check_replies(lines):
 
 
 @pytest.fixture
-def single(tmp_path, mounter):  # noqa: F811
+def single(tmp_path, mounter):
     """A mount of a one-image chain: no command a fuzzer sends can start a job."""
     (tmp_path / "img").mkdir()
     img = str(tmp_path / "img" / "solo.qcow2")
@@ -91,11 +93,19 @@ def single(tmp_path, mounter):  # noqa: F811
 
 
 _WRONG = {  # JSON type -> a value of it
-    "string": "x", "integer": 7, "number": 1.5, "boolean": True, "null": None,
-    "array": [1], "object": {"a": 1},
+    "string": "x",
+    "integer": 7,
+    "number": 1.5,
+    "boolean": True,
+    "null": None,
+    "array": [1],
+    "object": {"a": 1},
 }
 _ACCEPTS = {
-    "str": {"string"}, "int": {"integer"}, "size": {"integer"}, "bool": {"boolean"},
+    "str": {"string"},
+    "int": {"integer"},
+    "size": {"integer"},
+    "bool": {"boolean"},
     "number": {"integer", "number"},
 }
 
@@ -113,8 +123,13 @@ def _expected(typ):
         return "array"
     if typ in ENUMS:
         return "string"
-    return {"str": "string", "int": "integer", "size": "integer", "bool": "boolean",
-            "number": "number"}[typ]
+    return {
+        "str": "string",
+        "int": "integer",
+        "size": "integer",
+        "bool": "boolean",
+        "number": "number",
+    }[typ]
 
 
 def _schema_cases():
@@ -122,7 +137,7 @@ def _schema_cases():
     cases = []
     for cmd, members in SCHEMA.items():
         if cmd == "qmp_capabilities":
-            continue                    # only before negotiation; covered in test_qmp.py
+            continue  # only before negotiation; covered in test_qmp.py
         required = {k: t for k, t in members.items() if not k.startswith("*")}
         valid_required = {k: _valid(t) for k, t in required.items()}
         for key, typ in members.items():
@@ -134,26 +149,56 @@ def _schema_cases():
                     break
                 if not k2.startswith("*"):
                     before[k2] = _valid(t2)
-            accepts = {"array"} if isinstance(typ, list) else \
-                {"string"} if typ in ENUMS else _ACCEPTS[typ]
+            accepts = (
+                {"array"}
+                if isinstance(typ, list)
+                else {"string"}
+                if typ in ENUMS
+                else _ACCEPTS[typ]
+            )
             for jtype, value in _WRONG.items():
                 if jtype in accepts:
                     continue
-                cases.append((cmd, dict(before, **{name: value}),
-                              f"Invalid parameter type for '{name}', expected: {_expected(typ)}"))
+                cases.append(
+                    (
+                        cmd,
+                        dict(before, **{name: value}),
+                        f"Invalid parameter type for '{name}', expected: {_expected(typ)}",
+                    )
+                )
             if isinstance(typ, list):
-                cases.append((cmd, dict(before, **{name: ["ok", 5]}),
-                              f"Invalid parameter type for '{name}[1]', expected: string"))
+                cases.append(
+                    (
+                        cmd,
+                        dict(before, **{name: ["ok", 5]}),
+                        f"Invalid parameter type for '{name}[1]', expected: string",
+                    )
+                )
             if isinstance(typ, str) and typ in ENUMS:
-                cases.append((cmd, dict(before, **{name: "bogus"}),
-                              f"Parameter '{name}' does not accept value 'bogus'"))
+                cases.append(
+                    (
+                        cmd,
+                        dict(before, **{name: "bogus"}),
+                        f"Parameter '{name}' does not accept value 'bogus'",
+                    )
+                )
             if typ in ("int", "size"):
-                cases.append((cmd, dict(before, **{name: 1 << 64}),
-                              f"Invalid parameter type for '{name}', expected: integer"))
+                cases.append(
+                    (
+                        cmd,
+                        dict(before, **{name: 1 << 64}),
+                        f"Invalid parameter type for '{name}', expected: integer",
+                    )
+                )
             if not key.startswith("*"):
                 cases.append((cmd, before, f"Parameter '{name}' is missing"))
-        cases.append((cmd, dict(valid_required, **{"x-no-such-argument": 1}),
-                      "Parameter 'x-no-such-argument' is unexpected"))
+        cases.append(
+            (
+                cmd,
+                dict(valid_required, **{"x-no-such-argument": 1}),
+                "Parameter 'x-no-such-argument' is unexpected",
+            )
+        )
     return cases
 
 
@@ -166,7 +211,7 @@ def test_schema_checks_every_argument_of_every_command(single):
     cases = _schema_cases()
     with SyncQMP(m.socket) as qmp:
         served = {c["name"] for c in qmp.execute("query-commands")}
-        assert served <= set(SCHEMA), served - set(SCHEMA)   # nothing runs unchecked
+        assert served <= set(SCHEMA), served - set(SCHEMA)  # nothing runs unchecked
         for cmd, args, desc in cases:
             if cmd not in served:
                 continue
@@ -177,7 +222,7 @@ def test_schema_checks_every_argument_of_every_command(single):
     assert sha256_tree(os.path.dirname(img)) == before
 
 
-def test_issue_cases_refused_and_nothing_deleted(tmp_path, mounter):  # noqa: F811
+def test_issue_cases_refused_and_nothing_deleted(tmp_path, mounter):
     """The reported ones: x-delete "false" deleted mid, x-force "false" passed the
     guard, top 6 was a file descriptor, job-id "" and null were taken."""
     top = make_chain3(tmp_path)
@@ -186,18 +231,36 @@ def test_issue_cases_refused_and_nothing_deleted(tmp_path, mounter):  # noqa: F8
     m = mounter(top)
     with SyncQMP(m.socket) as qmp:
         for args, desc in (
-            ({"top": "mid.qcow2", "x-delete": "false"}, "Invalid parameter type for 'x-delete', expected: boolean"),
-            ({"top": "mid.qcow2", "x-force": "false"}, "Invalid parameter type for 'x-force', expected: boolean"),
+            (
+                {"top": "mid.qcow2", "x-delete": "false"},
+                "Invalid parameter type for 'x-delete', expected: boolean",
+            ),
+            (
+                {"top": "mid.qcow2", "x-force": "false"},
+                "Invalid parameter type for 'x-force', expected: boolean",
+            ),
             ({"top": 6}, "Invalid parameter type for 'top', expected: string"),
             ({"top": ["mid.qcow2"]}, "Invalid parameter type for 'top', expected: string"),
             ({"top": {"file": "mid.qcow2"}}, "Invalid parameter type for 'top', expected: string"),
-            ({"job-id": None, "top": "mid.qcow2"}, "Invalid parameter type for 'job-id', expected: string"),
+            (
+                {"job-id": None, "top": "mid.qcow2"},
+                "Invalid parameter type for 'job-id', expected: string",
+            ),
             ({"job-id": "", "top": "mid.qcow2"}, "Invalid job ID ''"),
-            ({"top": "mid.qcow2", "speed": 1e3}, "Invalid parameter type for 'speed', expected: integer"),
+            (
+                {"top": "mid.qcow2", "speed": 1e3},
+                "Invalid parameter type for 'speed', expected: integer",
+            ),
             ({"top": "mid.qcow2", "wat": 1}, "Parameter 'wat' is unexpected"),
             ({"top": "mid\0.qcow2"}, "is not an image of this chain"),
-            ({"top": "mid.qcow2", "x-guard-dirs": ["/tm\0p"]}, "guard directory: no such directory"),
-            ({"top": "mid.qcow2", "x-guard-dirs": "/tmp"}, "Invalid parameter type for 'x-guard-dirs', expected: array"),
+            (
+                {"top": "mid.qcow2", "x-guard-dirs": ["/tm\0p"]},
+                "guard directory: no such directory",
+            ),
+            (
+                {"top": "mid.qcow2", "x-guard-dirs": "/tmp"},
+                "Invalid parameter type for 'x-guard-dirs', expected: array",
+            ),
         ):
             cls, desc_got = qmp.error_of("block-commit", args)
             assert cls == "GenericError" and desc in desc_got, (args, desc_got)
@@ -214,15 +277,23 @@ def test_huge_and_non_finite_numbers(single):
     m, img, want = single
     pid = m.daemon_pid()
     big = b"9" * 5000
-    lines = exchange(m.socket, b'{"execute":"query-block-jobs","id":' + big + b"}\n", negotiate=False)
+    lines = exchange(
+        m.socket, b'{"execute":"query-block-jobs","id":' + big + b"}\n", negotiate=False
+    )
     msgs = check_replies(lines)
     assert msgs[-1]["error"]["desc"] == "JSON parse error, number out of range"
-    msgs = check_replies(exchange(m.socket, b'{"execute":"query-block-jobs","id":1e999}\n'
-                                            b'{"execute":"query-block-jobs","id":-1e999}\n'
-                                            b'{"execute":"query-block-jobs","id":123456789012345678901234567890}\n'))
-    assert msgs[1] == {"return": {}}      # after the greeting: qmp_capabilities
-    assert [x.get("error", {}).get("desc") for x in msgs[2:4]] == \
-        ["JSON parse error, number out of range"] * 2
+    msgs = check_replies(
+        exchange(
+            m.socket,
+            b'{"execute":"query-block-jobs","id":1e999}\n'
+            b'{"execute":"query-block-jobs","id":-1e999}\n'
+            b'{"execute":"query-block-jobs","id":123456789012345678901234567890}\n',
+        )
+    )
+    assert msgs[1] == {"return": {}}  # after the greeting: qmp_capabilities
+    assert [x.get("error", {}).get("desc") for x in msgs[2:4]] == [
+        "JSON parse error, number out of range"
+    ] * 2
     assert msgs[4] == {"return": [], "id": 1.2345678901234568e29}
     assert pid_alive(pid)
     assert read_file(m.disk) == want
@@ -232,16 +303,36 @@ def test_huge_and_non_finite_numbers(single):
 
 
 def _json_values():
-    scalars = (st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
-               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=20)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    )
 
 
 _COMMANDS = sorted(c for c in SCHEMA if c not in ("quit",))
-_NUMBERS = st.sampled_from([b"1e999", b"-1e999", b"9" * 4400, b"-" + b"9" * 5000, b"1" * 25,
-                            b"18446744073709551616", b"-9223372036854775809", b"1e-999",
-                            b"0.0000000000000000000000001e400"])
+_NUMBERS = st.sampled_from(
+    [
+        b"1e999",
+        b"-1e999",
+        b"9" * 4400,
+        b"-" + b"9" * 5000,
+        b"1" * 25,
+        b"18446744073709551616",
+        b"-9223372036854775809",
+        b"1e-999",
+        b"0.0000000000000000000000001e400",
+    ]
+)
 
 
 @st.composite
@@ -278,9 +369,20 @@ _PAYLOAD = st.lists(
     | _command()
     | _number_message()
     | _json_values().map(lambda v: json.dumps(v).encode())
-    | st.sampled_from([b"[" * 300, b"{" * 300, b'"' + b"a" * 3000, b"\xff\xfe\x00", b"}}]]",
-                       b"'single'", b"\\u0000"]),
-    min_size=1, max_size=6).map(b"".join)
+    | st.sampled_from(
+        [
+            b"[" * 300,
+            b"{" * 300,
+            b'"' + b"a" * 3000,
+            b"\xff\xfe\x00",
+            b"}}]]",
+            b"'single'",
+            b"\\u0000",
+        ]
+    ),
+    min_size=1,
+    max_size=6,
+).map(b"".join)
 
 
 @pytest.mark.slow
@@ -294,8 +396,9 @@ def test_fuzz_the_control_socket(single):
     before = sha256_tree(os.path.dirname(img))
     seen = {"replies": 0}
 
-    @settings(max_examples=1000, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(payload=_PAYLOAD, negotiate=st.booleans())
     def one(payload, negotiate):
         lines = exchange(m.socket, payload, negotiate=negotiate)
@@ -329,6 +432,7 @@ def _query_latency(sock_path, rounds=10):
 def _guest_reads_seconds(disk, rounds=1000, seed=0):
     """Seconds for `rounds` 4 KiB O_DIRECT random reads of the flat file."""
     import mmap
+
     rng = random.Random(seed)
     size = os.stat(disk).st_size
     buf = mmap.mmap(-1, 4096)
@@ -387,7 +491,7 @@ def test_flooding_client_does_not_starve_the_others(single, pattern):
         assert _guest_reads_seconds(m.disk) < 10.0
     finally:
         flood.finish()
-    if pattern != b" ":             # a number or an array that never ends is cut off
+    if pattern != b" ":  # a number or an array that never ends is cut off
         assert flood.drops > 0
     assert pid_alive(m.daemon_pid())
     assert read_file(m.disk) == want
@@ -425,8 +529,8 @@ def test_hoarding_clients_are_bounded(single):
         try:
             while s.recv(65536):
                 pass
-            dropped += 1                # EOF: the daemon closed it
-        except (ConnectionResetError, socket.timeout):
+            dropped += 1  # EOF: the daemon closed it
+        except (TimeoutError, ConnectionResetError):
             dropped += 1
     assert dropped == 10
     # too many clients: the extra ones are closed at once
@@ -437,7 +541,7 @@ def test_hoarding_clients_are_bounded(single):
     for s in idle:
         s.settimeout(10)
         try:
-            data = s.recv(65536)        # the greeting, or EOF when refused
+            data = s.recv(65536)  # the greeting, or EOF when refused
             while data and b"\n" not in data:
                 data += s.recv(65536)
             closed += not data

@@ -92,9 +92,23 @@ def test_non_active_success_sequence():
     job.len = 100
     job.offset = 100
     job.finished()
-    assert rec.summary() == ["created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert rec.summary() == [
+        "created",
+        "running",
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
+    ]
     assert rec.events[0] == ("JOB_STATUS_CHANGE", {"status": "created", "id": "j1"})
-    assert rec.events[4][1] == {"device": "j1", "len": 100, "offset": 100, "speed": 123, "type": "commit"}
+    assert rec.events[4][1] == {
+        "device": "j1",
+        "len": 100,
+        "offset": 100,
+        "speed": 123,
+        "type": "commit",
+    }
     assert job.status == "null" and job.error is None
 
 
@@ -107,8 +121,15 @@ def test_active_complete_sequence():
     assert job.completion_requested
     job.finished()
     assert rec.summary() == [
-        "created", "running", "ready", "BLOCK_JOB_READY",
-        "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+        "created",
+        "running",
+        "ready",
+        "BLOCK_JOB_READY",
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
     ]
 
 
@@ -129,7 +150,14 @@ def test_cancel_before_ready_is_forced():
     job.user_cancel(force=False)
     assert job.force_cancel
     job.finished(cancelled=True)
-    assert rec.summary() == ["created", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert rec.summary() == [
+        "created",
+        "running",
+        "aborting",
+        "BLOCK_JOB_CANCELLED",
+        "concluded",
+        "null",
+    ]
     assert "error" not in rec.events[3][1]
 
 
@@ -149,7 +177,13 @@ def test_io_error_sequence():
     job.report_io_error("write")
     job.finished(error="Input/output error")
     assert rec.summary() == [
-        "created", "running", "BLOCK_JOB_ERROR", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null",
+        "created",
+        "running",
+        "BLOCK_JOB_ERROR",
+        "aborting",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
     ]
     assert rec.events[2][1] == {"device": "j1", "operation": "write", "action": "report"}
     assert rec.events[4][1]["error"] == "Input/output error"
@@ -165,14 +199,23 @@ def test_auto_dismiss_false_stops_at_concluded():
     info = job.info()
     assert info["error"] == "Operation canceled" and info["status"] == "concluded"
     assert info["ready"] is False and info["paused"] is False
-    for verb, call in (("cancel", job.user_cancel), ("pause", job.user_pause), ("complete", job.user_complete)):
-        with pytest.raises(JobCommandError, match=f"Job 'j1' in state 'concluded' cannot accept command verb '{verb}'"):
+    for verb, call in (
+        ("cancel", job.user_cancel),
+        ("pause", job.user_pause),
+        ("complete", job.user_complete),
+    ):
+        with pytest.raises(
+            JobCommandError,
+            match=f"Job 'j1' in state 'concluded' cannot accept command verb '{verb}'",
+        ):
             call()
     with pytest.raises(JobCommandError, match="verb 'set-speed'"):
         job.user_set_speed(1)
     job.user_dismiss()
     assert job.status == "null" and rec.summary()[-1] == "null"
-    with pytest.raises(JobCommandError, match="in state 'null' cannot accept command verb 'dismiss'"):
+    with pytest.raises(
+        JobCommandError, match="in state 'null' cannot accept command verb 'dismiss'"
+    ):
         job.user_dismiss()
 
 
@@ -201,8 +244,19 @@ def test_pause_resume_and_standby():
     assert job.status == "ready"
     job.finished()
     assert rec.summary() == [
-        "created", "running", "paused", "running", "ready", "BLOCK_JOB_READY", "standby", "ready",
-        "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+        "created",
+        "running",
+        "paused",
+        "running",
+        "ready",
+        "BLOCK_JOB_READY",
+        "standby",
+        "ready",
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
     ]
 
 
@@ -216,7 +270,14 @@ def test_force_cancel_of_a_paused_job_resumes_it_first():
     job.leave_pause()
     job.finished(cancelled=True)
     assert rec.summary() == [
-        "created", "running", "paused", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null",
+        "created",
+        "running",
+        "paused",
+        "running",
+        "aborting",
+        "BLOCK_JOB_CANCELLED",
+        "concluded",
+        "null",
     ]
 
 
@@ -227,7 +288,14 @@ def test_finished_while_parked_in_pause():
     job.enter_pause()
     job.finished(cancelled=True)  # e.g. the manager was torn down
     assert rec.summary() == [
-        "created", "running", "paused", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null",
+        "created",
+        "running",
+        "paused",
+        "running",
+        "aborting",
+        "BLOCK_JOB_CANCELLED",
+        "concluded",
+        "null",
     ]
     assert job.status == "null"
 
@@ -235,7 +303,9 @@ def test_finished_while_parked_in_pause():
 def test_complete_refusals():
     job, _ = new_job()
     job.start()
-    with pytest.raises(JobCommandError, match="Job 'j1' in state 'running' cannot accept command verb 'complete'"):
+    with pytest.raises(
+        JobCommandError, match="Job 'j1' in state 'running' cannot accept command verb 'complete'"
+    ):
         job.user_complete()
     job.transition_to_ready()
     job.user_cancel(force=False)
@@ -256,11 +326,26 @@ def test_info_fields_are_qemus():
     job, _ = new_job()
     job.start()
     assert list(job.info()) == [
-        "type", "device", "len", "offset", "busy", "paused", "speed", "io-status",
-        "ready", "status", "auto-finalize", "auto-dismiss",
+        "type",
+        "device",
+        "len",
+        "offset",
+        "busy",
+        "paused",
+        "speed",
+        "io-status",
+        "ready",
+        "status",
+        "auto-finalize",
+        "auto-dismiss",
     ]
-    assert job.job_info() == {"id": "j1", "type": "commit", "status": "running",
-                              "current-progress": 0, "total-progress": 0}
+    assert job.job_info() == {
+        "id": "j1",
+        "type": "commit",
+        "status": "running",
+        "current-progress": 0,
+        "total-progress": 0,
+    }
 
 
 def test_auto_finalize_false_refused():
@@ -275,7 +360,9 @@ def test_helpers():
     e = io_error("write", OSError(5, "Input/output error"))
     assert e.operation == "write"
     assert error_message(OSError(28, "No space left on device")) == "No space left on device"
-    assert error_message(OSError(5, "/img/mid.qcow2: bad L2 entry")) == "/img/mid.qcow2: bad L2 entry"
+    assert (
+        error_message(OSError(5, "/img/mid.qcow2: bad L2 entry")) == "/img/mid.qcow2: bad L2 entry"
+    )
     assert FINISHED == {"concluded", "null"}
 
 

@@ -6,9 +6,9 @@ import os
 import sys
 
 import pytest
+from test_qmp_support import FakeJobs, MiB, Raw, ServerThread
 
 from fusefs.cli import main as qcowfs_main
-from test_qmp_support import MiB, FakeJobs, Raw, ServerThread
 
 
 class Plan:
@@ -45,8 +45,12 @@ def env(tmp_path, chain):
 
     def factory(args):
         plan.received.append(dict(args))
-        rest = {"job-id": args.get("job-id", "commit"), "x-steps": plan.steps, "x-active": plan.active,
-                "x-work": plan.work}
+        rest = {
+            "job-id": args.get("job-id", "commit"),
+            "x-steps": plan.steps,
+            "x-active": plan.active,
+            "x-work": plan.work,
+        }
         if plan.fail_at is not None:
             rest["x-fail-at"] = plan.fail_at
         return fake.factory(rest)
@@ -58,8 +62,18 @@ def env(tmp_path, chain):
     mnt.mkdir()
     sock = tmp_path / "ctl.sock"
     with ServerThread(sock, factory, {"query-named-block-nodes": query_nodes}) as st:
-        yield type("Env", (), {"plan": plan, "fake": fake, "mnt": str(mnt), "sock": str(sock), "server": st,
-                               "chain": chain})
+        yield type(
+            "Env",
+            (),
+            {
+                "plan": plan,
+                "fake": fake,
+                "mnt": str(mnt),
+                "sock": str(sock),
+                "server": st,
+                "chain": chain,
+            },
+        )
 
 
 def cli(*argv):
@@ -112,13 +126,37 @@ def test_commit_options_become_block_commit_arguments(env, capsys, tmp_path, mon
     monkeypatch.chdir(os.path.dirname(env.chain["mid"]))
     guard = tmp_path / "guard"
     guard.mkdir()
-    assert live(env, "--top", "mid.qcow2", "--base", "node3", "--mode", "restartable", "--speed", 64 * MiB,
-                "--job-id", "c-1", "--delete", "--guard-dir", guard, "--force") == 0
+    assert (
+        live(
+            env,
+            "--top",
+            "mid.qcow2",
+            "--base",
+            "node3",
+            "--mode",
+            "restartable",
+            "--speed",
+            64 * MiB,
+            "--job-id",
+            "c-1",
+            "--delete",
+            "--guard-dir",
+            guard,
+            "--force",
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "c-1\n"
     # speed is the job's (JobManager), not the factory's
     assert env.plan.received[-1] == {
-        "job-id": "c-1", "device": "node0", "top": env.chain["mid"], "base": env.chain["base"],
-        "x-mode": "restartable", "x-delete": True, "x-guard-dirs": [str(guard)], "x-force": True,
+        "job-id": "c-1",
+        "device": "node0",
+        "top": env.chain["mid"],
+        "base": env.chain["base"],
+        "x-mode": "restartable",
+        "x-delete": True,
+        "x-guard-dirs": [str(guard)],
+        "x-force": True,
     }
     wait_gone(env, "c-1")
     # a name the CLI cannot place (e.g. as written in a header, from elsewhere) goes as is
@@ -136,7 +174,10 @@ def test_commit_refusals(env, capsys, tmp_path):
     assert live(env, "--active", "--top", env.chain["mid"]) == 1
     assert "--active commits the active image" in capsys.readouterr().err
     assert live(env, "--pivot") == 1
-    assert capsys.readouterr().err == f"qcowfs: {env.mnt}: --pivot applies to an active commit: add --active\n"
+    assert (
+        capsys.readouterr().err
+        == f"qcowfs: {env.mnt}: --pivot applies to an active commit: add --active\n"
+    )
     plain_dir = tmp_path / "plain"
     plain_dir.mkdir()
     assert cli("commit", plain_dir) == 1
@@ -164,7 +205,9 @@ def test_commit_wait_success_and_failure(env, capsys):
     assert env.fake.outcomes["commit"]["finished"]
     env.plan.fail_at = 1
     assert live(env, "--wait") == 1
-    assert capsys.readouterr().err == f"qcowfs: {env.mnt}: job 'commit' failed: Input/output error\n"
+    assert (
+        capsys.readouterr().err == f"qcowfs: {env.mnt}: job 'commit' failed: Input/output error\n"
+    )
 
 
 def test_commit_wait_progress_bar_on_a_terminal(env, capsys, monkeypatch):
@@ -273,7 +316,10 @@ def test_no_control_socket(tmp_path, capsys):
     mnt.mkdir()
     assert cli("jobs", mnt, "--control-socket", tmp_path / "none.sock") == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"qcowfs: {mnt}: no qcowfs control socket answers at ") and err.count("\n") == 1
+    assert (
+        err.startswith(f"qcowfs: {mnt}: no qcowfs control socket answers at ")
+        and err.count("\n") == 1
+    )
     os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path))
     assert cli("cancel", mnt, "commit") == 1
     assert "no qcowfs control socket answers" in capsys.readouterr().err
@@ -294,19 +340,46 @@ def test_offline_commit_calls_the_engine(tmp_path, capsys, monkeypatch):
         seen.update(kw)
         kw["progress"](MiB, 2 * MiB)
         kw["progress"](2 * MiB, 2 * MiB)
-        dep = type("Dependant", (), {"message": lambda self: "/img/other.qcow2 depends on /img/base.qcow2"})()
+        dep = type(
+            "Dependant", (), {"message": lambda self: "/img/other.qcow2 depends on /img/base.qcow2"}
+        )()
         return ["/img/mid.qcow2"], [dep]
 
     monkeypatch.setattr(commit.engine, "run_offline", run_offline)
-    assert cli("commit", image, "--top", "mid.qcow2", "--mode", "restartable", "--speed", "5M", "--delete",
-               "--guard-dir", tmp_path, "--force") == 0
+    assert (
+        cli(
+            "commit",
+            image,
+            "--top",
+            "mid.qcow2",
+            "--mode",
+            "restartable",
+            "--speed",
+            "5M",
+            "--delete",
+            "--guard-dir",
+            tmp_path,
+            "--force",
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out == "Image committed.\n"
-    assert err == "qcowfs: warning: stranded (--force): /img/other.qcow2 depends on /img/base.qcow2\n"
+    assert (
+        err == "qcowfs: warning: stranded (--force): /img/other.qcow2 depends on /img/base.qcow2\n"
+    )
     progress = seen.pop("progress")
     assert callable(progress)
-    assert seen == {"image": str(image), "top": "mid.qcow2", "base": None, "mode": "restartable", "speed": 5 << 20,
-                    "delete": True, "guard_dirs": [str(tmp_path)], "force": True}
+    assert seen == {
+        "image": str(image),
+        "top": "mid.qcow2",
+        "base": None,
+        "mode": "restartable",
+        "speed": 5 << 20,
+        "delete": True,
+        "guard_dirs": [str(tmp_path)],
+        "force": True,
+    }
     assert cli("commit", image, "--active", "--pivot") == 1
     assert "--pivot applies to a live commit" in capsys.readouterr().err
 

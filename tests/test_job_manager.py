@@ -6,11 +6,11 @@ import errno
 import pytest
 import trio
 import trio.testing
+from test_qmp_support import TEST_SCHEMA, FakeJobs, MiB
 
 from commit.job import JobContext, JobManager
 from fusefs.qmp import QMPError, check_arguments
 from qcow.errors import JobError, QcowError
-from test_qmp_support import TEST_SCHEMA, MiB, FakeJobs
 
 
 class Events:
@@ -65,14 +65,30 @@ def test_speed_limit_and_progress():
             jm, ev = await start_manager(n, fake.factory)
             cmds = jm.commands()
             t0 = trio.current_time()
-            await cmds["block-commit"]({"job-id": "j", "x-steps": 16, "x-chunk": MiB, "speed": 4 * MiB})
+            await cmds["block-commit"](
+                {"job-id": "j", "x-steps": 16, "x-chunk": MiB, "speed": 4 * MiB}
+            )
             await jm.wait_idle()
             elapsed = trio.current_time() - t0
             # 16 MiB at 4 MiB/s: 4 s less the initial 0.1 s burst, give or take one chunk
             assert 3.6 <= elapsed <= 4.2, elapsed
             done = ev.data("BLOCK_JOB_COMPLETED")[0]
-            assert done == {"device": "j", "len": 16 * MiB, "offset": 16 * MiB, "speed": 4 * MiB, "type": "commit"}
-            assert ev.summary() == ["created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            assert done == {
+                "device": "j",
+                "len": 16 * MiB,
+                "offset": 16 * MiB,
+                "speed": 4 * MiB,
+                "type": "commit",
+            }
+            assert ev.summary() == [
+                "created",
+                "running",
+                "waiting",
+                "pending",
+                "BLOCK_JOB_COMPLETED",
+                "concluded",
+                "null",
+            ]
             n.cancel_scope.cancel()
 
     run_trio(main)
@@ -124,8 +140,15 @@ def test_pause_of_a_parked_job_is_immediate_and_holds():
             assert ev.summary()[-1] == "running"
             await jm.wait_idle()
             assert ev.summary() == [
-                "created", "running", "paused", "running", "waiting", "pending",
-                "BLOCK_JOB_COMPLETED", "concluded", "null",
+                "created",
+                "running",
+                "paused",
+                "running",
+                "waiting",
+                "pending",
+                "BLOCK_JOB_COMPLETED",
+                "concluded",
+                "null",
             ]
             n.cancel_scope.cancel()
 
@@ -172,7 +195,14 @@ def test_force_cancel_arrives_at_a_checkpoint_not_mid_chunk():
             out = fake.outcomes["j"]
             assert out["cancelled"] and not out["interrupted_work"] and not out["finished"]
             assert out["chunks"] == 3  # the chunk in flight finished, then the cancel hit
-            assert ev.summary() == ["created", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+            assert ev.summary() == [
+                "created",
+                "running",
+                "aborting",
+                "BLOCK_JOB_CANCELLED",
+                "concluded",
+                "null",
+            ]
             assert ev.data("BLOCK_JOB_CANCELLED")[0]["offset"] == 3 * MiB
             assert jm.get("j") is None
             n.cancel_scope.cancel()
@@ -193,7 +223,7 @@ def test_active_job_complete_soft_cancel_and_force_cancel():
                 ("a3", ("block-job-cancel", {"force": True}), None, "BLOCK_JOB_CANCELLED"),
             ):
                 await cmds["block-commit"]({"job-id": job_id, "x-steps": 3, "x-active": True})
-                await wait_for(lambda: jm.get(job_id).status == "ready")
+                await wait_for(lambda job_id=job_id: jm.get(job_id).status == "ready")
                 info = (await cmds["query-block-jobs"]({}))[0]
                 assert info["ready"] is True and info["status"] == "ready" and info["busy"] is False
                 with pytest.raises(JobError, match="already running on this chain"):
@@ -205,7 +235,13 @@ def test_active_job_complete_soft_cancel_and_force_cancel():
                 s = ev.summary(job_id)
                 assert s[:4] == ["created", "running", "ready", "BLOCK_JOB_READY"]
                 if ending == "BLOCK_JOB_COMPLETED":
-                    assert s[4:] == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+                    assert s[4:] == [
+                        "waiting",
+                        "pending",
+                        "BLOCK_JOB_COMPLETED",
+                        "concluded",
+                        "null",
+                    ]
                 else:
                     assert s[4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
             n.cancel_scope.cancel()
@@ -232,7 +268,13 @@ def test_complete_during_standby_waits_for_resume():
             await jm.wait_idle()
             assert fake.outcomes["a"]["decision"] == "complete"
             assert ev.summary()[4:] == [
-                "standby", "ready", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+                "standby",
+                "ready",
+                "waiting",
+                "pending",
+                "BLOCK_JOB_COMPLETED",
+                "concluded",
+                "null",
             ]
             n.cancel_scope.cancel()
 
@@ -254,13 +296,20 @@ def test_errors_end_the_job(fail, error, io_event):
         async with trio.open_nursery() as n:
             jm, ev = await start_manager(n, fake.factory)
             cmds = jm.commands()
-            await cmds["block-commit"]({"job-id": "e", "x-steps": 5, "x-fail-at": 2, "x-fail": fail, "auto-dismiss": False})
+            await cmds["block-commit"](
+                {"job-id": "e", "x-steps": 5, "x-fail-at": 2, "x-fail": fail, "auto-dismiss": False}
+            )
             await jm.wait_idle()
-            expected = ["created", "running"] + (["BLOCK_JOB_ERROR"] if io_event else []) + [
-                "aborting", "BLOCK_JOB_COMPLETED", "concluded"]
+            expected = (
+                ["created", "running"]
+                + (["BLOCK_JOB_ERROR"] if io_event else [])
+                + ["aborting", "BLOCK_JOB_COMPLETED", "concluded"]
+            )
             assert ev.summary() == expected
             if io_event:
-                assert ev.data("BLOCK_JOB_ERROR") == [{"device": "e", "operation": "read", "action": "report"}]
+                assert ev.data("BLOCK_JOB_ERROR") == [
+                    {"device": "e", "operation": "read", "action": "report"}
+                ]
             done = ev.data("BLOCK_JOB_COMPLETED")[0]
             assert done["error"] == error and done["offset"] == 2 * MiB
             info = (await cmds["query-block-jobs"]({}))[0]
@@ -296,7 +345,9 @@ def test_error_inside_an_exception_group_and_tagged_operation():
             jm, ev = await start_manager(n, factory)
             await jm.commands()["block-commit"]({})
             await jm.wait_idle()
-            assert ev.data("BLOCK_JOB_ERROR") == [{"device": "g", "operation": "write", "action": "report"}]
+            assert ev.data("BLOCK_JOB_ERROR") == [
+                {"device": "g", "operation": "write", "action": "report"}
+            ]
             assert ev.data("BLOCK_JOB_COMPLETED")[0]["error"] == "No space left on device"
             n.cancel_scope.cancel()
 
@@ -344,10 +395,18 @@ def test_unknown_ids():
             jm, _ = await start_manager(n)
             cmds = jm.commands()
             assert "block-commit" not in cmds  # no factory, no block-commit
-            for name in ("block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete"):
+            for name in (
+                "block-job-cancel",
+                "block-job-pause",
+                "block-job-resume",
+                "block-job-complete",
+            ):
                 with pytest.raises(QMPError) as e:
                     await cmds[name]({"device": "nope"})
-                assert (e.value.cls, e.value.desc) == ("DeviceNotActive", "Block job 'nope' not found")
+                assert (e.value.cls, e.value.desc) == (
+                    "DeviceNotActive",
+                    "Block job 'nope' not found",
+                )
             with pytest.raises(QMPError) as e:
                 await cmds["block-job-set-speed"]({"device": "nope", "speed": 1})
             assert e.value.cls == "DeviceNotActive"
@@ -358,7 +417,9 @@ def test_unknown_ids():
             # argument faults are the schema's (the control socket checks it first)
             with pytest.raises(QMPError, match="Parameter 'device' is missing"):
                 check_arguments({}, TEST_SCHEMA["block-job-cancel"])
-            with pytest.raises(QMPError, match="Invalid parameter type for 'device', expected: string"):
+            with pytest.raises(
+                QMPError, match="Invalid parameter type for 'device', expected: string"
+            ):
                 check_arguments({"device": 5}, TEST_SCHEMA["block-job-cancel"])
             n.cancel_scope.cancel()
 
@@ -456,11 +517,15 @@ def test_start_job_directly_and_query_order():
             infos = await jm.commands()["query-block-jobs"]({})
             assert [i["device"] for i in infos] == ["second", "first"]  # newest first, as QEMU
             jobs = await jm.commands()["query-jobs"]({})
-            assert jobs[1] == {"id": "first", "type": "commit", "status": "concluded",
-                               "current-progress": 15, "total-progress": 15}
+            assert jobs[1] == {
+                "id": "first",
+                "type": "commit",
+                "status": "concluded",
+                "current-progress": 15,
+                "total-progress": 15,
+            }
             await jm.commands()["job-cancel"]({"id": "second"})
             await jm.cancel_all(grace=1)
             n.cancel_scope.cancel()
 
     run_trio(main)
-

@@ -16,19 +16,24 @@ import textwrap
 import threading
 
 import pytest
+from qemu_helpers import apply_ops, create
 
 import qcow
 from qcow import lockdep
-from qemu_helpers import apply_ops, create
 
 K, M = 1 << 10, 1 << 20
 
 
 def _run(code, lockdep_on=True):
     env = {"QCOWFS_LOCKDEP": "1" if lockdep_on else "0", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=60,
-                          cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(__import__("pathlib").Path(__file__).parent.parent),
+    )
 
 
 def test_inverted_pair_fires_even_without_a_deadlock():
@@ -58,8 +63,8 @@ def test_inverted_pair_fires_even_without_a_deadlock():
     assert cp.returncode == 0, cp.stderr
     assert "lock order inversion" in cp.stdout
     assert "'chain' taken while holding 'layer'" in cp.stdout
-    assert "in right" in cp.stdout and "in wrong" in cp.stdout       # both stacks
-    assert "LOCKDEP:" in cp.stderr                                   # reported loudly
+    assert "in right" in cp.stdout and "in wrong" in cp.stdout  # both stacks
+    assert "LOCKDEP:" in cp.stderr  # reported loudly
 
 
 def test_two_locks_of_one_class_fire():
@@ -81,11 +86,14 @@ def test_two_locks_of_one_class_fire():
 
 
 def test_off_means_plain_rlock():
-    cp = _run("""
+    cp = _run(
+        """
         import threading
         from qcow.lockdep import make_lock
         print(type(make_lock("chain")) is type(threading.RLock()))
-    """, lockdep_on=False)
+    """,
+        lockdep_on=False,
+    )
     assert cp.stdout.strip() == "True", cp.stderr
 
 
@@ -98,19 +106,23 @@ def test_the_suite_runs_with_lockdep_on():
 
 
 def test_write_into_base_reads_through_the_chain_outside_base_lock(tmp_path):
-    """The deadlock of the live commit: base has 64 KiB clusters (extended L2), the layer
-    above 4 KiB ones, so copying a piece into base needs the rest of the subcluster
-    from below base (copy-on-write through the chain) where base holds nothing. While it runs, another thread reads
-    through the chain (chain lock, then base's lock). With the two-phase write the
-    order is kept; lockdep (on in the suite) would raise otherwise, and a deadlock
-    would trip the join timeout."""
+    """The deadlock of the live commit: base has 64 KiB clusters (extended L2), the layer above
+    4 KiB ones, so copying a piece into base needs the rest of the subcluster from below
+    base (copy-on-write through the chain) where base holds nothing. While it runs,
+    another thread reads through the chain (chain lock, then base's lock). With the
+    two-phase write the order is kept; lockdep (on in the suite) would raise otherwise,
+    and a deadlock would trip the join timeout."""
     back = create(str(tmp_path / "back.qcow2"), 4 * M)
     apply_ops(back, [("w", 0, 4 * M, 0x22)])
-    base = create(str(tmp_path / "base.qcow2"), 4 * M, backing="back.qcow2",
-                  cluster_size=64 * K, extended_l2="on")
-    apply_ops(base, [("w", 0, 1 * M, 0x11)])     # the rest reads through to back
-    mid = create(str(tmp_path / "mid.qcow2"), 4 * M, backing="base.qcow2",
-                 cluster_size=4 * K)
+    base = create(
+        str(tmp_path / "base.qcow2"),
+        4 * M,
+        backing="back.qcow2",
+        cluster_size=64 * K,
+        extended_l2="on",
+    )
+    apply_ops(base, [("w", 0, 1 * M, 0x11)])  # the rest reads through to back
+    mid = create(str(tmp_path / "mid.qcow2"), 4 * M, backing="base.qcow2", cluster_size=4 * K)
     apply_ops(mid, [("w", o, 4 * K, 0x33) for o in range(0, 4 * M, 128 * K)])
     top = create(str(tmp_path / "top.qcow2"), 4 * M, backing="mid.qcow2")
     errors = []
@@ -123,7 +135,7 @@ def test_write_into_base_reads_through_the_chain_outside_base_lock(tmp_path):
             try:
                 while not stop.is_set():
                     assert chain.read(0, 4 * M) == want
-            except BaseException as e:      # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001
                 errors.append(e)
 
         t = threading.Thread(target=reader)
@@ -151,9 +163,10 @@ def test_commit_with_parallel_readers_does_not_deadlock(tmp_path):
     import faulthandler
     import random
 
-    from commit.engine import _step, start_commit
     from stress_support import scattered_chain
     from test_commit_support import flat
+
+    from commit.engine import _step, start_commit
 
     size = 64 * M
     _base, _top, active = scattered_chain(tmp_path, size, size // 2, 3000, seed=3000)
@@ -166,8 +179,8 @@ def test_commit_with_parallel_readers_does_not_deadlock(tmp_path):
         try:
             while not stop.is_set():
                 off = r.randrange(0, size // (4 * K)) * 4 * K
-                assert chain.read(off, 4 * K) == want[off:off + 4 * K], off
-        except BaseException as e:      # noqa: BLE001
+                assert chain.read(off, 4 * K) == want[off : off + 4 * K], off
+        except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
     def commit():
@@ -175,7 +188,7 @@ def test_commit_with_parallel_readers_does_not_deadlock(tmp_path):
             _target, _stranded, steps = start_commit(chain, top="top.qcow2")
             while not _step(steps, None)[0]:
                 pass
-        except BaseException as e:      # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
     readers = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(3)]
@@ -195,8 +208,10 @@ def test_commit_with_parallel_readers_does_not_deadlock(tmp_path):
         pytest.fail(f"deadlock: the commit or a reader did not finish\n{stacks}")
     try:
         assert not errors, errors
-        assert [os.path.basename(layer.path) for layer in chain.layers] == \
-            ["active.qcow2", "base.qcow2"]
+        assert [os.path.basename(layer.path) for layer in chain.layers] == [
+            "active.qcow2",
+            "base.qcow2",
+        ]
         assert chain.read(0, size) == want
     finally:
         chain.close()

@@ -15,10 +15,10 @@ import subprocess
 import time
 
 import pytest
+from qemu_helpers import K, M, apply_ops, create, qemu_img, qemu_io
 
 import qcow
 from qcow.errors import LockConflict
-from qemu_helpers import K, M, apply_ops, create, qemu_img, qemu_io
 
 
 def _chain(d):
@@ -47,8 +47,11 @@ def test_qemu_sees_our_locks(workdir):
         assert qemu_img("info", base, check=False).returncode == 0
         cp = qemu_io(base, "write 0 512", check=False)
         assert _lock_error(cp), cp
-        cp = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read 0 512", base],
-                            capture_output=True, text=True)
+        cp = subprocess.run(
+            ["qemu-io", "-r", "-f", "qcow2", "-c", "read 0 512", base],
+            capture_output=True,
+            text=True,
+        )
         assert cp.returncode == 0, cp.stderr
     finally:
         chain.close()
@@ -73,10 +76,10 @@ def test_our_own_second_writer_is_refused(workdir):
         with pytest.raises(LockConflict):
             qcow.open_chain(top, writable=True)
         with pytest.raises(LockConflict):
-            qcow.open_chain(top)                    # reader vs. a writer that won't share
+            qcow.open_chain(top)  # reader vs. a writer that won't share
         with qcow.open_chain(top, lock=False) as peek:  # like -U
             peek.read(0, 512)
-        with qcow.open_chain(base) as other:        # base is only read: shareable
+        with qcow.open_chain(base) as other:  # base is only read: shareable
             other.read(0, 512)
     with qcow.open_chain(top, writable=True):
         pass
@@ -95,10 +98,20 @@ def storage_daemon():
         if os.path.exists(pidfile):
             os.unlink(pidfile)
         p = subprocess.Popen(
-            [qsd, "--blockdev", f"driver=file,node-name=f,filename={path}",
-             "--blockdev", "driver=qcow2,node-name=q,file=f", "--pidfile", pidfile],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            [
+                qsd,
+                "--blockdev",
+                f"driver=file,node-name=f,filename={path}",
+                "--blockdev",
+                "driver=qcow2,node-name=q,file=f",
+                "--pidfile",
+                pidfile,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append(p)
         # the pid file appears once start-up (opening the images) is over; probing
         # with qemu-img meanwhile would race with the daemon for the locks
@@ -136,26 +149,28 @@ def test_chain_written_by_qemu_is_refused(workdir, storage_daemon):
     msg = str(ei.value)
     assert img in msg and "lock" in msg and "\n" not in msg, msg
     with pytest.raises(LockConflict):
-        qcow.open_chain(img)                        # QEMU does not share "write"
+        qcow.open_chain(img)  # QEMU does not share "write"
     with qcow.open_chain(img, lock=False) as chain:  # -U
         assert chain.read(0, 512) == bytes(512)
-    assert open(img, "rb").read() == before         # nothing written by the attempts
+    assert open(img, "rb").read() == before  # nothing written by the attempts
 
 
 def test_dirty_image_not_repaired_under_qemus_feet(workdir, storage_daemon):
     """A dirty lazy-refcounts image that QEMU holds open for writing: our writable
     open must fail on the lock *before* repairing anything (the repair writes)."""
-    from test_check import dirty_lazy_image
     from qemu_helpers import patch, qcow2_layout
+    from test_check import dirty_lazy_image
+
     img, _c = dirty_lazy_image(workdir, "busy-dirty.qcow2")
-    storage_daemon(img)                 # QEMU repairs and cleans it when it opens it
+    storage_daemon(img)  # QEMU repairs and cleans it when it opens it
     inc = qcow2_layout(img)["incompatible"]
-    patch(img, 72, "Q", inc | 1)        # dirty again, as if QEMU were mid-write
+    patch(img, 72, "Q", inc | 1)  # dirty again, as if QEMU were mid-write
     before = open(img, "rb").read()
     with pytest.raises(LockConflict):
         qcow.open_chain(img, writable=True)
     assert open(img, "rb").read() == before, "image modified before the lock was taken"
     from qemu_helpers import run_qcowfs
+
     cp = run_qcowfs("check", "--repair", img)
     assert cp.returncode == 1, cp
     assert open(img, "rb").read() == before, "check --repair wrote to a locked image"
@@ -176,6 +191,7 @@ def test_cli_mount_free_commands_report_lock_conflict(workdir, storage_daemon):
     img = create(workdir / "busy2.qcow2", M)
     storage_daemon(img)
     from qemu_helpers import run_qcowfs
+
     cp = run_qcowfs("check", "--repair", img)
     assert cp.returncode == 1, cp
     assert "Traceback" not in cp.stderr

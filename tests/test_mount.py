@@ -12,9 +12,13 @@ import subprocess
 import threading
 
 import pytest
-
-from mount_fixtures import (M, check_clean, file_hashes, make_chain, mounter,  # noqa: F401
-                            read_file)
+from mount_fixtures import (
+    M,
+    check_clean,
+    file_hashes,
+    make_chain,
+    read_file,
+)
 from qemu_helpers import MATRIX_CASES, convert_raw, qemu_img, rand_bytes
 
 
@@ -23,6 +27,7 @@ def sha(data):
 
 
 # ---- the coverage matrix, read-only -----------------------------------------------------
+
 
 @pytest.mark.parametrize("case", MATRIX_CASES)
 def test_matrix_reads_equal_qemu_convert(case, matrix, mounter):
@@ -46,14 +51,16 @@ def test_read_only_mount_refuses_writes(tmp_path, mounter):
     with pytest.raises(OSError) as e:
         open(m.disk, "r+b")
     assert e.value.errno == errno.EROFS
-    cp = subprocess.run(["fallocate", "-p", "-o", "0", "-l", "4096", str(m.disk)],
-                        capture_output=True, text=True)
+    cp = subprocess.run(
+        ["fallocate", "-p", "-o", "0", "-l", "4096", str(m.disk)], capture_output=True, text=True
+    )
     assert cp.returncode != 0
     m.unmount()
     assert file_hashes(tmp_path / "images") == before
 
 
 # ---- writes -------------------------------------------------------------------------------
+
 
 def _dd(src, dst, *flags):
     subprocess.run(["dd", f"if={src}", f"of={dst}", "status=none", *flags], check=True)
@@ -67,7 +74,7 @@ def test_dd_direct_and_fsync_writes_read_back(tmp_path, mounter):
         (0, 1 * M, ["bs=1M", "oflag=direct", "conv=notrunc,fsync"]),
         (20 * M + 4096, 3 * M, ["bs=64k", "oflag=direct", "conv=notrunc,fsync"]),
         (40 * M, 2 * M + 8192, ["bs=4k", "oflag=direct", "conv=notrunc,fsync"]),
-        (50 * M + 1234, 777777, ["bs=1M", "conv=notrunc,fsync"]),        # unaligned
+        (50 * M + 1234, 777777, ["bs=1M", "conv=notrunc,fsync"]),  # unaligned
         (64 * M - 4096, 4096, ["bs=4k", "oflag=direct", "conv=notrunc,fsync"]),  # last
     ]
     for i, (off, length, flags) in enumerate(writes):
@@ -75,7 +82,7 @@ def test_dd_direct_and_fsync_writes_read_back(tmp_path, mounter):
         src = tmp_path / f"w{i}"
         src.write_bytes(data)
         _dd(src, m.disk, "oflag=seek_bytes", f"seek={off}", *flags)
-        expected[off:off + length] = data
+        expected[off : off + length] = data
     assert read_file(m.disk, direct=True) == expected
     assert read_file(m.disk) == expected
     m.unmount()
@@ -92,8 +99,7 @@ def test_writes_into_a_fresh_empty_overlay(tmp_path, mounter):
     d = tmp_path / "images"
     d.mkdir()
     qemu_img("create", "-q", "-f", "qcow2", str(d / "base.qcow2"), str(32 * M))
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-             str(d / "top.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2"))
     top = str(d / "top.qcow2")
     m = mounter(top)
     data = rand_bytes("fresh", 0, 4 * M)
@@ -119,6 +125,7 @@ def test_write_past_the_end_and_resize_are_refused(tmp_path, mounter):
         # crossing the end: cut short (buffered), refused whole (O_DIRECT)
         assert os.pwrite(f.fileno(), b"y" * 8192, size - 4096) == 4096
         import mmap
+
         buf = mmap.mmap(-1, 65536)
         fd = os.open(m.disk, os.O_RDWR | os.O_DIRECT)
         try:
@@ -133,7 +140,7 @@ def test_write_past_the_end_and_resize_are_refused(tmp_path, mounter):
         with pytest.raises(OSError) as e:
             os.ftruncate(f.fileno(), size - 4096)
         assert e.value.errno == errno.EPERM
-        os.ftruncate(f.fileno(), size)            # same size: a no-op, allowed
+        os.ftruncate(f.fileno(), size)  # same size: a no-op, allowed
     assert m.disk.stat().st_size == size
     assert "refused to change the size" in m.log()
     m.unmount()
@@ -144,17 +151,23 @@ def test_fallocate_punch_hole_and_zero_range(tmp_path, mounter):
     top = make_chain(tmp_path, size=32 * M)
     expected = bytearray(convert_raw(top))
     m = mounter(top)
-    for args, off, length in ((["-p"], 8 * M, 2 * M),          # PUNCH_HOLE|KEEP_SIZE
-                              (["-p"], 1 * M + 512, 100000),   # unaligned
-                              (["-z"], 12 * M, 1 * M),          # ZERO_RANGE
-                              (["-z", "-n"], 0, 65536)):        # ZERO_RANGE|KEEP_SIZE
-        subprocess.run(["fallocate", *args, "-o", str(off), "-l", str(length),
-                        str(m.disk)], check=True)
-        expected[off:off + length] = bytes(length)
+    for args, off, length in (
+        (["-p"], 8 * M, 2 * M),  # PUNCH_HOLE|KEEP_SIZE
+        (["-p"], 1 * M + 512, 100000),  # unaligned
+        (["-z"], 12 * M, 1 * M),  # ZERO_RANGE
+        (["-z", "-n"], 0, 65536),
+    ):  # ZERO_RANGE|KEEP_SIZE
+        subprocess.run(
+            ["fallocate", *args, "-o", str(off), "-l", str(length), str(m.disk)], check=True
+        )
+        expected[off : off + length] = bytes(length)
     # plain allocation (mode 0) and collapse-range are not supported
     for args in ([], ["-c"]):
-        cp = subprocess.run(["fallocate", *args, "-o", "0", "-l", "65536", str(m.disk)],
-                            capture_output=True, text=True)
+        cp = subprocess.run(
+            ["fallocate", *args, "-o", "0", "-l", "65536", str(m.disk)],
+            capture_output=True,
+            text=True,
+        )
         assert cp.returncode != 0 and "not supported" in cp.stderr, cp.stderr
     assert read_file(m.disk) == expected
     assert read_file(m.disk, direct=True) == expected
@@ -170,17 +183,20 @@ def test_concurrent_writes_into_one_unallocated_cluster(tmp_path, mounter):
     top = make_chain(tmp_path, size=32 * M)
     expected = bytearray(convert_raw(top))
     m = mounter(top)
-    base_off = 12 * M           # base data or nothing below, not allocated in top
+    base_off = 12 * M  # base data or nothing below, not allocated in top
     # small pieces (served inline): 16 x 4 KiB in each of 8 fresh clusters
-    pieces = [(base_off + c * 65536 + p * 4096, rand_bytes(c * 16 + p, 0, 4096))
-              for c in range(8) for p in range(16)]
+    pieces = [
+        (base_off + c * 65536 + p * 4096, rand_bytes(c * 16 + p, 0, 4096))
+        for c in range(8)
+        for p in range(16)
+    ]
     # big pieces (served in worker threads): 256 KiB each, neighbours sharing the
     # fresh cluster their boundary falls in
     big_off = base_off + 2 * M + 32768
-    pieces += [(big_off + i * 256 * 1024, rand_bytes(("big", i), 0, 256 * 1024))
-               for i in range(16)]
+    pieces += [(big_off + i * 256 * 1024, rand_bytes(("big", i), 0, 256 * 1024)) for i in range(16)]
     fd = os.open(m.disk, os.O_RDWR | os.O_DIRECT)
     import mmap
+
     errors = []
 
     def worker(items):
@@ -191,9 +207,9 @@ def test_concurrent_writes_into_one_unallocated_cluster(tmp_path, mounter):
                 os.pwritev(fd, [buf], off)
         except OSError as e:
             errors.append(e)
+
     try:
-        threads = [threading.Thread(target=worker, args=(pieces[i::16],))
-                   for i in range(16)]
+        threads = [threading.Thread(target=worker, args=(pieces[i::16],)) for i in range(16)]
         for t in threads:
             t.start()
         for t in threads:
@@ -203,7 +219,7 @@ def test_concurrent_writes_into_one_unallocated_cluster(tmp_path, mounter):
         os.close(fd)
     assert not errors
     for off, data in pieces:
-        expected[off:off + len(data)] = data
+        expected[off : off + len(data)] = data
     assert read_file(m.disk, direct=True) == expected
     m.unmount()
     check_clean(top)
@@ -215,12 +231,31 @@ def test_fio_verify_randwrite(tmp_path, mounter):
     top = make_chain(tmp_path, size=256 * M)
     m = mounter(top)
     cp = subprocess.run(
-        ["fio", "--name=verify", f"--filename={m.disk}", "--ioengine=libaio",
-         "--direct=1", "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=16",
-         "--numjobs=4", "--size=48M", "--offset_increment=64M", "--verify=crc32c",
-         "--do_verify=1", "--verify_fatal=1", "--verify_backlog=256",
-         "--verify_state_save=0", "--group_reporting", "--output-format=terse"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        [
+            "fio",
+            "--name=verify",
+            f"--filename={m.disk}",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--size=48M",
+            "--offset_increment=64M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_backlog=256",
+            "--verify_state_save=0",
+            "--group_reporting",
+            "--output-format=terse",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert cp.returncode == 0, (cp.stdout[-2000:], cp.stderr[-2000:], m.log()[-2000:])
     seen = sha(read_file(m.disk, direct=True))
     m.unmount()
@@ -236,8 +271,9 @@ def test_ext4_on_loop_device(tmp_path, mounter):
     src.mkdir()
     for i in range(20):
         (src / f"f{i}").write_bytes(rand_bytes(100 + i, 0, (i + 1) * 37 * 1024))
-    loop = subprocess.run(["losetup", "-f", "--show", str(m.disk)], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(m.disk)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     fsdir = tmp_path / "ext4"
     fsdir.mkdir()
     try:
@@ -273,15 +309,17 @@ def test_name_option_and_metadata(tmp_path, mounter):
     assert st.st_size == 8 * M
     vfs = os.statvfs(m.mountpoint)
     assert vfs.f_blocks * vfs.f_frsize == 8 * M
-    for bad in (lambda: open(m.mountpoint / "new", "wb"),
-                lambda: os.mkdir(m.mountpoint / "d"),
-                lambda: os.unlink(m.disk),
-                lambda: os.rename(m.disk, m.mountpoint / "other")):
+    for bad in (
+        lambda: open(m.mountpoint / "new", "wb"),
+        lambda: os.mkdir(m.mountpoint / "d"),
+        lambda: os.unlink(m.disk),
+        lambda: os.rename(m.disk, m.mountpoint / "other"),
+    ):
         with pytest.raises(OSError):
             bad()
     assert not (m.mountpoint / "disk.raw").exists()
     info = qemu_img("info", top, check=False)
-    assert info.returncode != 0 and "lock" in info.stderr   # QEMU sees our locks
+    assert info.returncode != 0 and "lock" in info.stderr  # QEMU sees our locks
     assert qemu_img("info", "-U", top).returncode == 0
     m.unmount()
-    assert qemu_img("info", top).returncode == 0            # and they are gone
+    assert qemu_img("info", top).returncode == 0  # and they are gone

@@ -7,9 +7,14 @@ import subprocess
 import time
 
 import pytest
-
-from mount_fixtures import (M, daemons_for, file_hashes, make_chain,  # noqa: F401
-                            mounted_fstype, mounter, wait_until)
+from mount_fixtures import (
+    M,
+    daemons_for,
+    file_hashes,
+    make_chain,  # noqa: F401
+    mounted_fstype,
+    wait_until,
+)
 from qemu_helpers import HDR_CLUSTER_BITS, patch
 
 
@@ -26,8 +31,7 @@ def _assert_refused(m, cp, *words):
 
 
 def test_missing_mountpoint(tmp_path, mounter):
-    m, cp = mounter.attempt(make_chain(tmp_path, size=4 * M),
-                            mountpoint=tmp_path / "nowhere")
+    m, cp = mounter.attempt(make_chain(tmp_path, size=4 * M), mountpoint=tmp_path / "nowhere")
     _assert_refused(m, cp, "nowhere", "does not exist")
 
 
@@ -44,7 +48,7 @@ def test_mountpoint_already_mounted(tmp_path, mounter):
     m, cp = mounter.attempt(top, "--read-only", mountpoint=first.mountpoint)
     assert cp.returncode != 0 and "already mounted" in cp.stderr, cp.stderr
     assert cp.stderr.count("\n") == 1
-    assert first.disk.stat().st_size == 4 * M       # the first mount is untouched
+    assert first.disk.stat().st_size == 4 * M  # the first mount is untouched
     first.unmount()
 
 
@@ -76,24 +80,36 @@ def test_missing_backing_file(tmp_path, mounter):
     _assert_refused(m, cp, "base.qcow2")
 
 
-@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
-                    reason="qemu-storage-daemon not installed")
+@pytest.mark.skipif(
+    shutil.which("qemu-storage-daemon") is None, reason="qemu-storage-daemon not installed"
+)
 @pytest.mark.parametrize("which", ["top", "base"])
 def test_image_locked_by_qemu_storage_daemon(tmp_path, mounter, which):
     """QSD holds the chain read-write (top) or writes to the base: we must refuse."""
     top = make_chain(tmp_path, size=4 * M)
     target = top if which == "top" else str(tmp_path / "images" / "base.qcow2")
     qsd = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f,filename={target}",
-         "--blockdev", "driver=qcow2,node-name=q,file=f"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f,filename={target}",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         time.sleep(0.5)
         assert qsd.poll() is None, qsd.communicate()
-        wait_until(lambda: subprocess.run(["qemu-img", "info", target],
-                                          capture_output=True).returncode != 0, 10,
-                   "QSD to lock the image")
+        wait_until(
+            lambda: (
+                subprocess.run(["qemu-img", "info", target], capture_output=True).returncode != 0
+            ),
+            10,
+            "QSD to lock the image",
+        )
         m, cp = mounter.attempt(top)
         _assert_refused(m, cp, os.path.basename(target), "lock")
     finally:

@@ -6,10 +6,15 @@ import subprocess
 import time
 
 import pytest
-
-from mount_fixtures import (M, check_clean, daemons_for, make_chain,  # noqa: F401
-                            mounter, read_file, wait_until)
 import qemu_helpers
+from mount_fixtures import (
+    M,
+    check_clean,
+    daemons_for,
+    make_chain,  # noqa: F401
+    read_file,
+    wait_until,
+)
 from qemu_helpers import convert_raw, qemu_check, qemu_img, rand_bytes, run_qcowfs
 
 
@@ -28,11 +33,11 @@ def _dirty_some(tmp_path, m):
     for i, off in enumerate((0, 5 * M + 4096, 17 * M, 30 * M - 512)):
         data = rand_bytes(i, off, 300000)
         _write_fsynced(m, off, data)
-        expected[off:off + len(data)] = data
-    with open(m.disk, "r+b") as f:           # written and closed, never fsync'd
+        expected[off : off + len(data)] = data
+    with open(m.disk, "r+b") as f:  # written and closed, never fsync'd
         f.seek(40 * M)
         f.write(b"\x77" * 65536)
-    expected[40 * M:40 * M + 65536] = b"\x77" * 65536
+    expected[40 * M : 40 * M + 65536] = b"\x77" * 65536
     return expected
 
 
@@ -40,7 +45,7 @@ def _assert_clean_end(m, expected):
     assert not m.is_mounted()
     assert not daemons_for(m.mountpoint), m.log()
     check_clean(m.image)
-    assert qemu_img("info", m.image).returncode == 0     # no lock left behind
+    assert qemu_img("info", m.image).returncode == 0  # no lock left behind
     assert convert_raw(m.image) == expected
     assert "exit 0" in m.log()
 
@@ -62,9 +67,10 @@ def test_unmount_default_control_socket(tmp_path):
         cp = run_qcowfs("mount", top, mnt)
         assert cp.returncode == 0, cp.stderr
         from fusefs.qmp import default_socket_path
+
         sock = default_socket_path(str(mnt))
         assert os.path.exists(sock)
-        assert os.path.exists(sock[:-len(".sock")] + ".log")
+        assert os.path.exists(sock[: -len(".sock")] + ".log")
         cp = run_qcowfs("unmount", mnt)
         assert cp.returncode == 0, cp.stderr
         assert not os.path.exists(sock)
@@ -100,7 +106,7 @@ def test_unmount_by_sigint_in_foreground(tmp_path, mounter):
     m.proc.send_signal(signal.SIGINT)
     assert m.proc.wait(timeout=60) == 0, m.stderr_file.read_text()
     err = m.stderr_file.read_text()
-    assert err == "", err          # nothing to say on a clean run (it is in the log)
+    assert err == "", err  # nothing to say on a clean run (it is in the log)
     assert "SIGINT received" in m.log()
     _assert_clean_end(m, expected)
 
@@ -119,7 +125,7 @@ def test_kill_9_after_fsync_loses_nothing(tmp_path, mounter):
     for i, off in enumerate((0, 9 * M + 512, 33 * M, 63 * M)):
         data = rand_bytes(50 + i, off, 1 * M)
         _write_fsynced(m, off, data)
-        expected[off:off + len(data)] = data
+        expected[off : off + len(data)] = data
     os.kill(m.daemon_pid(), signal.SIGKILL)
     wait_until(lambda: not daemons_for(m.mountpoint), 30, "daemon death")
     # a dead mount is refused as a mountpoint, and `qcowfs unmount` clears it away
@@ -130,7 +136,7 @@ def test_kill_9_after_fsync_loses_nothing(tmp_path, mounter):
     assert not m.is_mounted()
     for layer in (top, str(tmp_path / "images" / "base.qcow2")):
         rc, rep = qemu_check(layer)
-        assert rc in (0, 3), rep                 # leaks allowed after a crash, nothing else
+        assert rc in (0, 3), rep  # leaks allowed after a crash, nothing else
         assert not rep.get("corruptions") and not rep.get("check-errors"), rep
     assert convert_raw(top) == expected
     # the locks died with the process: the chain mounts again and reads the same
@@ -146,10 +152,25 @@ def test_shutdown_while_io_is_in_flight(tmp_path, mounter, how):
     top = make_chain(tmp_path)
     m = mounter(top)
     writer = subprocess.Popen(
-        ["fio", "--name=bg", f"--filename={m.disk}", "--ioengine=libaio", "--direct=1",
-         "--rw=randwrite", "--bs=16k", "--iodepth=8", "--size=32M", "--time_based",
-         "--runtime=30", "--fsync=16", "--output=/dev/null"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        [
+            "fio",
+            "--name=bg",
+            f"--filename={m.disk}",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bs=16k",
+            "--iodepth=8",
+            "--size=32M",
+            "--time_based",
+            "--runtime=30",
+            "--fsync=16",
+            "--output=/dev/null",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     try:
         time.sleep(1.5)
         assert writer.poll() is None
@@ -157,10 +178,11 @@ def test_shutdown_while_io_is_in_flight(tmp_path, mounter, how):
             # `qcowfs unmount` refuses while the file is open (issue 11) ...
             cp = run_qcowfs("unmount", m.mountpoint, "--control-socket", m.socket)
             assert cp.returncode != 0 and "busy" in cp.stderr, (cp.stderr, m.log())
-            assert "(fio)" in cp.stderr, cp.stderr        # its worker process
+            assert "(fio)" in cp.stderr, cp.stderr  # its worker process
             assert m.is_mounted()
             # ... QMP quit, what it sends otherwise, still stops the daemon mid-I/O
             from fusefs.qmp import qmp_call
+
             qmp_call(str(m.socket), "quit")
         else:
             os.kill(m.daemon_pid(), signal.SIGTERM)
@@ -175,9 +197,10 @@ def test_shutdown_while_io_is_in_flight(tmp_path, mounter, how):
 @pytest.mark.parametrize("how", ["unmount", "sigterm", "fusermount"])
 def test_ending_the_mount_during_a_commit_cancels_it(tmp_path, mounter, how):
     from mount_fixtures import make_chain3
+
     top = make_chain3(tmp_path)
     expected = convert_raw(top)
-    layers = [l["filename"] for l in qemu_helpers.qemu_info_chain(top)]
+    layers = [layer["filename"] for layer in qemu_helpers.qemu_info_chain(top)]
     m = mounter(top)
     sock = ["--control-socket", str(m.socket)]
     cp = run_qcowfs("commit", m.mountpoint, "--speed", str(M), *sock)
@@ -188,7 +211,7 @@ def test_ending_the_mount_during_a_commit_cancels_it(tmp_path, mounter, how):
         cp = run_qcowfs("unmount", m.mountpoint, *sock)
         assert cp.returncode != 0 and "--cancel-jobs" in cp.stderr, cp.stderr
         assert cp.stderr.count("\n") == 1
-        assert m.is_mounted()                       # refused: nothing happened
+        assert m.is_mounted()  # refused: nothing happened
         assert read_file(m.disk) == expected
         m.unmount("--cancel-jobs")
     elif how == "sigterm":
@@ -200,5 +223,5 @@ def test_ending_the_mount_during_a_commit_cancels_it(tmp_path, mounter, how):
     log = m.log()
     assert "BLOCK_JOB_CANCELLED" in log and "exit 0" in log, log
     check_clean(top)
-    assert [l["filename"] for l in qemu_helpers.qemu_info_chain(top)] == layers
+    assert [layer["filename"] for layer in qemu_helpers.qemu_info_chain(top)] == layers
     assert convert_raw(top) == expected

@@ -20,21 +20,32 @@ import subprocess
 import sys
 
 import pytest
+from mount_fixtures import (
+    M,
+    check_clean,
+    daemons_for,
+    make_chain,
+    make_chain3,
+    read_file,
+    wait_until,
+)  # noqa: F401 (mounter)
+from qemu_helpers import convert_raw, qemu_check, qemu_img, qemu_info_chain, run_qcowfs, sha256_tree
 
 import qcow
 from fusefs.mountrecord import read_record
-from mount_fixtures import (M, check_clean, daemons_for, make_chain, make_chain3,
-                            mounter, read_file, wait_until)  # noqa: F401 (mounter)
-from qemu_helpers import convert_raw, qemu_check, qemu_img, qemu_info_chain, run_qcowfs, \
-    sha256_tree
 from qcow.errors import ChainError
 
 
 def qcowfs_in(cwd, *args):
     """The CLI run from `cwd` (relative mountpoints are relative to it)."""
-    return subprocess.run([sys.executable, "-m", "fusefs", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "fusefs", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def one_line_error(cp, *words):
@@ -47,11 +58,12 @@ def one_line_error(cp, *words):
 
 # ---- 1. the control socket is always found ------------------------------------------
 
+
 def test_commands_find_a_custom_socket_by_mountpoint(tmp_path, mounter):
     """Mounted with --control-socket; jobs, commit and unmount without it, through a
     relative path and through a symlink."""
     top = make_chain3(tmp_path)
-    m = mounter(top)                          # --control-socket tmp/ctl1.sock
+    m = mounter(top)  # --control-socket tmp/ctl1.sock
     rec = read_record(os.path.realpath(m.mountpoint))
     assert rec and rec["socket"] == str(m.socket) and rec["pid"] == m.daemon_pid()
     link = tmp_path / "link"
@@ -82,6 +94,7 @@ def test_unmount_without_proof_leaves_a_live_mount(tmp_path, mounter):
     os.rename(m.socket, moved)
     os.unlink(m.pid_file)
     from fusefs.mountrecord import remove_record
+
     remove_record(os.path.realpath(m.mountpoint))
     cp = run_qcowfs("unmount", m.mountpoint)
     one_line_error(cp, m.mountpoint, "does not answer", "--control-socket")
@@ -104,14 +117,16 @@ def test_unmount_after_kill_9_proves_death(tmp_path, mounter, proof):
     wait_until(lambda: not daemons_for(m.mountpoint), 30, "daemon death")
     if proof == "fuse":
         from fusefs.mountrecord import remove_record
+
         remove_record(os.path.realpath(m.mountpoint))
-    cp = run_qcowfs("unmount", m.mountpoint)          # no --control-socket
+    cp = run_qcowfs("unmount", m.mountpoint)  # no --control-socket
     why = f"pid {pid} has exited" if proof == "record" else "FUSE connection is aborted"
     one_line_error(cp, "daemon was gone", why, "check --repair")
     assert not m.is_mounted()
 
 
 # ---- 2. unmount does not pull the disk from under a user ----------------------------
+
 
 def test_unmount_refuses_while_open_and_lazy_detaches(tmp_path, mounter):
     top = make_chain(tmp_path)
@@ -124,9 +139,10 @@ def test_unmount_refuses_while_open_and_lazy_detaches(tmp_path, mounter):
         one_line_error(cp, "busy", "1 open", f"pid {holder.pid} (sleep)", "--lazy")
         assert m.is_mounted() and m.disk.stat().st_size == len(expected)
 
-        loop = subprocess.run(["losetup", "-f", "--show", "-r", str(m.disk)],
-                              capture_output=True, text=True)
-        if loop.returncode == 0:        # where loop devices exist
+        loop = subprocess.run(
+            ["losetup", "-f", "--show", "-r", str(m.disk)], capture_output=True, text=True
+        )
+        if loop.returncode == 0:  # where loop devices exist
             dev = loop.stdout.strip()
             try:
                 cp = run_qcowfs("unmount", m.mountpoint)
@@ -155,6 +171,7 @@ def test_unmount_refuses_while_open_and_lazy_detaches(tmp_path, mounter):
 
 # ---- 3. a read-only mount changes no image ------------------------------------------
 
+
 def test_read_only_mount_refuses_commit(tmp_path, mounter):
     top = make_chain3(tmp_path)
     before = sha256_tree(tmp_path / "images")
@@ -164,6 +181,7 @@ def test_read_only_mount_refuses_commit(tmp_path, mounter):
     cp = run_qcowfs("commit", m.mountpoint, "--active", "--pivot")
     one_line_error(cp, "read-only mount")
     from fusefs.qmp import QMPCallError, QMPConnection
+
     with QMPConnection(str(m.socket)) as conn:
         with pytest.raises(QMPCallError) as err:
             conn.execute("block-commit", {"job-id": "j", "top": "mid.qcow2"})
@@ -175,6 +193,7 @@ def test_read_only_mount_refuses_commit(tmp_path, mounter):
 
 
 # ---- 4. stale images are not mounted silently ----------------------------------------
+
 
 def _two(tmp_path):
     d = tmp_path / "images"
@@ -195,7 +214,7 @@ def test_pivot_marks_old_active_a_leftover(tmp_path, mounter):
     cp = run_qcowfs("commit", m.mountpoint, "--active", "--pivot")
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == f"Pivoted: {m.mountpoint} serves {base}\n"
-    with open(m.disk, "r+b") as f:          # after the pivot: lands in base only
+    with open(m.disk, "r+b") as f:  # after the pivot: lands in base only
         f.write(b"\x22" * M)
         f.flush()
         os.fsync(f.fileno())
@@ -214,6 +233,7 @@ def test_pivot_marks_old_active_a_leftover(tmp_path, mounter):
     assert f"leftover: yes, a commit put its data into {base}" in cp.stdout, cp.stdout
     cp = run_qcowfs("info", "--json", top)
     import json
+
     assert json.loads(cp.stdout)[0]["x-leftover-committed-into"] == base
 
     before = sha256_tree(tmp_path / "images")
@@ -225,7 +245,7 @@ def test_pivot_marks_old_active_a_leftover(tmp_path, mounter):
     with pytest.raises(ChainError, match="leftover"):
         qcow.open_chain(top, writable=True)
     forced = mounter(top, "--force", "--read-only")
-    assert read_file(forced.disk)[:M] == b"\x11" * M != expected[:M]   # stale indeed
+    assert read_file(forced.disk)[:M] == b"\x11" * M != expected[:M]  # stale indeed
     forced.unmount()
     assert sha256_tree(tmp_path / "images") == before
 
@@ -250,6 +270,7 @@ def test_dropped_image_is_refused_but_an_unfinished_drop_mounts(tmp_path, mounte
     expected = convert_raw(s_top)
     qemu_img("commit", "-q", "-d", s_mid)
     from qcow.image import Qcow2Image
+
     img = Qcow2Image(s_mid, writable=True)
     img.mark_drained(s_base)
     img.close()
@@ -259,6 +280,7 @@ def test_dropped_image_is_refused_but_an_unfinished_drop_mounts(tmp_path, mounte
 
 
 # ---- 5. say what happened -----------------------------------------------------------
+
 
 def test_commit_wait_names_the_chain_and_quiet_silences_it(tmp_path, mounter):
     top = make_chain3(tmp_path)

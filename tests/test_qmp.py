@@ -16,6 +16,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_qmp_support import TEST_SCHEMA, Raw, ServerThread, qmp_session
 
 from fusefs import qmp
 from fusefs.qmp import (
@@ -32,7 +33,6 @@ from fusefs.qmp import (
     qmp_execute_and_follow,
 )
 from qcow.errors import QcowError
-from test_qmp_support import TEST_SCHEMA, Raw, ServerThread, qmp_session
 
 GE = "GenericError"
 CNF = "CommandNotFound"
@@ -52,21 +52,37 @@ NOT_OBJECT = err(GE, "QMP input must be a JSON object")
 
 # (bytes sent after negotiation, replies QEMU 7.2 sends)
 QEMU_CASES = [
-    (b'{"execute":"qmp_capabilities","id":"x"}\n',
-     [err(CNF, "Capabilities negotiation is already complete, command ignored", id="x")]),
+    (
+        b'{"execute":"qmp_capabilities","id":"x"}\n',
+        [err(CNF, "Capabilities negotiation is already complete, command ignored", id="x")],
+    ),
     (b"{bad json}\n", [jpe("invalid keyword 'bad'")]),
     (b"[1,2]\n", [NOT_OBJECT]),
     (b"42\n", [NOT_OBJECT]),
     (b'"str"\n', [NOT_OBJECT]),
     (b'{"id":5}\n', [err(GE, "QMP input lacks member 'execute'", id=5)]),
     (b'{"execute":5,"id":6}\n', [err(GE, "QMP input member 'execute' must be a string", id=6)]),
-    (b'{"execute":"x-none","arguments":[1],"id":7}\n',
-     [err(GE, "QMP input member 'arguments' must be an object", id=7)]),
-    (b'{"execute":"x-none","arguments":null}\n', [err(GE, "QMP input member 'arguments' must be an object")]),
-    (b'{"execute":"x-none","foo":1,"id":8}\n', [err(GE, "QMP input member 'foo' is unexpected", id=8)]),
+    (
+        b'{"execute":"x-none","arguments":[1],"id":7}\n',
+        [err(GE, "QMP input member 'arguments' must be an object", id=7)],
+    ),
+    (
+        b'{"execute":"x-none","arguments":null}\n',
+        [err(GE, "QMP input member 'arguments' must be an object")],
+    ),
+    (
+        b'{"execute":"x-none","foo":1,"id":8}\n',
+        [err(GE, "QMP input member 'foo' is unexpected", id=8)],
+    ),
     (b'{"execute":"x-none","control":{}}\n', [err(GE, "QMP input member 'control' is unexpected")]),
-    (b'{"exec-oob":"x-none","id":1}\n', [err(GE, "QMP input member 'exec-oob' is unexpected", id=1)]),
-    (b'{"execute":"x-none","id":1}{"execute":"x-none","id":2}', [{"return": {}, "id": 1}, {"return": {}, "id": 2}]),
+    (
+        b'{"exec-oob":"x-none","id":1}\n',
+        [err(GE, "QMP input member 'exec-oob' is unexpected", id=1)],
+    ),
+    (
+        b'{"execute":"x-none","id":1}{"execute":"x-none","id":2}',
+        [{"return": {}, "id": 1}, {"return": {}, "id": 2}],
+    ),
     (b"}\n", [jpe("expecting value")]),
     (b"]\n", [jpe("expecting value")]),
     (b"abc\n", [jpe("invalid keyword 'abc'")]),
@@ -76,18 +92,33 @@ QEMU_CASES = [
     (b"{'execute':'x-none','id':6}\n", [{"return": {}, "id": 6}]),
     (b'{"execute":"x-none","id":7,"id":8}\n', [jpe("duplicate key")]),
     (b'{"execute": bad, "id": 1}\n', [jpe("invalid keyword 'bad'")]),
-    (b'{"execute": @, "id": 1}\n',
-     [jpe("stray '@'"), jpe("expecting value"), NOT_OBJECT, jpe("expecting value"), NOT_OBJECT, jpe("expecting value")]),
+    (
+        b'{"execute": @, "id": 1}\n',
+        [
+            jpe("stray '@'"),
+            jpe("expecting value"),
+            NOT_OBJECT,
+            jpe("expecting value"),
+            NOT_OBJECT,
+            jpe("expecting value"),
+        ],
+    ),
     (b'{"execute" "x"}\n', [jpe("missing : in object pair")]),
     (b'{"execute":"x" "id":1}\n', [jpe("expected separator in dict")]),
     (b"{1:2}\n", [jpe("key is not a string in object")]),
     (b'{"execute":"x-none","id":1.5e3}\n', [{"return": {}, "id": 1500}]),
-    (b'{"execute":"x-none","id":123456789012345678901234}\n', [{"return": {}, "id": 1.2345678901234569e23}]),
+    (
+        b'{"execute":"x-none","id":123456789012345678901234}\n',
+        [{"return": {}, "id": 1.2345678901234569e23}],
+    ),
     (b'{"execute":"x-none","id":-0}\n', [{"return": {}, "id": 0}]),
     (b'{"execute":"x-none","id":true}\n', [{"return": {}, "id": True}]),
     (b'{"execute":"x-none","id":null}\n', [{"return": {}, "id": None}]),
     (b'{"execute":"x-none","id":[1]}\n', [{"return": {}, "id": [1]}]),
-    (b'{"execute":"nosuch","id":{"a":1}}\n', [err(CNF, "The command nosuch has not been found", id={"a": 1})]),
+    (
+        b'{"execute":"nosuch","id":{"a":1}}\n',
+        [err(CNF, "The command nosuch has not been found", id={"a": 1})],
+    ),
     (b'{"execute":""}\n', [err(CNF, "The command  has not been found")]),
     (b'{"execute":"x-none","id":"a\\qb"}\n', [jpe("invalid escape sequence in string")]),
     (b'{"execute":"x-none","id":"a\nb"}\n', [jpe("stray '\"a\n'"), jpe("expecting value")]),
@@ -105,10 +136,14 @@ QEMU_CASES = [
     (b'{"a":1e}\n', [jpe("stray '1e}'")]),
     (b'{"a":True}\n', [jpe("stray 'T'"), jpe("expecting value")]),
     (b'{"execute":"x-none","arguments":{"x":1}}\n', [{"return": {}}]),  # x-none takes anything
-    (b'{"execute":"qmp_capabilities","arguments":{"x":1}}\n',  # arguments first, as QEMU 7.2
-     [err(GE, "Parameter 'x' is unexpected")]),
-    (b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n',
-     [err(CNF, "Capabilities negotiation is already complete, command ignored")]),
+    (
+        b'{"execute":"qmp_capabilities","arguments":{"x":1}}\n',  # arguments first, as QEMU 7.2
+        [err(GE, "Parameter 'x' is unexpected")],
+    ),
+    (
+        b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n',
+        [err(CNF, "Capabilities negotiation is already complete, command ignored")],
+    ),
 ]
 
 
@@ -152,7 +187,9 @@ def test_commands_refused_before_negotiation_as_qemu():
     assert _replies(p, b'{"execute":"qmp_capabilities","arguments":{"bar":1}}\n') == [
         err(GE, "Parameter 'bar' is unexpected")
     ]
-    assert _replies(p, b'{"execute":"qmp_capabilities","arguments":{}, "id":"n"}\n') == [{"return": {}, "id": "n"}]
+    assert _replies(p, b'{"execute":"qmp_capabilities","arguments":{}, "id":"n"}\n') == [
+        {"return": {}, "id": "n"}
+    ]
     assert p.negotiated
     assert p.event("X", None) is not None
 
@@ -169,19 +206,26 @@ def test_protocol_recovers_after_each_malformed_case():
     _replies(p, b'{"execute":"qmp_capabilities"}')
     for data, _ in QEMU_CASES:
         _replies(p, data)
-        assert _replies(p, b'{"execute":"x-none","id":"ok"}\n') == [{"return": {}, "id": "ok"}], data
+        assert _replies(p, b'{"execute":"x-none","id":"ok"}\n') == [{"return": {}, "id": "ok"}], (
+            data
+        )
 
 
 def test_unbalanced_value_waits_and_control_char_resets():
     p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     _replies(p, b'{"execute":"qmp_capabilities"}')
-    assert _replies(p, b'{"a":[1,2}\n{"execute":"x-none","id":3}\n{{{\n}}}\n') == []  # bracket still open
+    assert (
+        _replies(p, b'{"a":[1,2}\n{"execute":"x-none","id":3}\n{{{\n}}}\n') == []
+    )  # bracket still open
     assert _replies(p, b"\x00\n") == [jpe("stray ''")]
     assert _replies(p, b'{"execute":"x-none","id":5}\n') == [{"return": {}, "id": 5}]
 
 
 def test_split_at_every_byte():
-    msg = b'{"execute": "x-none", "arguments": {"s": "a\\"b\\u00e9\xc3\xa9"}, "id": [1, {"k": -1.5e-3}]}\r\n'
+    msg = (
+        b'{"execute": "x-none", "arguments": {"s": "a\\"b\\u00e9\xc3\xa9"}, '
+        b'"id": [1, {"k": -1.5e-3}]}\r\n'
+    )
     p = QMPProtocol({"x-none": None}, schema=TEST_SCHEMA)
     _replies(p, b'{"execute":"qmp_capabilities"}')
     got = []
@@ -206,21 +250,28 @@ def test_streamer_limits():
 
 def test_surrogate_pairs_and_escapes():
     s = JSONStreamer()
-    assert s.feed(b'"\\ud83d\\ude00 \\/\\b\\f\\n\\r\\t\\\'"') == [(True, "\U0001F600 /\b\f\n\r\t'")]
-    assert s.feed(b"'it\\'s \"x\"'") == [(True, "it's \"x\"")]
+    assert s.feed(b'"\\ud83d\\ude00 \\/\\b\\f\\n\\r\\t\\\'"') == [(True, "\U0001f600 /\b\f\n\r\t'")]
+    assert s.feed(b"'it\\'s \"x\"'") == [(True, 'it\'s "x"')]
     assert s.feed(b'"\\u12"') == [(False, "invalid hex escape sequence in string")]
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(value=json_values, cuts=st.lists(st.integers(0, 10_000), max_size=6), ascii_only=st.booleans())
+@given(
+    value=json_values, cuts=st.lists(st.integers(0, 10_000), max_size=6), ascii_only=st.booleans()
+)
 def test_streamer_round_trips_any_json(value, cuts, ascii_only):
     data = json.dumps(value, ensure_ascii=ascii_only).encode()
     points = sorted({c % (len(data) + 1) for c in cuts})
@@ -239,8 +290,20 @@ def test_streamer_round_trips_any_json(value, cuts, ascii_only):
 def test_streamer_survives_garbage_and_resets_on_a_control_character(garbage):
     s = JSONStreamer()
     for ok, item in s.feed(garbage):
-        assert ok or item.startswith(("stray", "invalid", "expecting", "key ", "missing", "expected",
-                                      "duplicate", "JSON ", "premature", "\\u"))
+        assert ok or item.startswith(
+            (
+                "stray",
+                "invalid",
+                "expecting",
+                "key ",
+                "missing",
+                "expected",
+                "duplicate",
+                "JSON ",
+                "premature",
+                "\\u",
+            )
+        )
     assert s.feed(b'\x00\n{"execute": "x"}')[-1] == (True, {"execute": "x"})
 
 
@@ -256,7 +319,13 @@ def test_event_format():
 
 
 def test_check_arguments_messages():
-    members = {"device": "str", "*force": "bool", "*speed": "int", "*dirs": ["str"], "*on-error": "BlockdevOnError"}
+    members = {
+        "device": "str",
+        "*force": "bool",
+        "*speed": "int",
+        "*dirs": ["str"],
+        "*on-error": "BlockdevOnError",
+    }
     check_arguments({"device": "j", "force": False, "dirs": ["a"]}, members)
     with pytest.raises(QMPError, match="Parameter 'device' is missing"):
         check_arguments({}, members)
@@ -272,7 +341,9 @@ def test_check_arguments_messages():
         check_arguments({"device": "j", "speed": 1 << 63}, members)
     with pytest.raises(QMPError, match="expected: boolean"):
         check_arguments({"device": "j", "force": 1}, members)
-    with pytest.raises(QMPError, match="Invalid parameter type for 'dirs\\[1\\]', expected: string"):
+    with pytest.raises(
+        QMPError, match="Invalid parameter type for 'dirs\\[1\\]', expected: string"
+    ):
         check_arguments({"device": "j", "dirs": ["a", 2]}, members)
     with pytest.raises(QMPError, match="Parameter 'on-error' does not accept value 'x'"):
         check_arguments({"device": "j", "on-error": "x"}, members)
@@ -383,7 +454,9 @@ def test_replies_end_with_crlf_and_commands_run_in_order(server):
 
 def test_handler_errors(server):
     r = Raw(server.socket_path, negotiate=True)
-    assert r.execute("x-qcow-error", id=3) == err(GE, "/images/base.qcow2: is locked by another process", id=3)
+    assert r.execute("x-qcow-error", id=3) == err(
+        GE, "/images/base.qcow2: is locked by another process", id=3
+    )
     reply = r.execute("x-crash", id=4)
     assert reply["error"]["class"] == GE and "boom" in reply["error"]["desc"] and reply["id"] == 4
     assert r.execute("x-none", id=5) == {"return": {}, "id": 5}  # still serving
@@ -403,7 +476,9 @@ def test_client_disconnects_do_not_disturb_others(server):
     a = Raw(server.socket_path, negotiate=True)
     for _ in range(5):
         b = Raw(server.socket_path)
-        b.send(b'{"execute":"qmp_capabilities"}\n{"execute":"x-sleep","arguments":{"seconds":0.05}}\n')
+        b.send(
+            b'{"execute":"qmp_capabilities"}\n{"execute":"x-sleep","arguments":{"seconds":0.05}}\n'
+        )
         b.close()  # gone before its replies
     half = socket.socket(socket.AF_UNIX)
     half.connect(server.socket_path)
@@ -479,7 +554,10 @@ def test_several_clients_receive_every_event(server):
                 for e in got:
                     ts = e["timestamp"]
                     assert set(ts) == {"seconds", "microseconds"}
-                    assert abs(ts["seconds"] - time.time()) < 60 and 0 <= ts["microseconds"] < 1_000_000
+                    assert (
+                        abs(ts["seconds"] - time.time()) < 60
+                        and 0 <= ts["microseconds"] < 1_000_000
+                    )
         finally:
             for c in clients:
                 await c.disconnect()
@@ -516,7 +594,9 @@ def test_blocking_client(server):
 
 
 def test_blocking_client_keeps_events_sent_before_a_reply(server):
-    value, conn = qmp_execute_and_follow(server.socket_path, "x-emit", {"event": "EARLY", "data": {"k": 1}})
+    value, conn = qmp_execute_and_follow(
+        server.socket_path, "x-emit", {"event": "EARLY", "data": {"k": 1}}
+    )
     with conn:
         assert value == {}
         ev = conn.next_event(timeout=5)
@@ -528,7 +608,9 @@ def test_blocking_client_keeps_events_sent_before_a_reply(server):
 
 def test_blocking_client_errors(tmp_path):
     missing = tmp_path / "nothing.sock"
-    with pytest.raises(QcowError, match=r"^/mnt/x: no qcowfs control socket answers at .*nothing\.sock"):
+    with pytest.raises(
+        QcowError, match=r"^/mnt/x: no qcowfs control socket answers at .*nothing\.sock"
+    ):
         qmp_call(missing, "x-none", label="/mnt/x")
     # a server that closes the connection
     path = tmp_path / "closing.sock"
@@ -538,7 +620,10 @@ def test_blocking_client_errors(tmp_path):
 
     def serve_once():
         c, _ = srv.accept()
-        c.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, "capabilities": []}}\r\n')
+        c.sendall(
+            b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, '
+            b'"package": ""}, "capabilities": []}}\r\n'
+        )
         c.recv(1000)
         c.close()
 

@@ -6,8 +6,16 @@ recorded with the same commands on a real chain."""
 import asyncio
 
 import pytest
-
-from test_qmp_support import MiB, FakeJobs, Raw, ServerThread, events_until, qmp_session, status_null, summarize
+from test_qmp_support import (
+    FakeJobs,
+    MiB,
+    Raw,
+    ServerThread,
+    events_until,
+    qmp_session,
+    status_null,
+    summarize,
+)
 
 
 @pytest.fixture
@@ -27,25 +35,69 @@ def run(server, body):
 
 async def wait_status(q, job_id, status, timeout=10.0):
     return await events_until(
-        q, lambda ev: ev["event"] == "JOB_STATUS_CHANGE" and ev["data"] == {"status": status, "id": job_id}, timeout
+        q,
+        lambda ev: (
+            ev["event"] == "JOB_STATUS_CHANGE" and ev["data"] == {"status": status, "id": job_id}
+        ),
+        timeout,
     )
 
 
 def test_non_active_commit_sequence_and_query(server):
     async def body(q):
-        assert await q.execute("block-commit", {"job-id": "j1", "x-steps": 8, "speed": 8 * MiB}) == {}
+        assert (
+            await q.execute("block-commit", {"job-id": "j1", "x-steps": 8, "speed": 8 * MiB}) == {}
+        )
         await asyncio.sleep(0.1)  # len is set by the job once it runs (as in QEMU)
         info = await q.execute("query-block-jobs")
         assert len(info) == 1
         j = info[0]
-        assert set(j) == {"type", "device", "len", "offset", "busy", "paused", "speed", "io-status",
-                          "ready", "status", "auto-finalize", "auto-dismiss"}
-        assert (j["type"], j["device"], j["len"], j["speed"], j["status"]) == ("commit", "j1", 8 * MiB, 8 * MiB, "running")
-        assert (j["paused"], j["ready"], j["io-status"], j["auto-finalize"], j["auto-dismiss"]) == (False, False, "ok", True, True)
+        assert set(j) == {
+            "type",
+            "device",
+            "len",
+            "offset",
+            "busy",
+            "paused",
+            "speed",
+            "io-status",
+            "ready",
+            "status",
+            "auto-finalize",
+            "auto-dismiss",
+        }
+        assert (j["type"], j["device"], j["len"], j["speed"], j["status"]) == (
+            "commit",
+            "j1",
+            8 * MiB,
+            8 * MiB,
+            "running",
+        )
+        assert (j["paused"], j["ready"], j["io-status"], j["auto-finalize"], j["auto-dismiss"]) == (
+            False,
+            False,
+            "ok",
+            True,
+            True,
+        )
         evs = await events_until(q, status_null("j1"))
-        assert summarize(evs) == ["created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert summarize(evs) == [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null",
+        ]
         done = [e for e in evs if e["event"] == "BLOCK_JOB_COMPLETED"][0]
-        assert done["data"] == {"device": "j1", "len": 8 * MiB, "offset": 8 * MiB, "speed": 8 * MiB, "type": "commit"}
+        assert done["data"] == {
+            "device": "j1",
+            "len": 8 * MiB,
+            "offset": 8 * MiB,
+            "speed": 8 * MiB,
+            "type": "commit",
+        }
         assert set(done["timestamp"]) == {"seconds", "microseconds"}
         assert await q.execute("query-block-jobs") == []
         return True
@@ -86,7 +138,14 @@ def test_pause_resume_set_speed(server, fake):
             await q.execute("block-job-resume", {"device": "j1"})
         assert str(e.value) == "Can't resume a job that was not paused"
         evs = await events_until(q, status_null("j1"))
-        assert summarize(evs) == ["running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert summarize(evs) == [
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null",
+        ]
         assert evs[3]["data"]["speed"] == 64 * MiB
         return True
 
@@ -99,7 +158,14 @@ def test_cancel_before_ready_and_force_cancel_of_paused(server, fake):
         await asyncio.sleep(0.2)
         await q.execute("block-job-cancel", {"device": "c1"})
         evs = await events_until(q, status_null("c1"))
-        assert summarize(evs) == ["created", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+        assert summarize(evs) == [
+            "created",
+            "running",
+            "aborting",
+            "BLOCK_JOB_CANCELLED",
+            "concluded",
+            "null",
+        ]
         assert "error" not in evs[3]["data"] and evs[3]["data"]["device"] == "c1"
         assert fake.outcomes["c1"]["cancelled"]
 
@@ -119,7 +185,13 @@ def test_active_commit_complete(server, fake):
         await q.execute("block-commit", {"job-id": "a1", "x-steps": 4, "x-active": True})
         evs = await events_until(q, lambda e: e["event"] == "BLOCK_JOB_READY")
         assert summarize(evs) == ["created", "running", "ready", "BLOCK_JOB_READY"]
-        assert evs[-1]["data"] == {"device": "a1", "len": 4 * MiB, "offset": 4 * MiB, "speed": 0, "type": "commit"}
+        assert evs[-1]["data"] == {
+            "device": "a1",
+            "len": 4 * MiB,
+            "offset": 4 * MiB,
+            "speed": 0,
+            "type": "commit",
+        }
         j = (await q.execute("query-block-jobs"))[0]
         assert (j["status"], j["ready"]) == ("ready", True)
         await q.execute("block-job-pause", {"device": "a1"})
@@ -161,16 +233,37 @@ def test_active_commit_soft_and_force_cancel_after_ready(server, fake):
 
 def test_io_error_and_manual_dismiss(server):
     async def body(q):
-        await q.execute("block-commit", {"job-id": "e1", "x-steps": 5, "x-fail-at": 2, "auto-dismiss": False})
+        await q.execute(
+            "block-commit", {"job-id": "e1", "x-steps": 5, "x-fail-at": 2, "auto-dismiss": False}
+        )
         evs = await wait_status(q, "e1", "concluded")
-        assert summarize(evs) == ["created", "running", "BLOCK_JOB_ERROR", "aborting", "BLOCK_JOB_COMPLETED", "concluded"]
+        assert summarize(evs) == [
+            "created",
+            "running",
+            "BLOCK_JOB_ERROR",
+            "aborting",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+        ]
         assert evs[2]["data"] == {"device": "e1", "operation": "read", "action": "report"}
         assert evs[4]["data"]["error"] == "Input/output error"
         j = (await q.execute("query-block-jobs"))[0]
-        assert (j["status"], j["error"], j["auto-dismiss"]) == ("concluded", "Input/output error", False)
+        assert (j["status"], j["error"], j["auto-dismiss"]) == (
+            "concluded",
+            "Input/output error",
+            False,
+        )
         jobs = await q.execute("query-jobs")
-        assert jobs == [{"id": "e1", "type": "commit", "status": "concluded", "current-progress": 2 * MiB,
-                         "total-progress": 5 * MiB, "error": "Input/output error"}]
+        assert jobs == [
+            {
+                "id": "e1",
+                "type": "commit",
+                "status": "concluded",
+                "current-progress": 2 * MiB,
+                "total-progress": 5 * MiB,
+                "error": "Input/output error",
+            }
+        ]
         await q.execute("job-dismiss", {"id": "e1"})
         evs = await wait_status(q, "e1", "null")
         assert await q.execute("query-block-jobs") == []
@@ -183,7 +276,12 @@ def test_errors_for_unknown_jobs_and_conflicts(server):
     from qemu.qmp import ExecuteError
 
     async def body(q):
-        for name in ("block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete"):
+        for name in (
+            "block-job-cancel",
+            "block-job-pause",
+            "block-job-resume",
+            "block-job-complete",
+        ):
             with pytest.raises(ExecuteError) as e:
                 await q.execute(name, {"device": "nope"})
             assert e.value.error_class == "DeviceNotActive"
@@ -196,13 +294,19 @@ def test_errors_for_unknown_jobs_and_conflicts(server):
         assert (e.value.error_class, str(e.value)) == ("GenericError", "Job not found")
         with pytest.raises(ExecuteError) as e:
             await q.execute("block-job-cancel", {})
-        assert (e.value.error_class, str(e.value)) == ("GenericError", "Parameter 'device' is missing")
+        assert (e.value.error_class, str(e.value)) == (
+            "GenericError",
+            "Parameter 'device' is missing",
+        )
         with pytest.raises(ExecuteError) as e:
             await q.execute("block-job-cancel", {"device": 5})
         assert str(e.value) == "Invalid parameter type for 'device', expected: string"
         with pytest.raises(ExecuteError) as e:
             await q.execute("block-commit", {"x-refuse": True})
-        assert (e.value.error_class, str(e.value)) == ("GenericError", "/images/top.qcow2: is not an image of this chain")
+        assert (e.value.error_class, str(e.value)) == (
+            "GenericError",
+            "/images/top.qcow2: is not an image of this chain",
+        )
 
         await q.execute("block-commit", {"job-id": "one", "x-steps": 1000, "speed": MiB})
         with pytest.raises(ExecuteError) as e:
@@ -235,8 +339,19 @@ def test_job_events_reach_every_client(server):
             await a.execute("block-commit", {"job-id": "m", "x-steps": 3})
             ea = await events_until(a, status_null("m"))
             eb = await events_until(b, status_null("m"))
-            assert summarize(ea) == summarize(eb) == [
-                "created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            assert (
+                summarize(ea)
+                == summarize(eb)
+                == [
+                    "created",
+                    "running",
+                    "waiting",
+                    "pending",
+                    "BLOCK_JOB_COMPLETED",
+                    "concluded",
+                    "null",
+                ]
+            )
             assert [e["timestamp"] for e in ea] == [e["timestamp"] for e in eb]
         finally:
             await a.disconnect()
@@ -244,7 +359,15 @@ def test_job_events_reach_every_client(server):
 
     asyncio.run(main())
     got = [m for m in raw.lines(0.3) if "event" in m]
-    assert summarize(got) == ["created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert summarize(got) == [
+        "created",
+        "running",
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
+    ]
     raw.close()
 
 
@@ -252,7 +375,9 @@ def test_status_changes_precede_the_reply_like_qemu(server):
     """QEMU sends created/running before block-commit's reply, and the paused/running
     change of a parked job before block-job-pause/resume's reply."""
     r = Raw(server.socket_path, negotiate=True)
-    r.send(b'{"execute":"block-commit","arguments":{"job-id":"o","x-steps":1000,"speed":1048576},"id":1}\n')
+    r.send(
+        b'{"execute":"block-commit","arguments":{"job-id":"o","x-steps":1000,"speed":1048576},"id":1}\n'
+    )
     msgs = [r.line() for _ in range(3)]
     assert [m.get("event") for m in msgs[:2]] == ["JOB_STATUS_CHANGE"] * 2
     assert msgs[2] == {"return": {}, "id": 1}
@@ -268,5 +393,10 @@ def test_status_changes_precede_the_reply_like_qemu(server):
     r.send(b'{"execute":"block-job-cancel","arguments":{"device":"o"},"id":4}\n')
     rest = r.lines(0.5)
     assert {"return": {}, "id": 4} in rest
-    assert summarize([m for m in rest if "event" in m]) == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert summarize([m for m in rest if "event" in m]) == [
+        "aborting",
+        "BLOCK_JOB_CANCELLED",
+        "concluded",
+        "null",
+    ]
     r.close()

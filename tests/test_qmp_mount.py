@@ -13,10 +13,10 @@ import subprocess
 import time
 
 import pytest
-
-from fusefs.qmp import default_socket_path
 from qemu_helpers import convert_raw, qemu_check, qemu_img, qemu_info_chain, qemu_io, run_qcowfs
 from test_qmp_support import events_until, status_null, summarize
+
+from fusefs.qmp import default_socket_path
 
 MiB = 1 << 20
 
@@ -111,7 +111,9 @@ def test_control_socket_on_a_real_mount(mount):
         assert q.greeting.QMP.version["package"].startswith("qcowfs")
         assert q.greeting.QMP.capabilities == []
         nodes = await q.execute("query-named-block-nodes")
-        assert [n["file"] for n in nodes] == [os.path.realpath(mount.chain[k]) for k in ("top", "mid", "base")]
+        assert [n["file"] for n in nodes] == [
+            os.path.realpath(mount.chain[k]) for k in ("top", "mid", "base")
+        ]
         assert all(n["format"] == "qcow2" and n["virtual-size"] == 8 * MiB for n in nodes)
         assert len({n["node-name"] for n in nodes}) == 3
         with pytest.raises(ExecuteError) as e:
@@ -132,15 +134,32 @@ def test_live_commit_over_qmp(mount):
 
     async def body(q):
         nodes = await q.execute("query-named-block-nodes")
-        await q.execute("block-commit", {"job-id": "c1", "device": nodes[0]["node-name"],
-                                         "top-node": nodes[1]["node-name"], "speed": 64 * MiB})
+        await q.execute(
+            "block-commit",
+            {
+                "job-id": "c1",
+                "device": nodes[0]["node-name"],
+                "top-node": nodes[1]["node-name"],
+                "speed": 64 * MiB,
+            },
+        )
         evs = await events_until(q, status_null("c1"))
-        assert summarize(evs) == ["created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert summarize(evs) == [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null",
+        ]
         done = [e for e in evs if e["event"] == "BLOCK_JOB_COMPLETED"][0]["data"]
         assert "error" not in done and done["device"] == "c1" and done["type"] == "commit"
         assert done["offset"] == done["len"] > 0
         after = await q.execute("query-named-block-nodes")
-        assert [n["file"] for n in after] == [os.path.realpath(mount.chain[k]) for k in ("top", "base")]
+        assert [n["file"] for n in after] == [
+            os.path.realpath(mount.chain[k]) for k in ("top", "base")
+        ]
         return True
 
     assert qmp(mount, body)
@@ -202,8 +221,12 @@ def test_quit_cancels_a_running_job_first(mount):
     before = convert_raw(mount.chain["top"], share=True)
 
     async def body(q):
-        await q.execute("block-commit", {"job-id": "slow", "top": mount.chain["mid"], "speed": 64 * 1024})
-        await events_until(q, lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "running")
+        await q.execute(
+            "block-commit", {"job-id": "slow", "top": mount.chain["mid"], "speed": 64 * 1024}
+        )
+        await events_until(
+            q, lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "running"
+        )
         await q.execute("quit")
         evs = await events_until(q, lambda e: e["event"] == "SHUTDOWN", timeout=60)
         names = summarize(evs)
@@ -217,7 +240,11 @@ def test_quit_cancels_a_running_job_first(mount):
         time.sleep(0.05)
     assert not mounted(mount.mnt)
     chain = qemu_info_chain(mount.chain["top"])
-    assert [os.path.basename(c["filename"]) for c in chain] == ["top.qcow2", "mid.qcow2", "base.qcow2"]
+    assert [os.path.basename(c["filename"]) for c in chain] == [
+        "top.qcow2",
+        "mid.qcow2",
+        "base.qcow2",
+    ]
     assert sha(convert_raw(mount.chain["top"])) == sha(before)
 
 

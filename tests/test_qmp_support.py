@@ -37,8 +37,15 @@ TEST_SCHEMA = dict(
         "x-none": None,
         "block-commit": dict(
             SCHEMA["block-commit"],
-            **{"*x-steps": "int", "*x-chunk": "int", "*x-active": "bool", "*x-fail-at": "int",
-               "*x-fail": "str", "*x-work": "number", "*x-refuse": "bool"},
+            **{
+                "*x-steps": "int",
+                "*x-chunk": "int",
+                "*x-active": "bool",
+                "*x-fail-at": "int",
+                "*x-fail": "str",
+                "*x-work": "number",
+                "*x-refuse": "bool",
+            },
         ),
     },
 )
@@ -234,7 +241,7 @@ class Raw:
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 return None
             if not data:
                 return None
@@ -295,7 +302,9 @@ async def events_until(qmp, stop, timeout=10.0):
 
 
 def status_null(job_id):
-    return lambda ev: ev["event"] == "JOB_STATUS_CHANGE" and ev["data"] == {"status": "null", "id": job_id}
+    return lambda ev: (
+        ev["event"] == "JOB_STATUS_CHANGE" and ev["data"] == {"status": "null", "id": job_id}
+    )
 
 
 def summarize(events):

@@ -10,8 +10,7 @@ import os
 import subprocess
 
 import pytest
-
-from mount_fixtures import mounter, read_file, wait_until  # noqa: F401
+from mount_fixtures import read_file, wait_until
 from qemu_helpers import apply_ops, create, patch, qcow2_layout
 from test_commit_support import SyncQMP, check_images, flat
 
@@ -48,13 +47,15 @@ def assert_back_to_read_only(qmp, images):
             assert ok, (path, err)
 
 
-def test_cancelled_restartable_commit_reopens_read_only(tmp_path, mounter):  # noqa: F811
+def test_cancelled_restartable_commit_reopens_read_only(tmp_path, mounter):
     base, mid1, mid2, top = build(tmp_path / "img")
     want = flat(top)
     m = mounter(top)
     with SyncQMP(m.socket) as qmp:
-        qmp.execute("block-commit", {"job-id": "r", "top": mid2, "base": base,
-                                     "x-mode": "restartable", "speed": 2 * M})
+        qmp.execute(
+            "block-commit",
+            {"job-id": "r", "top": mid2, "base": base, "x-mode": "restartable", "speed": 2 * M},
+        )
         qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "running")
         # its first step (after recording its intent) reopens the range for writing
         wait_until(lambda: "lock" in qemu_info_ok(mid1)[1], 30, "the job's write lock on mid1")
@@ -67,7 +68,7 @@ def test_cancelled_restartable_commit_reopens_read_only(tmp_path, mounter):  # n
     check_images([base, mid1, mid2, top])
 
 
-def test_failed_restartable_commit_reopens_read_only(tmp_path, mounter):  # noqa: F811
+def test_failed_restartable_commit_reopens_read_only(tmp_path, mounter):
     """A bad L2 entry in mid1 (past the end of its file): the job fails on an I/O error,
     and base, mid1 and mid2 are read-only backing files again."""
     base, mid1, mid2, top = build(tmp_path / "img")
@@ -76,8 +77,9 @@ def test_failed_restartable_commit_reopens_read_only(tmp_path, mounter):  # noqa
     patch(mid1, where, "Q", (entry & ~0x00FF_FFFF_FFFF_FE00) | (lay["file_size"] + (1 << 30)))
     m = mounter(top)
     with SyncQMP(m.socket) as qmp:
-        qmp.execute("block-commit", {"job-id": "r", "top": mid2, "base": base,
-                                     "x-mode": "restartable"})
+        qmp.execute(
+            "block-commit", {"job-id": "r", "top": mid2, "base": base, "x-mode": "restartable"}
+        )
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
         assert done.get("error"), done
         assert_back_to_read_only(qmp, [base, mid1, mid2])
@@ -86,13 +88,15 @@ def test_failed_restartable_commit_reopens_read_only(tmp_path, mounter):  # noqa
 
 
 @pytest.mark.parametrize("how", ["cancel", "complete"])
-def test_simple_commit_base_back_to_read_only(tmp_path, mounter, how):  # noqa: F811
+def test_simple_commit_base_back_to_read_only(tmp_path, mounter, how):
     """The simple mode's base, cancelled or finished (iotest 249's case)."""
     base, mid1, mid2, top = build(tmp_path / "img")
     m = mounter(top)
     with SyncQMP(m.socket) as qmp:
-        qmp.execute("block-commit", {"job-id": "s", "top": mid2, "base": base,
-                                     "speed": 2 * M if how == "cancel" else 0})
+        qmp.execute(
+            "block-commit",
+            {"job-id": "s", "top": mid2, "base": base, "speed": 2 * M if how == "cancel" else 0},
+        )
         if how == "cancel":
             qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "running")
             qmp.execute("block-job-cancel", {"device": "s"})

@@ -16,13 +16,10 @@ import sys
 import textwrap
 
 import pytest
-
-import qcow
-from qcow.errors import QcowError
 from qemu_helpers import (
+    MATRIX_CASES,
     K,
     M,
-    MATRIX_CASES,
     build_case,
     check_case_claims,
     convert_raw,
@@ -34,15 +31,20 @@ from qemu_helpers import (
     sha256_tree,
 )
 
+import qcow
+from qcow.errors import QcowError
+
 
 def first_difference(got: bytes, want: bytes) -> str:
     if len(got) != len(want):
         return f"length {len(got)} != {len(want)}"
     for i in range(0, len(want), 4096):
-        if got[i:i + 4096] != want[i:i + 4096]:
+        if got[i : i + 4096] != want[i : i + 4096]:
             j = next(k for k in range(i, min(i + 4096, len(want))) if got[k] != want[k])
-            return (f"first difference at byte {j:#x}: got {got[j:j + 16].hex()} "
-                    f"want {want[j:j + 16].hex()}")
+            return (
+                f"first difference at byte {j:#x}: got {got[j : j + 16].hex()} "
+                f"want {want[j : j + 16].hex()}"
+            )
     return "equal"
 
 
@@ -59,8 +61,14 @@ def merge_extents(extents):
     (it also asks the file system for holes, as QEMU does)."""
     out = []
     for e in extents:
-        d = {"start": e.start, "length": e.length, "depth": e.depth,
-             "present": bool(e.present), "zero": bool(e.zero), "data": bool(e.data)}
+        d = {
+            "start": e.start,
+            "length": e.length,
+            "depth": e.depth,
+            "present": bool(e.present),
+            "zero": bool(e.zero),
+            "data": bool(e.data),
+        }
         if e.offset is not None:
             d["offset"] = e.offset
         if e.length == 0:
@@ -69,7 +77,8 @@ def merge_extents(extents):
             p = out[-1]
             same = all(p[k] == d[k] for k in ("depth", "present", "zero", "data"))
             contiguous = ("offset" not in p and "offset" not in d) or (
-                "offset" in p and "offset" in d and p["offset"] + p["length"] == d["offset"])
+                "offset" in p and "offset" in d and p["offset"] + p["length"] == d["offset"]
+            )
             if same and contiguous and p["start"] + p["length"] == d["start"]:
                 p["length"] += d["length"]
                 continue
@@ -87,10 +96,12 @@ def reference(matrix):
             path = matrix.get(name)
             cache[name] = (path, convert_raw(path))
         return cache[name]
+
     return get
 
 
 # ------------------------------------------------------------ the matrix itself
+
 
 @pytest.mark.parametrize("name", MATRIX_CASES)
 def test_case_has_claimed_property(name, matrix):
@@ -101,6 +112,7 @@ def test_case_has_claimed_property(name, matrix):
 
 
 # ----------------------------------------------------------------- reading
+
 
 @pytest.mark.parametrize("name", MATRIX_CASES)
 def test_read_whole_disk_equals_qemu(name, matrix, reference):
@@ -135,7 +147,7 @@ def test_read_unaligned_chunks(name, matrix, reference):
                 ranges.append((off, ln))
     with qcow.open_chain(path) as chain:
         for off, ln in ranges:
-            assert_same(chain.read(off, ln), want[off:off + ln], f"{name}: read({off}, {ln})")
+            assert_same(chain.read(off, ln), want[off : off + ln], f"{name}: read({off}, {ln})")
         assert chain.read(size - 1, 1) == want[-1:]
 
 
@@ -181,20 +193,32 @@ _CONCURRENT_READS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["chain4", "compressed_zstd", "compressed_zlib",
-                                  "extended_l2", "snapshot"])
+@pytest.mark.parametrize(
+    "name", ["chain4", "compressed_zstd", "compressed_zlib", "extended_l2", "snapshot"]
+)
 def test_concurrent_reads(name, matrix):
     """The API is thread-safe: several threads reading at once all get the right bytes.
     Run in a child process, so a crash (a C extension used from several threads at
     once can segfault) fails this test instead of killing the whole run."""
     path = matrix.get(name)
     cp = subprocess.run(
-        [sys.executable, "-c", _CONCURRENT_READS, path, "150",
-         os.path.dirname(os.path.abspath(__file__))],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            _CONCURRENT_READS,
+            path,
+            "150",
+            os.path.dirname(os.path.abspath(__file__)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if cp.returncode < 0:
-        pytest.fail(f"concurrent reads crashed the process with signal {-cp.returncode}"
-                    f"\n{cp.stderr[-1500:]}")
+        pytest.fail(
+            f"concurrent reads crashed the process with signal {-cp.returncode}"
+            f"\n{cp.stderr[-1500:]}"
+        )
     assert cp.returncode == 0, cp.stdout + cp.stderr[-1500:]
 
 
@@ -206,8 +230,7 @@ def test_layers_match_qemu(name, matrix):
         got = [(os.path.realpath(la.path), la.format, la.virtual_size) for la in chain.layers]
         for la in chain.layers:
             assert os.path.isabs(la.path), la.path
-    want = [(os.path.realpath(i["filename"]), i["format"], i["virtual-size"])
-            for i in chain_info]
+    want = [(os.path.realpath(i["filename"]), i["format"], i["virtual-size"]) for i in chain_info]
     assert got == want
 
 
@@ -221,8 +244,9 @@ def test_block_status_merges_to_qemu_map(name, matrix):
     assert got == want
 
 
-@pytest.mark.parametrize("name", ["chain4", "extended_l2", "raw_base_chain",
-                                  "short_unaligned", "compressed_zlib_4k"])
+@pytest.mark.parametrize(
+    "name", ["chain4", "extended_l2", "raw_base_chain", "short_unaligned", "compressed_zlib_4k"]
+)
 def test_block_status_of_subranges(name, matrix):
     """Any sub-range gives extents that tile exactly that range and agree with the
     extents of the whole disk."""
@@ -266,6 +290,7 @@ def test_close_releases_locks(workdir):
 
 # ----------------------------------------------------------------- the CLI
 
+
 @pytest.mark.parametrize("name", MATRIX_CASES)
 def test_cli_map_json_equals_qemu(name, matrix):
     path = matrix.get(name)
@@ -286,19 +311,20 @@ def test_cli_info_json_matches_qemu(name, matrix):
     assert cp.returncode == 0, cp.stderr
     got = json.loads(cp.stdout)
     assert isinstance(got, list) and len(got) == len(want), got
-    for ours, theirs in zip(got, want):
+    for ours, theirs in zip(got, want, strict=True):
         assert _same_file(ours["filename"], theirs["filename"]), (ours, theirs)
         for key in ("format", "virtual-size"):
             assert ours[key] == theirs[key], (key, ours, theirs)
-        for key in ("cluster-size", "backing-filename", "backing-filename-format",
-                    "dirty-flag"):
+        for key in ("cluster-size", "backing-filename", "backing-filename-format", "dirty-flag"):
             if key in theirs:
                 assert ours.get(key) == theirs[key], (key, ours, theirs)
             else:
                 assert ours.get(key) is None, (key, ours, theirs)
         if "full-backing-filename" in theirs:
-            assert _same_file(ours["full-backing-filename"],
-                              theirs["full-backing-filename"]), (ours, theirs)
+            assert _same_file(ours["full-backing-filename"], theirs["full-backing-filename"]), (
+                ours,
+                theirs,
+            )
         assert bool(ours.get("encrypted", False)) == bool(theirs.get("encrypted", False))
 
 
@@ -317,6 +343,7 @@ def test_cli_human_output(name, matrix):
 
 # ------------------------------------------------------------- encryption
 
+
 @pytest.fixture(scope="module")
 def _luks_image(tmp_path_factory):
     # LUKS set-up costs seconds (anti-forensic split): create once, copy per test.
@@ -324,10 +351,19 @@ def _luks_image(tmp_path_factory):
     # "Unable to get accurate CPU usage": try again.
     path = str(tmp_path_factory.mktemp("luks") / "enc.qcow2")
     for attempt in range(5):
-        cp = qemu_img("create", "-q", "--object", "secret,id=sec0,data=hunter2",
-                      "-f", "qcow2", "-o",
-                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-                      path, "1M", check=attempt == 4)
+        cp = qemu_img(
+            "create",
+            "-q",
+            "--object",
+            "secret,id=sec0,data=hunter2",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            path,
+            "1M",
+            check=attempt == 4,
+        )
         if cp.returncode == 0:
             return path
     raise AssertionError("unreachable")
@@ -371,5 +407,6 @@ def test_encrypted_backing_is_refused(encrypted_image, workdir):
 def test_eio_is_an_oserror():
     # The contract's EIO convention, as test_badinput relies on it.
     from qcow.errors import eio
+
     e = eio("x.qcow2", "bad L2 entry")
     assert isinstance(e, OSError) and e.errno == errno.EIO and "x.qcow2" in str(e)

@@ -12,12 +12,12 @@ import sys
 import textwrap
 
 import pytest
-
-import qcow
 from qemu_helpers import M, apply_ops, create, qemu_img
 
+import qcow
+
 T = 1 << 40
-L2_SPAN = 512 * M      # guest bytes mapped by one L2 table with 64 KiB clusters
+L2_SPAN = 512 * M  # guest bytes mapped by one L2 table with 64 KiB clusters
 
 
 @pytest.mark.slow
@@ -58,11 +58,17 @@ def test_reading_every_l2_table_of_1tib_holds_memory(workdir):
     img = str(workdir / "prealloc.qcow2")
     # every L2 table exists (2048 of them, 128 MiB), data clusters read as zeros
     qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", img, str(T))
-    cp = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, img, str(L2_SPAN)],
-                        capture_output=True, text=True, timeout=600)
+    cp = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, img, str(L2_SPAN)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cp.returncode == 0, f"probe failed: {cp.stderr[-2000:]}"
     r = json.loads(cp.stdout)
     growth = r["peak"] - r["before"]
-    print(f"\nreading 2048 L2 tables of 1 TiB: RSS {r['before'] / M:.1f} MiB after open, "
-          f"peak {r['peak'] / M:.1f} MiB (+{growth / M:.1f} MiB)")
+    print(
+        f"\nreading 2048 L2 tables of 1 TiB: RSS {r['before'] / M:.1f} MiB after open, "
+        f"peak {r['peak'] / M:.1f} MiB (+{growth / M:.1f} MiB)"
+    )
     assert growth < 64 * M, f"reading grew the process by {growth / M:.1f} MiB ({r})"

@@ -19,18 +19,27 @@ import time
 from pathlib import Path
 
 import pytest
-
-import qcow
-
-from mount_fixtures import mounter, read_file, wait_until  # noqa: F401  (fixture)
+from mount_fixtures import read_file, wait_until
 from qemu_helpers import K, apply_ops, create, run_qcowfs
 from test_commit_live import CHUNK, build_live_chain, kill9
 from test_commit_offline import _env, _run_script
-from test_commit_support import (M, Chain, SyncQMP, Writer, chain_names, check_images,
-                                 compare_with_pending, crash_script, flat, offline_script)
+from test_commit_support import (
+    Chain,
+    M,
+    SyncQMP,
+    Writer,
+    chain_names,
+    check_images,
+    compare_with_pending,
+    crash_script,
+    flat,
+    offline_script,
+)
+
+import qcow
 
 
-def _mount_noting(mounter, image, *args):  # noqa: F811
+def _mount_noting(mounter, image, *args):
     """Mount through the CLI; returns (Mount, its stderr lines)."""
     m, cp = mounter.attempt(image, *args)
     assert cp.returncode == 0, (cp.stderr, m.log())
@@ -47,8 +56,11 @@ def _pending(image):
 def _pending_fast(image):
     """The same, read in this process (the power-cut sweep runs it many times)."""
     with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
-        return [layer.header.pending_commit for layer in chain.layers
-                if layer.format == "qcow2" and layer.header.pending_commit]
+        return [
+            layer.header.pending_commit
+            for layer in chain.layers
+            if layer.format == "qcow2" and layer.header.pending_commit
+        ]
 
 
 def _completed_in_log(m):
@@ -61,19 +73,26 @@ def _completed_in_log(m):
 
 def _start(qmp, c, job_id, speed):
     nodes = qmp.execute("query-named-block-nodes")
-    qmp.execute("block-commit", {"job-id": job_id, "top": nodes[1]["file"],
-                                 "base": nodes[-1]["file"], "x-mode": "restartable",
-                                 "speed": speed})
+    qmp.execute(
+        "block-commit",
+        {
+            "job-id": job_id,
+            "top": nodes[1]["file"],
+            "base": nodes[-1]["file"],
+            "x-mode": "restartable",
+            "speed": speed,
+        },
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [31, 32])
-def test_kill9_then_mount_resumes(tmp_path, mounter, seed):  # noqa: F811
+def test_kill9_then_mount_resumes(tmp_path, mounter, seed):
     rnd = random.Random(seed)
     c = build_live_chain(tmp_path / "img", size=64 * M)
     model = bytearray(flat(c.active))
     m = mounter(c.active)
-    runs = []                    # per run: [len, last offset seen]
+    runs = []  # per run: [len, last offset seen]
     kills = seen_resumed = 0
     with SyncQMP(m.socket) as qmp:
         _start(qmp, c, "backup", 12 * M)
@@ -86,8 +105,11 @@ def test_kill9_then_mount_resumes(tmp_path, mounter, seed):  # noqa: F811
             if not first:
                 # the resumed job, under the id the record kept (a short rest may have
                 # finished before this client connected: the log then says so)
-                wait_until(lambda: qmp.execute("query-block-jobs") or
-                           _completed_in_log(m), 30, "the resumed job")
+                wait_until(
+                    lambda qmp=qmp, m=m: qmp.execute("query-block-jobs") or _completed_in_log(m),
+                    30,
+                    "the resumed job",
+                )
                 if qmp.execute("query-block-jobs"):
                     seen_resumed += 1
                 else:
@@ -118,7 +140,7 @@ def test_kill9_then_mount_resumes(tmp_path, mounter, seed):  # noqa: F811
             compare_with_pending(got, model, w.pending)
             if w.pending is not None:
                 off, _old, new = w.pending
-                model[off:off + len(new)] = got[off:off + len(new)]
+                model[off : off + len(new)] = got[off : off + len(new)]
             check_images(c.existing(), allow_leaks=True)
             assert len(_pending(c.active)) == 1
             m, notes = _mount_noting(mounter, c.active)
@@ -142,22 +164,25 @@ def test_kill9_then_mount_resumes(tmp_path, mounter, seed):  # noqa: F811
     assert copied <= data + kills * CHUNK, (copied, data, kills, runs)
 
 
-def test_no_resume_read_only_and_cancel(tmp_path, mounter):  # noqa: F811
+def test_no_resume_read_only_and_cancel(tmp_path, mounter):
     """An interrupted offline commit: `info` shows it; `--read-only` and `--no-resume`
     mounts say so and leave it (nothing on disk changes); a resumed job that is cancelled
     removes the record; `qemu-img check` is clean at every point."""
     c = build_live_chain(tmp_path / "img", size=32 * M)
     v0 = flat(c.active)
     env = _env()
-    _run_script(offline_script(c.active, tmp_path / "p", kill_after=2 * M,
-                               mode="restartable", speed=4 * M), env, expect_kill=True)
+    _run_script(
+        offline_script(c.active, tmp_path / "p", kill_after=2 * M, mode="restartable", speed=4 * M),
+        env,
+        expect_kill=True,
+    )
     check_images(c.images, allow_leaks=True)
-    for p in c.images:                          # leaks after a kill -9 are allowed
+    for p in c.images:  # leaks after a kill -9 are allowed
         run_qcowfs("check", "--repair", p, check=False)
     check_images(c.images)
     (rec,) = _pending(c.active)
     assert rec["mode"] == "restartable" and rec["job-id"] == "commit"
-    assert rec["speed"] == 4 * M                # the resumed job keeps the speed limit
+    assert rec["speed"] == 4 * M  # the resumed job keeps the speed limit
     assert os.path.samefile(rec["top"], c.images[2]) and os.path.samefile(rec["base"], c.base)
     cp = run_qcowfs("info", c.active)
     assert "pending commit" in cp.stdout
@@ -205,29 +230,46 @@ def _small_chain(d):
 
 
 @pytest.mark.slow
-def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):  # noqa: F811
-    """An offline restartable commit with a power cut at the k-th flush barrier of any
-    image (writes since each file's last barrier lost, or a random part of them kept): the next mount reads the same view, resumes the commit if its record
-    survived, and ends with the reduced chain, every image free of corruption."""
+def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):
+    """An offline restartable commit with a power cut at the k-th flush barrier of any image
+    (writes since each file's last barrier lost, or a random part of them kept): the
+    next mount reads the same view, resumes the commit if its record survived, and ends
+    with the reduced chain, every image free of corruption."""
     pristine = _small_chain(tmp_path / "pristine")
     v0 = flat(pristine.active)
     env = _env()
     count_file = tmp_path / "count"
     probe = tmp_path / "probe"
     shutil.copytree(pristine.directory, probe)
-    _run_script(crash_script(probe / "active.qcow2", tmp_path / "p0", 0, "powercut", 0,
-                             count_file, mode="restartable"), env, expect_kill=False)
+    _run_script(
+        crash_script(
+            probe / "active.qcow2",
+            tmp_path / "p0",
+            0,
+            "powercut",
+            0,
+            count_file,
+            mode="restartable",
+        ),
+        env,
+        expect_kill=False,
+    )
     barriers = int(count_file.read_text())
     assert barriers >= 5
     failures = []
     resumed = 0
-    points = range(1, barriers + 1)             # every barrier of the run
+    points = range(1, barriers + 1)  # every barrier of the run
     for k in points:
         d = tmp_path / f"crash{k}"
         shutil.copytree(pristine.directory, d)
         active = str(d / "active.qcow2")
-        _run_script(crash_script(active, tmp_path / f"p{k}", k, "powercut", k, count_file,
-                                 mode="restartable"), env, expect_kill=True)
+        _run_script(
+            crash_script(
+                active, tmp_path / f"p{k}", k, "powercut", k, count_file, mode="restartable"
+            ),
+            env,
+            expect_kill=True,
+        )
         try:
             pending = _pending_fast(active)
             m, notes = _mount_noting(mounter, active)
@@ -236,20 +278,26 @@ def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):  # no
                 if pending:
                     resumed += 1
                     assert "resuming" in notes[0] or "finished" in notes[0], notes
-                    wait_until(lambda: not qmp.execute("query-block-jobs") and
-                               len(qmp.execute("query-named-block-nodes")) == 2, 60,
-                               "the resumed commit to finish")
+                    wait_until(
+                        lambda: (
+                            not qmp.execute("query-block-jobs")
+                            and len(qmp.execute("query-named-block-nodes")) == 2
+                        ),
+                        60,
+                        "the resumed commit to finish",
+                    )
                 assert read_file(m.disk, direct=True) == v0
             m.unmount()
             assert flat(active) == v0
             if pending:
-                assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2",
-                                                                    "base.qcow2"]
+                assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
             assert _pending_fast(active) == []
             check_images([str(p) for p in d.glob("*.qcow2")], allow_leaks=True)
         except AssertionError as e:
-            failures.append(f"power cut at barrier {k}/{barriers}: "
-                            f"{(str(e).splitlines() or [repr(e)])[0][:300]}")
+            failures.append(
+                f"power cut at barrier {k}/{barriers}: "
+                f"{(str(e).splitlines() or [repr(e)])[0][:300]}"
+            )
         finally:
             mounter.cleanup()
     assert not failures, "\n".join(failures)
@@ -257,18 +305,25 @@ def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):  # no
 
 
 def test_mount_cli_has_no_resume():
-    cp = subprocess.run([sys.executable, "-m", "fusefs", "mount", "--help"],
-                        capture_output=True, text=True, timeout=60)
+    cp = subprocess.run(
+        [sys.executable, "-m", "fusefs", "mount", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "--no-resume" in cp.stdout
 
 
-def test_simple_commit_resumes_from_scratch(tmp_path, mounter):  # noqa: F811
+def test_simple_commit_resumes_from_scratch(tmp_path, mounter):
     """A simple-mode commit killed midway: the mount resumes it from the start (len is
     the whole range again), it finishes, the record is gone and the chain reduced."""
     c = build_live_chain(tmp_path / "img", size=32 * M)
     v0 = flat(c.active)
-    _run_script(offline_script(c.active, tmp_path / "p", kill_after=2 * M, mode="simple",
-                               speed=8 * M), _env(), expect_kill=True)
+    _run_script(
+        offline_script(c.active, tmp_path / "p", kill_after=2 * M, mode="simple", speed=8 * M),
+        _env(),
+        expect_kill=True,
+    )
     (rec,) = _pending(c.active)
     assert rec["mode"] == "simple"
     first_len = int((tmp_path / "p").read_text().split()[-1])
@@ -276,8 +331,7 @@ def test_simple_commit_resumes_from_scratch(tmp_path, mounter):  # noqa: F811
     assert len(notes) == 1 and "resuming" in notes[0] and "simple" in notes[0], notes
     with SyncQMP(m.socket) as qmp:
         wait_until(lambda: _completed_in_log(m), 60, "the resumed commit")
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2",
-                                                                  "base.qcow2"]
+        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     done = _completed_in_log(m)
     assert done["device"] == "commit" and done["len"] == first_len, (done, first_len)
     assert read_file(m.disk, direct=True) == v0

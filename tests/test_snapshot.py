@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from mount_fixtures import mounter, read_file  # noqa: F401  (fixture)
+from mount_fixtures import read_file
 from qemu_helpers import convert_raw, qemu_img, qemu_info_chain
 from test_commit_live import build_live_chain
 from test_commit_support import M, SyncQMP, Writer, chain_names, check_images, flat
@@ -21,10 +21,22 @@ def _files(nodes):
 
 
 def _cli(verb, m, *args):
-    return subprocess.run([sys.executable, "-m", "fusefs", verb, str(m.mountpoint),
-                           "--control-socket", str(m.socket), *map(str, args)],
-                          capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusefs",
+            verb,
+            str(m.mountpoint),
+            "--control-socket",
+            str(m.socket),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _commit_back(qmp, base, job_id, **extra):
@@ -32,17 +44,26 @@ def _commit_back(qmp, base, job_id, **extra):
     --active --pivot)."""
     nodes = qmp.execute("query-named-block-nodes")
     start = len(qmp.events)
-    qmp.execute("block-commit", {"job-id": job_id, "device": nodes[0]["node-name"],
-                                 "top": nodes[0]["file"], "base": base, **extra})
+    qmp.execute(
+        "block-commit",
+        {
+            "job-id": job_id,
+            "device": nodes[0]["node-name"],
+            "top": nodes[0]["file"],
+            "base": base,
+            **extra,
+        },
+    )
     qmp.wait_event("BLOCK_JOB_READY", timeout=60, start=start)
     qmp.execute("block-job-complete", {"device": job_id})
     done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60, start=start)["data"]
     assert "error" not in done, done
-    qmp.wait_event("JOB_STATUS_CHANGE", start=start,
-                   pred=lambda d: d["id"] == job_id and d["status"] == "null")
+    qmp.wait_event(
+        "JOB_STATUS_CHANGE", start=start, pred=lambda d: d["id"] == job_id and d["status"] == "null"
+    )
 
 
-def test_backup_cycle_under_guest_writes(tmp_path, mounter):  # noqa: F811
+def test_backup_cycle_under_guest_writes(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=64 * M)
     base, mid, top, active = c.images
     new = str(tmp_path / "img" / "overlay.qcow2")
@@ -51,13 +72,18 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):  # noqa: F811
     with SyncQMP(m.socket) as qmp:
         w = Writer(m.disk, model, seed=14).start()
         time.sleep(0.3)
-        with w.quiesce():                     # the snapshot moment, as the guest saw it
+        with w.quiesce():  # the snapshot moment, as the guest saw it
             cp = _cli("snapshot", m, new)
             at_snapshot = bytes(model)
         assert cp.returncode == 0 and cp.stderr == "", (cp.stderr, m.log())
         nodes = qmp.execute("query-named-block-nodes")
-        assert _files(nodes) == ["overlay.qcow2", "active.qcow2", "top.qcow2",
-                                 "mid.qcow2", "base.qcow2"]
+        assert _files(nodes) == [
+            "overlay.qcow2",
+            "active.qcow2",
+            "top.qcow2",
+            "mid.qcow2",
+            "base.qcow2",
+        ]
         assert nodes[1]["ro"] is True and nodes[0]["ro"] is False
         # QEMU's locks: the new image is taken for writing, the old one is a backing
         # file that other readers may open (no -U needed) while the guest writes on
@@ -69,8 +95,12 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):  # noqa: F811
         time.sleep(0.3)
         _commit_back(qmp, active, "pivot")
         assert _files(qmp.execute("query-named-block-nodes")) == [
-            "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
-        time.sleep(0.3)                       # the guest writes into the old active again
+            "active.qcow2",
+            "top.qcow2",
+            "mid.qcow2",
+            "base.qcow2",
+        ]
+        time.sleep(0.3)  # the guest writes into the old active again
         w.stop()
         assert w.writes > 20 and w.samples > 20, (w.writes, w.samples)
     assert read_file(m.disk, direct=True) == model
@@ -78,13 +108,17 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):  # noqa: F811
     assert flat(active) == model
     assert convert_raw(str(backup)) == at_snapshot
     assert [n for n, _b, _s in chain_names(active)] == [
-        "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+        "active.qcow2",
+        "top.qcow2",
+        "mid.qcow2",
+        "base.qcow2",
+    ]
     check_images(c.images + [new])
     info = qemu_info_chain(new)
-    assert info[0]["backing-filename"] == "active.qcow2"    # same folder: relative
+    assert info[0]["backing-filename"] == "active.qcow2"  # same folder: relative
 
 
-def test_snapshot_and_commit_twenty_times(tmp_path, mounter):  # noqa: F811
+def test_snapshot_and_commit_twenty_times(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=16 * M)
     active = c.active
     model = bytearray(flat(active))
@@ -94,12 +128,15 @@ def test_snapshot_and_commit_twenty_times(tmp_path, mounter):  # noqa: F811
         for i in range(20):
             new = str(tmp_path / "img" / f"snap{i}.qcow2")
             nodes = qmp.execute("query-named-block-nodes")
-            qmp.execute("blockdev-snapshot-sync", {"node-name": nodes[0]["node-name"],
-                                                   "snapshot-file": new,
-                                                   "format": "qcow2"})
+            qmp.execute(
+                "blockdev-snapshot-sync",
+                {"node-name": nodes[0]["node-name"], "snapshot-file": new, "format": "qcow2"},
+            )
             assert _files(qmp.execute("query-named-block-nodes"))[:2] == [
-                f"snap{i}.qcow2", "active.qcow2"]
-            _commit_back(qmp, active, f"c{i}", **{"x-delete": True})   # virsh --delete
+                f"snap{i}.qcow2",
+                "active.qcow2",
+            ]
+            _commit_back(qmp, active, f"c{i}", **{"x-delete": True})  # virsh --delete
             assert _files(qmp.execute("query-named-block-nodes"))[0] == "active.qcow2"
             assert not os.path.exists(new)
             assert w.error is None, w.error
@@ -111,7 +148,7 @@ def test_snapshot_and_commit_twenty_times(tmp_path, mounter):  # noqa: F811
     check_images(c.images)
 
 
-def test_snapshot_refusals(tmp_path, mounter):  # noqa: F811
+def test_snapshot_refusals(tmp_path, mounter):
     """One line, non-zero exit, nothing changed: NEW exists, a job runs, a read-only
     mount; QMP errors for a node that is not the active one and a format we cannot
     make."""
@@ -128,24 +165,31 @@ def test_snapshot_refusals(tmp_path, mounter):  # noqa: F811
     refused(_cli("snapshot", m, taken), "exists")
     assert taken.read_bytes() == b"precious"
     with SyncQMP(m.socket) as qmp:
-        assert qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": str(taken)})[0] \
+        assert (
+            qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": str(taken)})[0]
             == "GenericError"
+        )
         nodes = qmp.execute("query-named-block-nodes")
-        cls, desc = qmp.error_of("blockdev-snapshot-sync", {
-            "node-name": nodes[1]["node-name"], "snapshot-file": str(new)})
+        cls, desc = qmp.error_of(
+            "blockdev-snapshot-sync",
+            {"node-name": nodes[1]["node-name"], "snapshot-file": str(new)},
+        )
         assert cls == "GenericError" and "active" in desc
-        cls, desc = qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": str(new),
-                                                            "format": "raw"})
+        cls, desc = qmp.error_of(
+            "blockdev-snapshot-sync", {"snapshot-file": str(new), "format": "raw"}
+        )
         assert "raw" in desc
-        assert qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": 5})[0] == \
-            "GenericError"
-        qmp.execute("block-commit", {"job-id": "slow", "top": nodes[1]["file"],
-                                     "speed": 1 * M})
+        assert qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": 5})[0] == "GenericError"
+        qmp.execute("block-commit", {"job-id": "slow", "top": nodes[1]["file"], "speed": 1 * M})
         refused(_cli("snapshot", m, new), "slow")
         qmp.execute("block-job-cancel", {"device": "slow", "force": True})
         qmp.wait_event("BLOCK_JOB_CANCELLED")
         assert _files(qmp.execute("query-named-block-nodes")) == [
-            "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+            "active.qcow2",
+            "top.qcow2",
+            "mid.qcow2",
+            "base.qcow2",
+        ]
     assert not new.exists()
     # another folder: the new image names the active image by its absolute path
     other = tmp_path / "elsewhere" / "o.qcow2"

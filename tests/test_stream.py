@@ -16,12 +16,20 @@ import sys
 import time
 
 import pytest
-
-from mount_fixtures import mounter, read_file  # noqa: F401  (fixture)
+from mount_fixtures import read_file
 from qemu_helpers import apply_ops, create, qemu_img, qemu_info_chain, qemu_map
 from test_commit_live import build_live_chain, kill9
-from test_commit_support import (K, M, SyncQMP, Writer, build, chain_names, check_images,
-                                 compare_with_pending, flat)
+from test_commit_support import (
+    K,
+    M,
+    SyncQMP,
+    Writer,
+    build,
+    chain_names,
+    check_images,
+    compare_with_pending,
+    flat,
+)
 
 
 def _files(nodes):
@@ -34,29 +42,48 @@ def _qemu_rebase(active, base):
         qemu_img("rebase", "-q", "-b", "", active)
     else:
         fmt = qemu_info_chain(base)[0]["format"]
-        qemu_img("rebase", "-q", "-b", os.path.relpath(base, os.path.dirname(active)),
-                 "-F", fmt, active)
+        qemu_img(
+            "rebase", "-q", "-b", os.path.relpath(base, os.path.dirname(active)), "-F", fmt, active
+        )
     return flat(active)
 
 
 def _stream_cli(m, *args):
-    return subprocess.run([sys.executable, "-m", "fusefs", "stream", str(m.mountpoint),
-                           "--control-socket", str(m.socket), *map(str, args)],
-                          capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusefs",
+            "stream",
+            str(m.mountpoint),
+            "--control-socket",
+            str(m.socket),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # four-layer chains (base <- mid <- top <- active) are also streamed down to mid
-DEEP_CASES = ["scenario", "short_intermediate4", "mixed_clusters", "extended_l2",
-              "compressed_mid"]
-STREAM_CASES = DEEP_CASES + ["extended_l2_top", "raw_base", "short_unaligned",
-                             "top_larger_095", "backing_larger", "compat010"]
-STREAM_MATRIX = [(case, to) for case in STREAM_CASES for to in ("base", "none")] + \
-    [(case, "mid") for case in DEEP_CASES]
+DEEP_CASES = ["scenario", "short_intermediate4", "mixed_clusters", "extended_l2", "compressed_mid"]
+STREAM_CASES = DEEP_CASES + [
+    "extended_l2_top",
+    "raw_base",
+    "short_unaligned",
+    "top_larger_095",
+    "backing_larger",
+    "compat010",
+]
+STREAM_MATRIX = [(case, to) for case in STREAM_CASES for to in ("base", "none")] + [
+    (case, "mid") for case in DEEP_CASES
+]
 
 
 @pytest.mark.parametrize("case,to", STREAM_MATRIX)
-def test_stream_matches_qemu_img_rebase(tmp_path, mounter, case, to):  # noqa: F811
+def test_stream_matches_qemu_img_rebase(tmp_path, mounter, case, to):
     """block-stream over the matrix (short backing files, mixed cluster sizes, extended
     L2, compressed and raw layers) equals `qemu-img rebase` of a copy: same view, same
     backing file, every image clean."""
@@ -73,29 +100,37 @@ def test_stream_matches_qemu_img_rebase(tmp_path, mounter, case, to):  # noqa: F
         nodes = qmp.execute("query-named-block-nodes")
         args = {"job-id": "s1", "device": nodes[0]["node-name"]}
         if base is not None:
-            args["base-node"] = next(n["node-name"] for n in nodes
-                                     if os.path.samefile(n["file"], base))
+            args["base-node"] = next(
+                n["node-name"] for n in nodes if os.path.samefile(n["file"], base)
+            )
         qmp.execute("block-stream", args)
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
         assert "error" not in done, done
         assert done["type"] == "stream" and done["offset"] == done["len"], done
         qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "null")
-        assert qmp.statuses("s1") == ["created", "running", "waiting", "pending",
-                                      "concluded", "null"]
+        assert qmp.statuses("s1") == [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null",
+        ]
         after = _files(qmp.execute("query-named-block-nodes"))
-        kept = ours.images[:pick + 1][::-1] if pick is not None else []
+        kept = ours.images[: pick + 1][::-1] if pick is not None else []
         want = [os.path.basename(p) for p in [ours.active] + kept]
         assert after == want
         assert read_file(m.disk, direct=True) == v0
     m.unmount()
     assert flat(ours.active) == v0
-    assert [(n, b) for n, b, _s in chain_names(ours.active)] == \
-        [(n, b) for n, b, _s in chain_names(ref.active)]
+    assert [(n, b) for n, b, _s in chain_names(ours.active)] == [
+        (n, b) for n, b, _s in chain_names(ref.active)
+    ]
     check_images(ours.images)
 
 
 @pytest.mark.slow
-def test_stream_under_guest_writes(tmp_path, mounter):  # noqa: F811
+def test_stream_under_guest_writes(tmp_path, mounter):
     """A guest writes (and reads back samples) all through the job: its writes win over
     the copied data, the model holds during and after, and the result is what
     `qemu-img rebase` makes of the final chain."""
@@ -120,19 +155,20 @@ def test_stream_under_guest_writes(tmp_path, mounter):  # noqa: F811
         time.sleep(0.2)
         w.stop()
         assert w.writes > 50 and w.samples > 50, (w.writes, w.samples)
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2",
-                                                                  "base.qcow2"]
+        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(active) == model
     assert [(n, b) for n, b, _s in chain_names(active)] == [
-        ("active.qcow2", "base.qcow2"), ("base.qcow2", None)]
+        ("active.qcow2", "base.qcow2"),
+        ("base.qcow2", None),
+    ]
     check_images([base, active])
     # the intermediates are untouched and still valid images
     check_images([mid, top])
 
 
-def test_stream_cancel_then_again(tmp_path, mounter):  # noqa: F811
+def test_stream_cancel_then_again(tmp_path, mounter):
     """A cancelled stream leaves the chain as it was (same view, clean images); the next
     run copies only what the first had not."""
     c = build_live_chain(tmp_path / "img", size=64 * M)
@@ -151,7 +187,11 @@ def test_stream_cancel_then_again(tmp_path, mounter):  # noqa: F811
         qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
         assert "BLOCK_JOB_COMPLETED" not in qmp.names()
         assert _files(qmp.execute("query-named-block-nodes")) == [
-            "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+            "active.qcow2",
+            "top.qcow2",
+            "mid.qcow2",
+            "base.qcow2",
+        ]
         w.stop()
     assert read_file(m.disk, direct=True) == model
     m.unmount()
@@ -173,7 +213,7 @@ def test_stream_cancel_then_again(tmp_path, mounter):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [21, 22])
-def test_stream_kill9_then_again(tmp_path, mounter, seed):  # noqa: F811
+def test_stream_kill9_then_again(tmp_path, mounter, seed):
     """kill -9 of the daemon at a random point of a stream under guest writes: the
     remount reads every fsync'd byte, the images have no corruption, and a new stream
     finishes with the same view."""
@@ -197,10 +237,14 @@ def test_stream_kill9_then_again(tmp_path, mounter, seed):  # noqa: F811
         compare_with_pending(got, model, w.pending)
         if w.pending is not None:
             off, _old, new = w.pending
-            model[off:off + len(new)] = got[off:off + len(new)]
+            model[off : off + len(new)] = got[off : off + len(new)]
         check_images(c.images, allow_leaks=True)
         assert [n for n, _b, _s in chain_names(c.active)] == [
-            "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+            "active.qcow2",
+            "top.qcow2",
+            "mid.qcow2",
+            "base.qcow2",
+        ]
     # each run started with less to pull: what the killed runs copied stayed copied
     assert lens[1][0] < lens[0][0], lens
     qemu_img("check", "-q", "-r", "leaks", c.active)
@@ -213,7 +257,7 @@ def test_stream_kill9_then_again(tmp_path, mounter, seed):  # noqa: F811
     check_images([c.base, c.active])
 
 
-def test_stream_cli_delete_and_guard(tmp_path, mounter):  # noqa: F811
+def test_stream_cli_delete_and_guard(tmp_path, mounter):
     """`stream --delete` removes the dropped images, unless an image outside the chain
     reads through one of them: then one line per dependant and nothing happens."""
     c = build_live_chain(tmp_path / "img", size=16 * M)
@@ -239,7 +283,7 @@ def test_stream_cli_delete_and_guard(tmp_path, mounter):  # noqa: F811
     check_images([base, active])
 
 
-def test_stream_nothing_to_do_and_read_only(tmp_path, mounter):  # noqa: F811
+def test_stream_nothing_to_do_and_read_only(tmp_path, mounter):
     """Streaming onto the active image's own backing file completes at once and changes
     nothing; a read-only mount refuses with one line."""
     c = build_live_chain(tmp_path / "img", size=16 * M)
@@ -255,12 +299,15 @@ def test_stream_nothing_to_do_and_read_only(tmp_path, mounter):  # noqa: F811
     assert cp.returncode == 0, (cp.stderr, m.log())
     m.unmount()
     assert [n for n, _b, _s in chain_names(c.active)] == [
-        "active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+        "active.qcow2",
+        "top.qcow2",
+        "mid.qcow2",
+        "base.qcow2",
+    ]
     check_images(c.images)
 
 
-
-def test_stream_keeps_a_large_disk_sparse(tmp_path, mounter):  # noqa: F811
+def test_stream_keeps_a_large_disk_sparse(tmp_path, mounter):
     """A 64 GiB active image over a 4 MiB backing file that has a zero cluster over
     base data: streaming writes the data and that zero cluster, not 64 GiB of zeros
     past the backing file's end (which reads as zeros without it too)."""

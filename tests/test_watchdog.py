@@ -9,23 +9,26 @@ import threading
 import time
 
 import pytest
+from mount_fixtures import make_chain, wait_until
 
 from fusefs.watchdog import Watchdog
-from mount_fixtures import make_chain, mounter, wait_until  # noqa: F401
 
 
 @pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGUSR1])
-def test_signal_writes_every_threads_stack_to_the_log(tmp_path, mounter, sig):  # noqa: F811
+def test_signal_writes_every_threads_stack_to_the_log(tmp_path, mounter, sig):
     m = mounter(make_chain(tmp_path, size=8 << 20))
     with open(m.disk, "rb") as f:
         assert len(f.read(4096)) == 4096
     os.kill(m.daemon_pid(), sig)
-    wait_until(lambda: "Current thread" in m.log() or "Thread 0x" in m.log(), 10,
-               "the thread dump in the log")
+    wait_until(
+        lambda: "Current thread" in m.log() or "Thread 0x" in m.log(),
+        10,
+        "the thread dump in the log",
+    )
     log = m.log()
-    assert "qcowfs-watchdog" in log or "watchdog.py" in log    # every thread, not one
-    assert "trio" in log                                       # the loop's own stack
-    with open(m.disk, "rb") as f:                              # and it still serves
+    assert "qcowfs-watchdog" in log or "watchdog.py" in log  # every thread, not one
+    assert "trio" in log  # the loop's own stack
+    with open(m.disk, "rb") as f:  # and it still serves
         assert len(f.read(4096)) == 4096
     m.unmount()
 
@@ -38,19 +41,22 @@ def test_watchdog_warns_once_with_stacks_for_a_stuck_request(tmp_path, caplog):
         caplog.set_level(logging.WARNING, logger="qcowfs.watchdog")
         token = dog.begin("read", 4096, 512)
         fast = dog.begin("write", 0, 4096)
-        dog.end(fast)                               # a finished request is never reported
+        dog.end(fast)  # a finished request is never reported
         release = threading.Event()
         stuck = threading.Thread(target=release.wait, name="stuck-request")
         stuck.start()
-        wait_until(lambda: any("in flight" in r.message for r in caplog.records), 10,
-                   "the watchdog's warning")
-        time.sleep(0.5)                             # more periods: still one warning
+        wait_until(
+            lambda: any("in flight" in r.message for r in caplog.records),
+            10,
+            "the watchdog's warning",
+        )
+        time.sleep(0.5)  # more periods: still one warning
         warnings = [r.message for r in caplog.records if "in flight" in r.message]
         assert len(warnings) == 1, warnings
         assert "FUSE read request (offset 4096, 512 bytes)" in warnings[0]
         out.seek(0)
         dump = out.read()
-        assert "Thread 0x" in dump and "wait" in dump          # the stuck thread's stack
+        assert "Thread 0x" in dump and "wait" in dump  # the stuck thread's stack
         dog.end(token)
         release.set()
         stuck.join()
@@ -63,11 +69,12 @@ def test_watchdog_warns_when_the_loop_stops_beating(tmp_path, caplog):
     out = open(tmp_path / "dump.txt", "w+")
     dog = Watchdog(lambda: out, limit=0.3, period=0.05)
     caplog.set_level(logging.WARNING, logger="qcowfs.watchdog")
-    dog.loop_beat = time.monotonic()        # the heartbeat task ran once, then no more
+    dog.loop_beat = time.monotonic()  # the heartbeat task ran once, then no more
     dog.start()
     try:
-        wait_until(lambda: any("event loop" in r.message for r in caplog.records), 10,
-                   "the loop warning")
+        wait_until(
+            lambda: any("event loop" in r.message for r in caplog.records), 10, "the loop warning"
+        )
     finally:
         dog.stop()
         out.close()

@@ -25,12 +25,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
-                                 precondition, rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from qemu_helpers import K, M, apply_ops, convert_raw, create, make_raw, qemu_check, qemu_img
 
 import qcow
-from qemu_helpers import (K, M, apply_ops, convert_raw, create, make_raw, qemu_check,
-                          qemu_img)
 
 
 @dataclass(frozen=True)
@@ -40,9 +38,9 @@ class Config:
     refcount_bits: int = 16
     compat: str = "1.1"
     extended_l2: bool = False
-    backing: str | None = None      # None, "qcow2" (same size) or "raw-short"
+    backing: str | None = None  # None, "qcow2" (same size) or "raw-short"
     snapshot: bool = False
-    size: int = 0                   # virtual size; 0: chosen from the cluster size
+    size: int = 0  # virtual size; 0: chosen from the cluster size
     slow: bool = False
 
     @property
@@ -61,8 +59,7 @@ CONFIGS = [
     Config("c512-snap-rb64", 512, refcount_bits=64, snapshot=True),
     Config("c512-v2-backing-snap", 512, compat="0.10", backing="qcow2", snapshot=True),
     Config("c4k-rb1", 4 * K, refcount_bits=1),
-    Config("c4k-rb64-backing-snap", 4 * K, refcount_bits=64, backing="qcow2",
-           snapshot=True),
+    Config("c4k-rb64-backing-snap", 4 * K, refcount_bits=64, backing="qcow2", snapshot=True),
     Config("c4k-v2", 4 * K, compat="0.10"),
     Config("c4k-v2-rawshort", 4 * K, compat="0.10", backing="raw-short"),
     Config("c64k", 64 * K),
@@ -70,18 +67,24 @@ CONFIGS = [
     Config("c64k-rb1-backing", 64 * K, refcount_bits=1, backing="qcow2"),
     Config("c64k-v2-snap", 64 * K, compat="0.10", snapshot=True),
     Config("extl2-64k", 64 * K, extended_l2=True),
-    Config("extl2-64k-backing-snap", 64 * K, extended_l2=True, backing="qcow2",
-           snapshot=True),
-    Config("extl2-32k-rb64-rawshort", 32 * K, refcount_bits=64, extended_l2=True,
-           backing="raw-short"),
-    Config("extl2-16k-rb1-backing", 16 * K, refcount_bits=1, extended_l2=True,
-           backing="qcow2"),
+    Config("extl2-64k-backing-snap", 64 * K, extended_l2=True, backing="qcow2", snapshot=True),
+    Config(
+        "extl2-32k-rb64-rawshort", 32 * K, refcount_bits=64, extended_l2=True, backing="raw-short"
+    ),
+    Config("extl2-16k-rb1-backing", 16 * K, refcount_bits=1, extended_l2=True, backing="qcow2"),
     Config("c2m", 2 * M, size=6 * M + 4 * K, slow=True),
-    Config("c2m-rb1-backing", 2 * M, refcount_bits=1, backing="qcow2",
-           size=5 * M - 512, slow=True),
+    Config("c2m-rb1-backing", 2 * M, refcount_bits=1, backing="qcow2", size=5 * M - 512, slow=True),
     Config("c2m-v2-snap", 2 * M, compat="0.10", snapshot=True, size=5 * M, slow=True),
-    Config("extl2-2m-rb64-backing-snap", 2 * M, refcount_bits=64, extended_l2=True,
-           backing="qcow2", snapshot=True, size=6 * M - 512, slow=True),
+    Config(
+        "extl2-2m-rb64-backing-snap",
+        2 * M,
+        refcount_bits=64,
+        extended_l2=True,
+        backing="qcow2",
+        snapshot=True,
+        size=6 * M - 512,
+        slow=True,
+    ),
 ]
 
 
@@ -102,23 +105,36 @@ def build_images(cfg: Config, d: Path):
     backing_args = {}
     if cfg.backing == "qcow2":
         backing = create(d / "base.qcow2", size, cluster_size=64 * K)
-        apply_ops(backing, [("w", 0, size // 3, "base"),
-                            ("w", size // 2 + 333, size // 4, ("rand", "base")),
-                            ("w", size - 4 * K, 4 * K, 0xB1)])
+        apply_ops(
+            backing,
+            [
+                ("w", 0, size // 3, "base"),
+                ("w", size // 2 + 333, size // 4, ("rand", "base")),
+                ("w", size - 4 * K, 4 * K, 0xB1),
+            ],
+        )
         backing_args = dict(backing="base.qcow2", backing_fmt="qcow2")
     elif cfg.backing == "raw-short":
         # shorter than the active image and not cluster-aligned: past its end the
         # guest reads zeros, whatever the copy-on-write code finds there
         short = (size // 2) // 512 * 512 + 512 + 7
-        backing = make_raw(d / "base.raw", short,
-                           writes=[(0, short, ("rand", "rawbase"))])
+        backing = make_raw(d / "base.raw", short, writes=[(0, short, ("rand", "rawbase"))])
         backing_args = dict(backing="base.raw", backing_fmt="raw")
     active = create(d / "active.qcow2", size, **backing_args, **_create_opts(cfg))
     if cfg.snapshot:
-        apply_ops(active, [("w", 0, min(size, 5 * cs // 2 + 100), "presnap"),
-                           ("w", size // 2 - 1000, min(cs, 64 * K) + 2000, 0x5A),
-                           ("w", size - 3 * cs // 2 if size > 2 * cs else size // 2,
-                            min(cs, size // 2), ("rand", "presnap"))])
+        apply_ops(
+            active,
+            [
+                ("w", 0, min(size, 5 * cs // 2 + 100), "presnap"),
+                ("w", size // 2 - 1000, min(cs, 64 * K) + 2000, 0x5A),
+                (
+                    "w",
+                    size - 3 * cs // 2 if size > 2 * cs else size // 2,
+                    min(cs, size // 2),
+                    ("rand", "presnap"),
+                ),
+            ],
+        )
         qemu_img("snapshot", "-c", "s1", active)
         # some clusters already copied by QEMU, others still shared with s1
         apply_ops(active, [("w", cs // 2, 100, 0x6B)])
@@ -132,20 +148,26 @@ def _sha(path):
 def ranges(size, cs):
     """(offset, length) biased to cluster and subcluster edges and small/odd sizes."""
     nclusters = -(-size // cs)
-    edge = st.builds(lambda c, dlt: c * cs + dlt, st.integers(0, nclusters),
-                     st.sampled_from([0, 0, 1, -1, 511, -512, 512, cs // 2, cs // 32]))
+    edge = st.builds(
+        lambda c, dlt: c * cs + dlt,
+        st.integers(0, nclusters),
+        st.sampled_from([0, 0, 1, -1, 511, -512, 512, cs // 2, cs // 32]),
+    )
     offset = st.one_of(st.integers(0, size - 1), edge).map(lambda o: min(max(o, 0), size - 1))
-    length = st.one_of(st.integers(1, 2 * cs + 1000),
-                       st.integers(1, 4).map(lambda k: k * cs),
-                       st.integers(1, 4).map(lambda k: k * cs // 32),
-                       st.integers(1, 600),
-                       st.integers(1, size))
+    length = st.one_of(
+        st.integers(1, 2 * cs + 1000),
+        st.integers(1, 4).map(lambda k: k * cs),
+        st.integers(1, 4).map(lambda k: k * cs // 32),
+        st.integers(1, 600),
+        st.integers(1, size),
+    )
 
     @st.composite
     def draw(draw_):
         off = draw_(offset)
         n = draw_(length)
         return off, max(1, min(n, size - off))
+
     return draw()
 
 
@@ -174,10 +196,14 @@ def make_machine(cfg: Config):
             data = random.Random(seed).randbytes(n)
             self._note("write", off, n)
             self.chain.write(off, data)
-            self.model[off:off + n] = data
+            self.model[off : off + n] = data
 
-        @rule(c=st.integers(0, (size - 1) // cs), a=st.integers(-600, cs - 1),
-              n=st.integers(1, 1200), seed=st.integers(0, 2**32 - 1))
+        @rule(
+            c=st.integers(0, (size - 1) // cs),
+            a=st.integers(-600, cs - 1),
+            n=st.integers(1, 1200),
+            seed=st.integers(0, 2**32 - 1),
+        )
         def write_near_edge(self, c, a, n, seed):
             """A small write at, inside or across the start of cluster c."""
             off = min(max(c * cs + a, 0), size - 1)
@@ -188,14 +214,14 @@ def make_machine(cfg: Config):
             off, n = r
             self._note("write_zeroes", off, n)
             self.chain.write_zeroes(off, n)
-            self.model[off:off + n] = bytes(n)
+            self.model[off : off + n] = bytes(n)
 
         @rule(r=ranges(size, cs))
         def discard(self, r):
             off, n = r
             self._note("discard", off, n)
             self.chain.discard(off, n)
-            self.model[off:off + n] = bytes(n)
+            self.model[off : off + n] = bytes(n)
 
         @rule()
         def flush(self):
@@ -215,8 +241,10 @@ def make_machine(cfg: Config):
             got = self.chain.read(0, size)
             if got != self.model:
                 bad = next(i for i in range(size) if got[i] != self.model[i])
-                raise AssertionError(f"chain.read differs from the model at byte {bad} "
-                                     f"(cluster {bad // cs}); ops: {self.log}")
+                raise AssertionError(
+                    f"chain.read differs from the model at byte {bad} "
+                    f"(cluster {bad // cs}); ops: {self.log}"
+                )
 
         def teardown(self):
             chain = getattr(self, "chain", None)
@@ -225,14 +253,19 @@ def make_machine(cfg: Config):
                     return
                 chain.close()
                 rc, rep = qemu_check(self.path)
-                assert rc == 0 and rep.get("check-errors", 0) == 0 \
-                    and not rep.get("corruptions") and not rep.get("leaks"), \
-                    (rc, rep, qemu_img("check", self.path, check=False).stdout, self.log)
-                assert convert_raw(self.path) == bytes(self.model), \
+                assert (
+                    rc == 0
+                    and rep.get("check-errors", 0) == 0
+                    and not rep.get("corruptions")
+                    and not rep.get("leaks")
+                ), (rc, rep, qemu_img("check", self.path, check=False).stdout, self.log)
+                assert convert_raw(self.path) == bytes(self.model), (
                     f"qemu-img convert differs from the model; ops: {self.log}"
+                )
                 if cfg.snapshot:
-                    assert convert_raw(self.path, "s1") == self.snap_model, \
+                    assert convert_raw(self.path, "s1") == self.snap_model, (
                         f"snapshot s1 changed; ops: {self.log}"
+                    )
                 if self.backing:
                     assert _sha(self.backing) == self.backing_sha, "backing file modified"
             finally:
@@ -259,15 +292,21 @@ def test_writer_model(cfg):
     if cfg.slow:
         examples = max(3, examples // 3)
     run = machine.TestCase
-    run.settings = settings(max_examples=examples, stateful_step_count=steps,
-                            deadline=None, database=None, print_blob=True,
-                            suppress_health_check=list(HealthCheck))
+    run.settings = settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+    )
     run().runTest()
 
 
 def test_matrix_is_valid_for_qemu(tmp_path):
     """Every configuration builds with QEMU and has the properties its name claims."""
     import json
+
     for cfg in CONFIGS:
         d = tmp_path / cfg.name
         d.mkdir()

@@ -11,11 +11,21 @@ import random
 import struct
 from pathlib import Path
 
+from qemu_helpers import (
+    K,
+    M,
+    apply_ops,
+    convert_raw,
+    create,
+    patch,
+    qcow2_layout,
+    qemu_check,
+    qemu_img,
+)
+from recording_io import Journal, recording_factory
+
 import qcow
 from qcow.image import Qcow2Image
-from qemu_helpers import (K, M, apply_ops, convert_raw, create, patch, qcow2_layout,
-                          qemu_check, qemu_img)
-from recording_io import Journal, recording_factory
 
 
 def _zeros(off, n):
@@ -24,11 +34,13 @@ def _zeros(off, n):
 
 def _assert_no_corruption(path):
     rc, rep = qemu_check(path)
-    assert rc in (0, 3) and not rep.get("corruptions") and rep.get("check-errors", 0) == 0, \
+    assert rc in (0, 3) and not rep.get("corruptions") and rep.get("check-errors", 0) == 0, (
         qemu_img("check", path, check=False)
+    )
 
 
 # --- 1. a new L2 table exists only in the cache, past the end of the file ----------
+
 
 def test_zero_write_then_read_in_fresh_l2_table(workdir):
     """write_zeroes of a whole cluster allocates an L2 table (in the cache only) and no
@@ -39,7 +51,7 @@ def test_zero_write_then_read_in_fresh_l2_table(workdir):
         chain.write_zeroes(0, 64 * K)
         assert chain.read(0, 512) == bytes(512)
         chain.write(64 * K, b"x" * 100)
-    assert convert_raw(p)[64 * K:64 * K + 100] == b"x" * 100
+    assert convert_raw(p)[64 * K : 64 * K + 100] == b"x" * 100
     _assert_no_corruption(p)
 
 
@@ -51,10 +63,11 @@ def test_multi_cluster_write_into_fresh_image(workdir):
     with qcow.open_chain(p, writable=True) as chain:
         chain.write(0, data)
         assert chain.read(0, len(data)) == data
-    assert convert_raw(p)[:len(data)] == data
+    assert convert_raw(p)[: len(data)] == data
 
 
 # --- 2. a batch of fresh clusters outlives the eviction of its L2 table -------------
+
 
 def test_write_spanning_more_l2_tables_than_the_cache_holds(workdir):
     """With 512-byte clusters an L2 table covers 32 KiB; a write over 6 of them with a
@@ -67,12 +80,13 @@ def test_write_spanning_more_l2_tables_than_the_cache_holds(workdir):
         img.write(0, data, below=_zeros)
     finally:
         img.close()
-    assert convert_raw(p)[:len(data)] == data
+    assert convert_raw(p)[: len(data)] == data
     rc, _ = qemu_check(p)
     assert rc == 0
 
 
 # --- 3. a refcount block that does not count itself -----------------------------
+
 
 def test_every_synced_prefix_is_consistent_when_refblocks_are_added(workdir):
     """A large write into a 512-byte-cluster image needs new refcount blocks placed
@@ -100,6 +114,7 @@ def test_every_synced_prefix_is_consistent_when_refblocks_are_added(workdir):
 
 # --- 4. refcounts past the end of the file (a crash can leave them) -----------------
 
+
 def test_refcount_beyond_eof_is_not_free_space(workdir):
     """A crash can make a refcount increment durable while the write that extended the
     file is lost: the cluster past EOF is counted (QEMU's check does not even report
@@ -113,14 +128,15 @@ def test_refcount_beyond_eof_is_not_free_space(workdir):
     eof_cluster = -(-lay["file_size"] // cs)
     raw = Path(p).read_bytes()
     (block,) = struct.unpack_from(">Q", raw, lay["refcount_table_offset"])
-    patch(p, block + 2 * eof_cluster, "H", 1)        # counted, but past EOF
-    assert qemu_check(p)[0] == 0                     # invisible to QEMU's check
+    patch(p, block + 2 * eof_cluster, "H", 1)  # counted, but past EOF
+    assert qemu_check(p)[0] == 0  # invisible to QEMU's check
     with qcow.open_chain(p, writable=True) as chain:
         chain.write(M, os.urandom(3 * cs))
     _assert_no_corruption(p)
 
 
 # --- 5. the dirty-image repair must wait for the locks ---------------------------
+
 
 def test_dirty_repair_waits_for_the_lock(workdir):
     """Opening a dirty lazy-refcounts image for writing repairs it, which writes. While
@@ -132,9 +148,10 @@ def test_dirty_repair_waits_for_the_lock(workdir):
     import pytest
 
     from qcow.errors import LockConflict
+
     p = create(workdir / "dirty.qcow2", 4 * M, lazy_refcounts="on")
     apply_ops(p, [("w", 0, 64 * K, 0x11)])
-    patch(p, 72, "Q", qcow2_layout(p)["incompatible"] | 1)    # dirty
+    patch(p, 72, "Q", qcow2_layout(p)["incompatible"] | 1)  # dirty
     before = Path(p).read_bytes()
     fd = os.open(p, os.O_RDWR)
     try:
@@ -149,6 +166,7 @@ def test_dirty_repair_waits_for_the_lock(workdir):
 
 
 # --- 6. a cluster freed and reused while a read of it is in flight -----------------
+
 
 def test_read_in_flight_does_not_see_a_reused_cluster(workdir):
     """A read plans its host offsets under the chain lock and reads outside it. If the
@@ -183,14 +201,15 @@ def test_read_in_flight_does_not_see_a_reused_cluster(workdir):
 
         io.pread, io.preadinto = slow_pread, slow_preadinto
         result = {}
-        reader = threading.Thread(name="reader",
-                                  target=lambda: result.setdefault("r", chain.read(0, cs)))
+        reader = threading.Thread(
+            name="reader", target=lambda: result.setdefault("r", chain.read(0, cs))
+        )
         reader.start()
         try:
             assert planned.wait(10)
-            chain.discard(0, cs)          # frees the cluster (deferred)...
-            chain.flush()                 # ...refcount 0 once the L2 entry is durable
-            chain.write(M, other)         # allocation may take the freed cluster
+            chain.discard(0, cs)  # frees the cluster (deferred)...
+            chain.flush()  # ...refcount 0 once the L2 entry is durable
+            chain.write(M, other)  # allocation may take the freed cluster
         finally:
             release.set()
             reader.join(10)
@@ -199,6 +218,7 @@ def test_read_in_flight_does_not_see_a_reused_cluster(workdir):
 
 
 # --- 7. refcount table relocation: the new blocks' own counts -----------------------
+
 
 def test_refcount_table_growth_counts_every_new_block(workdir):
     """When the refcount table moves, new refcount blocks are placed right after the
@@ -209,15 +229,16 @@ def test_refcount_table_growth_counts_every_new_block(workdir):
     `_grow_table` at every alignment of the new table's start (reaching this through
     guest writes needs a 512 MiB image file)."""
     bad = []
-    fresh = Path(create(workdir / "gt.qcow2", 64 * M, cluster_size=512,
-                        refcount_bits=64)).read_bytes()
+    fresh = Path(
+        create(workdir / "gt.qcow2", 64 * M, cluster_size=512, refcount_bits=64)
+    ).read_bytes()
     for tmod in range(64):
         p = workdir / f"gt{tmod}.qcow2"
         p.write_bytes(fresh)
         img = Qcow2Image(str(p), writable=True)
         try:
-            img.refcounts.end = 64 * 64 + tmod     # where the new table will start
-            img.refcounts._grow_table(300 * 64)    # 300 clusters: spans ~5 blocks
+            img.refcounts.end = 64 * 64 + tmod  # where the new table will start
+            img.refcounts._grow_table(300 * 64)  # 300 clusters: spans ~5 blocks
             img.flush()
         finally:
             img.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .harness import CLUSTER, G, M, T, qemu_img, qemu_io, run, say
 
-RUN_LENGTHS = (1, 2, 4, 8, 16, 32)   # clusters per allocation run in the test chain
+RUN_LENGTHS = (1, 2, 4, 8, 16, 32)  # clusters per allocation run in the test chain
 CHAIN = ("base.qcow2", "mid.qcow2", "top.qcow2", "active.qcow2")
 
 
@@ -40,9 +40,15 @@ def chain_stats(size):
         elif layer == "mid":
             mid_vis += length
             mid_all += length
-    return {"clusters": n, "top": top / n, "mid": mid_vis / n, "base": (n - top - mid_vis) / n,
-            "mid_allocated": mid_all * CLUSTER, "top_allocated": top * CLUSTER,
-            "to_commit": (top + mid_vis) * CLUSTER}
+    return {
+        "clusters": n,
+        "top": top / n,
+        "mid": mid_vis / n,
+        "base": (n - top - mid_vis) / n,
+        "mid_allocated": mid_all * CLUSTER,
+        "top_allocated": top * CLUSTER,
+        "to_commit": (top + mid_vis) * CLUSTER,
+    }
 
 
 def _create(img, size=None, backing=None, cwd=None):
@@ -50,8 +56,9 @@ def _create(img, size=None, backing=None, cwd=None):
     given; the size defaults to the backing file's."""
     back = ["-b", backing, "-F", "qcow2"] if backing else []
     sized = [str(size)] if size is not None else []
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", *back, img,
-             *sized, cwd=cwd)
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", *back, img, *sized, cwd=cwd
+    )
 
 
 def build_chain(d, size):
@@ -59,19 +66,24 @@ def build_chain(d, size):
     d.mkdir(parents=True, exist_ok=True)
     _create(d / "base.qcow2", size)
     step = 64 * M
-    qemu_io(d / "base.qcow2", [f"write -q -P 0x11 {o} {min(step, size - o)}"
-                               for o in range(0, size, step)])
+    qemu_io(
+        d / "base.qcow2",
+        [f"write -q -P 0x11 {o} {min(step, size - o)}" for o in range(0, size, step)],
+    )
     mid_cmds, top_cmds = [], []
     for k, (c, length, layer, under) in enumerate(plan_chain(size)):
         off, n = c * CLUSTER, length * CLUSTER
         if layer == "top":
-            top_cmds.append(f"write -q -P {0x80 | (k & 0x3f)} {off} {n}")
+            top_cmds.append(f"write -q -P {0x80 | (k & 0x3F)} {off} {n}")
             if under:
-                mid_cmds.append(f"write -q -P {0x40 | (k & 0x3f)} {off} {n}")
+                mid_cmds.append(f"write -q -P {0x40 | (k & 0x3F)} {off} {n}")
         elif layer == "mid":
-            mid_cmds.append(f"write -q -P {0x40 | (k & 0x3f)} {off} {n}")
-    for name, back, cmds in (("mid", "base", mid_cmds), ("top", "mid", top_cmds),
-                             ("active", "top", [])):
+            mid_cmds.append(f"write -q -P {0x40 | (k & 0x3F)} {off} {n}")
+    for name, back, cmds in (
+        ("mid", "base", mid_cmds),
+        ("top", "mid", top_cmds),
+        ("active", "top", []),
+    ):
         img = d / f"{name}.qcow2"
         _create(img, size, f"{back}.qcow2", cwd=d)
         if cmds:

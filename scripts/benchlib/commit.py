@@ -15,17 +15,43 @@ import shutil
 import time
 
 from .chains import chain_stats, copy_chain, pristine
-from .harness import (M, NA, OURS, QSD, ROOT, Notes, fmt_num, last_line, median, na_text,
-                      qemu_img, say, timed)
+from .harness import (
+    NA,
+    OURS,
+    QSD,
+    ROOT,
+    M,
+    Notes,
+    fmt_num,
+    last_line,
+    median,
+    na_text,
+    qemu_img,
+    say,
+    timed,
+)
 from .load import Load, QueryProbe, latencies, longest_gap, percentile, rate
 from .servers import QMP, QMPError, mount
 
-JOB = "c"                       # job id used for every block-commit
-FIGURES = ("ready", "done", "iops_idle", "iops_job", "stall_job", "stall_idle",
-           "stall_pivot", "iops_sync", "len", "query_max", "read_p99", "read_max")
+JOB = "c"  # job id used for every block-commit
+FIGURES = (
+    "ready",
+    "done",
+    "iops_idle",
+    "iops_job",
+    "stall_job",
+    "stall_idle",
+    "stall_pivot",
+    "iops_sync",
+    "len",
+    "query_max",
+    "read_p99",
+    "read_max",
+)
 
 
 # ----------------------------------------------------------------------------- offline
+
 
 def section_commit(ctx, sec):
     notes = Notes(sec)
@@ -33,21 +59,29 @@ def section_commit(ctx, sec):
     imports = []
     for _ in range(3):
         try:
-            w, _, _, _ = timed(ctx, [ctx.python, "-c", "import commit.engine, fusefs.cli, qcow"],
-                               cpu=ctx.server_cpu, cwd=ROOT)
+            w, _, _, _ = timed(
+                ctx,
+                [ctx.python, "-c", "import commit.engine, fusefs.cli, qcow"],
+                cpu=ctx.server_cpu,
+                cwd=ROOT,
+            )
             imports.append(w)
         except NA:
             break
     st = chain_stats(ctx.size)
-    sec.row("offline commit of (base, top] into base", "s",
-            na_text(na["ours"]) if "ours" in na else median(s["ours"]),
-            na_text(na["qemu"]) if "qemu" in na else median(s["qemu"]), better="lower",
-            goal=("rel", 1),
-            note=f"`qcowfs commit active.qcow2` vs `qemu-img commit -b base.qcow2 top.qcow2`, "
-                 f"whole processes; {st['to_commit'] / M:.0f} MiB allocated in (base, top]; of "
-                 f"ours, starting Python and importing the project takes "
-                 f"{fmt_num(median(imports))} s",
-            samples=s)
+    sec.row(
+        "offline commit of (base, top] into base",
+        "s",
+        na_text(na["ours"]) if "ours" in na else median(s["ours"]),
+        na_text(na["qemu"]) if "qemu" in na else median(s["qemu"]),
+        better="lower",
+        goal=("rel", 1),
+        note=f"`qcowfs commit active.qcow2` vs `qemu-img commit -b base.qcow2 top.qcow2`, "
+        f"whole processes; {st['to_commit'] / M:.0f} MiB allocated in (base, top]; of "
+        f"ours, starting Python and importing the project takes "
+        f"{fmt_num(median(imports))} s",
+        samples=s,
+    )
     live_rows(ctx, sec, notes, active=False)
 
 
@@ -72,8 +106,12 @@ def _offline_runs(ctx, notes):
                 if who == "ours":
                     wall, _, _, _ = timed(ctx, [*ctx.qcowfs, "commit", a / "active.qcow2"], cpu=cpu)
                 else:
-                    wall, _, _, _ = timed(ctx, ["qemu-img", "commit", "-q", "-b", "base.qcow2",
-                                                b / "top.qcow2"], cpu=cpu, cwd=b)
+                    wall, _, _, _ = timed(
+                        ctx,
+                        ["qemu-img", "commit", "-q", "-b", "base.qcow2", b / "top.qcow2"],
+                        cpu=cpu,
+                        cwd=b,
+                    )
                 s[who].append(wall)
             except NA as e:
                 na[who] = str(e)
@@ -86,17 +124,29 @@ def _offline_runs(ctx, notes):
 
 def _check_offline(a, b, notes):
     """Base after our commit (in a) against base after qemu-img's (in b)."""
-    cp = qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", a / "base.qcow2",
-                  b / "base.qcow2", check=False)
-    notes.add("offline: base after our commit " +
-              ("equals" if cp.returncode == 0 else "DIFFERS FROM") +
-              " base after qemu-img's (qemu-img compare)")
+    cp = qemu_img(
+        "compare",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        a / "base.qcow2",
+        b / "base.qcow2",
+        check=False,
+    )
+    notes.add(
+        "offline: base after our commit "
+        + ("equals" if cp.returncode == 0 else "DIFFERS FROM")
+        + " base after qemu-img's (qemu-img compare)"
+    )
     cp = qemu_img("check", "-q", a / "base.qcow2", check=False)
     if cp.returncode != 0:
         notes.add(f"offline: qemu-img check of our base: exit {cp.returncode}")
 
 
 # ----------------------------------------------------------------------------- one live run
+
 
 def live_commit_run(ctx, kind, chain_dir, work, *, active, load, notes):
     """One live commit on a mount of chain_dir; a dict of figures (seconds, IOPS)."""
@@ -171,16 +221,20 @@ def _block_commit(q, kind, active, args):
         q.cmd("block-commit", args)
     except QMPError as e:
         if kind == QSD and active and "Permission conflict" in str(e) and "resize" in str(e):
-            raise NA("QEMU 7.2 cannot: its writable FUSE export holds the RESIZE "
-                     "permission, which the active commit's mirror job unshares "
-                     "(block-commit: Permission conflict ... 'resize')") from None
+            raise NA(
+                "QEMU 7.2 cannot: its writable FUSE export holds the RESIZE "
+                "permission, which the active commit's mirror job unshares "
+                "(block-commit: Permission conflict ... 'resize')"
+            ) from None
         raise
 
 
 def _note_errors(notes, kind, who, what, summary):
     if summary["errors"]:
-        notes.add(f"{kind}: the guest {who} saw {summary['errors']} {what} errors "
-                  f"({summary['last_error']})")
+        notes.add(
+            f"{kind}: the guest {who} saw {summary['errors']} {what} errors "
+            f"({summary['last_error']})"
+        )
 
 
 def _reader_figures(kind, rts, summary, t0, t1, notes):
@@ -195,9 +249,12 @@ def _writer_figures(kind, ts, summary, times, notes):
     t0, t_ready, t_cs, t1 = times
     _note_errors(notes, kind, "writer", "write", summary)
     idle_a, idle_b = t0 - 1.0, t0
-    res = {"iops_idle": rate(ts, idle_a, idle_b), "iops_job": rate(ts, t0, t1),
-           "stall_job": longest_gap(ts, t0, t1),
-           "stall_idle": longest_gap(ts, idle_a + 0.05, idle_b - 0.05)}
+    res = {
+        "iops_idle": rate(ts, idle_a, idle_b),
+        "iops_job": rate(ts, t0, t1),
+        "stall_job": longest_gap(ts, t0, t1),
+        "stall_idle": longest_gap(ts, idle_a + 0.05, idle_b - 0.05),
+    }
     if t_ready is not None:
         res["stall_pivot"] = longest_gap(ts, t_cs, t1)
         res["iops_sync"] = rate(ts, t0, t_ready)
@@ -210,8 +267,7 @@ def _check_nodes(q, kind, active, notes):
     if nodes is not None:
         want = 1 if active else 2
         if len(nodes) != want:
-            notes.add(f"ours: after the job the mount reports {len(nodes)} images, "
-                      f"expected {want}")
+            notes.add(f"ours: after the job the mount reports {len(nodes)} images, expected {want}")
 
 
 def _check_after(kind, chain_dir, active, notes):
@@ -226,19 +282,23 @@ def _check_after(kind, chain_dir, active, notes):
     for name in ("base.qcow2", "active.qcow2"):
         cp = qemu_img("check", "-q", chain_dir / name, check=False)
         if cp.returncode != 0:
-            notes.add(f"{kind}: qemu-img check {name} after the job: exit {cp.returncode} "
-                      f"{last_line(cp.stderr or cp.stdout)}")
+            notes.add(
+                f"{kind}: qemu-img check {name} after the job: exit {cp.returncode} "
+                f"{last_line(cp.stderr or cp.stdout)}"
+            )
 
 
 # ----------------------------------------------------------------------------- the rounds
+
 
 class _Live:
     """Samples of the live runs per (server, under load?) and figure, and what could
     not run; medians of them as table cells."""
 
     def __init__(self):
-        self.s = {(kind, load): {f: [] for f in FIGURES} for kind in (OURS, QSD)
-                  for load in (False, True)}
+        self.s = {
+            (kind, load): {f: [] for f in FIGURES} for kind in (OURS, QSD) for load in (False, True)
+        }
         self.na = {}
 
     def v(self, kind, load, f, scale=1.0):
@@ -254,7 +314,7 @@ class _Live:
         if (kind, load) in self.na:
             return na_text(self.na[(kind, load)])
         s = self.s[(kind, load)]
-        xs = [j / i for j, i in zip(s[f], s["iops_idle"]) if i and j is not None]
+        xs = [j / i for j, i in zip(s[f], s["iops_idle"], strict=True) if i and j is not None]
         return 100 * median(xs) if xs else None
 
     def samples(self, f, load):
@@ -271,16 +331,25 @@ def _live_runs(ctx, notes, active):
     for r in range(ctx.commit_rounds):
         order = (OURS, QSD) if r % 2 == 0 else (QSD, OURS)
         for load in (False, True):
-            say(f"{label} commit: round {r + 1}/{ctx.commit_rounds}, "
-                f"{'under load' if load else 'idle'} ({' then '.join(order)})")
+            say(
+                f"{label} commit: round {r + 1}/{ctx.commit_rounds}, "
+                f"{'under load' if load else 'idle'} ({' then '.join(order)})"
+            )
             for kind in order:
                 key = (kind, load)
                 if key in live.na:
                     continue
                 chain_dir = copy_chain(d, runs / kind / "chain")
                 try:
-                    res = live_commit_run(ctx, kind, chain_dir, runs / kind / "run",
-                                          active=active, load=load, notes=notes)
+                    res = live_commit_run(
+                        ctx,
+                        kind,
+                        chain_dir,
+                        runs / kind / "run",
+                        active=active,
+                        load=load,
+                        notes=notes,
+                    )
                     for f, v in res.items():
                         live.s[key][f].append(v)
                     if r == 0 and not load:
@@ -297,53 +366,172 @@ def _live_runs(ctx, notes, active):
 # as a share of idle), under load?, scale, better, goal, with samples?)
 COMMIT_ROWS = (
     ("live commit (base, top] into base, idle", "s", "done", False, 1, "lower", ("rel", 1), True),
-    ("live commit, under 4 KiB random-write load", "s", "done", True, 1, "lower", ("rel", 1),
-     True),
-    ("guest 4 KiB write IOPS, idle (the second before the job)", "IOPS", "iops_idle", True, 1,
-     "higher", (), True),
-    ("guest 4 KiB write IOPS during the job", "IOPS", "iops_job", True, 1, "higher", ("rel", 1),
-     True),
+    ("live commit, under 4 KiB random-write load", "s", "done", True, 1, "lower", ("rel", 1), True),
+    (
+        "guest 4 KiB write IOPS, idle (the second before the job)",
+        "IOPS",
+        "iops_idle",
+        True,
+        1,
+        "higher",
+        (),
+        True,
+    ),
+    (
+        "guest 4 KiB write IOPS during the job",
+        "IOPS",
+        "iops_job",
+        True,
+        1,
+        "higher",
+        ("rel", 1),
+        True,
+    ),
     ("  during the job / idle", "%", "pct", True, 1, "higher", ("abs", 70), False),
-    ("longest guest write stall during the job (switch-over included)", "ms", "stall_job", True,
-     1000, "lower", ("abs", 10), True),
-    ("  longest write stall in the idle second before (noise floor)", "ms", "stall_idle", True,
-     1000, "lower", (), False),
-    ("guest 4 KiB read latency during the job, p99", "ms", "read_p99", True, 1000, "lower",
-     ("rel", 1), True),
-    ("guest 4 KiB read latency during the job, max", "ms", "read_max", True, 1000, "lower",
-     ("rel", 1), True),
-    ("longest wait for query-block-jobs during the job", "ms", "query_max", True, 1000, "lower",
-     ("abs", 1000), True),
+    (
+        "longest guest write stall during the job (switch-over included)",
+        "ms",
+        "stall_job",
+        True,
+        1000,
+        "lower",
+        ("abs", 10),
+        True,
+    ),
+    (
+        "  longest write stall in the idle second before (noise floor)",
+        "ms",
+        "stall_idle",
+        True,
+        1000,
+        "lower",
+        (),
+        False,
+    ),
+    (
+        "guest 4 KiB read latency during the job, p99",
+        "ms",
+        "read_p99",
+        True,
+        1000,
+        "lower",
+        ("rel", 1),
+        True,
+    ),
+    (
+        "guest 4 KiB read latency during the job, max",
+        "ms",
+        "read_max",
+        True,
+        1000,
+        "lower",
+        ("rel", 1),
+        True,
+    ),
+    (
+        "longest wait for query-block-jobs during the job",
+        "ms",
+        "query_max",
+        True,
+        1000,
+        "lower",
+        ("abs", 1000),
+        True,
+    ),
 )
 ACTIVE_ROWS = (
-    ("active commit: block-commit to READY, idle", "s", "ready", False, 1, "lower", ("rel", 1),
-     True),
-    ("active commit: block-commit to COMPLETED, idle", "s", "done", False, 1, "lower",
-     ("rel", 1), True),
-    ("active commit: to READY under 4 KiB random-write load", "s", "ready", True, 1, "lower",
-     ("rel", 1), True),
+    (
+        "active commit: block-commit to READY, idle",
+        "s",
+        "ready",
+        False,
+        1,
+        "lower",
+        ("rel", 1),
+        True,
+    ),
+    (
+        "active commit: block-commit to COMPLETED, idle",
+        "s",
+        "done",
+        False,
+        1,
+        "lower",
+        ("rel", 1),
+        True,
+    ),
+    (
+        "active commit: to READY under 4 KiB random-write load",
+        "s",
+        "ready",
+        True,
+        1,
+        "lower",
+        ("rel", 1),
+        True,
+    ),
     ("active commit: to COMPLETED under load", "s", "done", True, 1, "lower", ("rel", 1), True),
-    ("guest 4 KiB write IOPS, idle (the second before the job)", "IOPS", "iops_idle", True, 1,
-     "higher", (), True),
+    (
+        "guest 4 KiB write IOPS, idle (the second before the job)",
+        "IOPS",
+        "iops_idle",
+        True,
+        1,
+        "higher",
+        (),
+        True,
+    ),
     ("guest write IOPS during the job", "IOPS", "iops_job", True, 1, "higher", ("rel", 1), True),
     ("  during the job / idle", "%", "pct", True, 1, "higher", ("rel", 1), False),
-    ("longest write stall around the pivot (complete to COMPLETED)", "ms", "stall_pivot", True,
-     1000, "lower", ("abs", 10), True),
-    ("longest write stall during the whole job", "ms", "stall_job", True, 1000, "lower",
-     ("abs", 10), True),
-    ("  longest write stall in the idle second before (noise floor)", "ms", "stall_idle", True,
-     1000, "lower", (), False),
+    (
+        "longest write stall around the pivot (complete to COMPLETED)",
+        "ms",
+        "stall_pivot",
+        True,
+        1000,
+        "lower",
+        ("abs", 10),
+        True,
+    ),
+    (
+        "longest write stall during the whole job",
+        "ms",
+        "stall_job",
+        True,
+        1000,
+        "lower",
+        ("abs", 10),
+        True,
+    ),
+    (
+        "  longest write stall in the idle second before (noise floor)",
+        "ms",
+        "stall_idle",
+        True,
+        1000,
+        "lower",
+        (),
+        False,
+    ),
 )
 
 
 def live_rows(ctx, sec, notes, *, active):
     live = _live_runs(ctx, notes, active)
     for figure, unit, f, load, scale, better, goal, with_samples in (
-            ACTIVE_ROWS if active else COMMIT_ROWS):
-        cells = ((live.pct(OURS, load), live.pct(QSD, load)) if f == "pct"
-                 else live.both(f, load, scale))
-        sec.row(figure, unit, *cells, better=better, goal=goal,
-                samples=live.samples(f, load) if with_samples else {})
+        ACTIVE_ROWS if active else COMMIT_ROWS
+    ):
+        cells = (
+            (live.pct(OURS, load), live.pct(QSD, load)) if f == "pct" else live.both(f, load, scale)
+        )
+        sec.row(
+            figure,
+            unit,
+            *cells,
+            better=better,
+            goal=goal,
+            samples=live.samples(f, load) if with_samples else {},
+        )
     lens = {kind: median(live.s[(kind, False)]["len"]) for kind in (OURS, QSD)}
     sec.notes.append(
         f"{ctx.commit_rounds} rounds alternating who goes first, a fresh copy of the chain "
@@ -351,17 +539,26 @@ def live_rows(ctx, sec, notes, *, active):
         f"both; times from sending block-commit to the event's arrival"
         + ("; block-job-complete sent as soon as BLOCK_JOB_READY arrives" if active else "")
         + f"; job len: ours {fmt_num(lens[OURS] / M if lens[OURS] else None)} MiB, QSD "
-          f"{fmt_num(lens[QSD] / M if lens[QSD] else None)} MiB")
+        f"{fmt_num(lens[QSD] / M if lens[QSD] else None)} MiB"
+    )
     if active:
-        sec.notes.append("QSD's idle active commit runs under a read-only FUSE export (QEMU "
-                         "7.2 refuses the mirror job under a writable one, see its n/a)")
-    sec.notes.append(f"guest load: Python, 4 KiB O_DIRECT random pwrite at QD1 on CPU "
-                     f"{ctx.client_cpu} (servers on CPU {ctx.server_cpu}), started 1.2 s "
-                     "before the job; stall = longest gap between two write completions "
-                     "overlapping the window"
-                     + ("" if active else "; beside it a 4 KiB O_DIRECT random reader at "
-                        "QD1 (read latency = gap between its completions) and a second "
-                        "QMP client asking query-block-jobs every 20 ms"))
+        sec.notes.append(
+            "QSD's idle active commit runs under a read-only FUSE export (QEMU "
+            "7.2 refuses the mirror job under a writable one, see its n/a)"
+        )
+    sec.notes.append(
+        f"guest load: Python, 4 KiB O_DIRECT random pwrite at QD1 on CPU "
+        f"{ctx.client_cpu} (servers on CPU {ctx.server_cpu}), started 1.2 s "
+        "before the job; stall = longest gap between two write completions "
+        "overlapping the window"
+        + (
+            ""
+            if active
+            else "; beside it a 4 KiB O_DIRECT random reader at "
+            "QD1 (read latency = gap between its completions) and a second "
+            "QMP client asking query-block-jobs every 20 ms"
+        )
+    )
 
 
 def section_active(ctx, sec):

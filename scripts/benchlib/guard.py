@@ -27,16 +27,20 @@ BLOCK = 4096
 
 
 def _qemu_img(*args):
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True,
-                   stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["qemu-img", *map(str, args)], check=True, capture_output=True, stdin=subprocess.DEVNULL
+    )
 
 
 def _sparse_copier(template):
     """A function writing a sparse copy of `template` (only its non-zero blocks)."""
     data = Path(template).read_bytes()
     size = len(data)
-    blocks = [(off, data[off:off + BLOCK]) for off in range(0, size, BLOCK)
-              if data[off:off + BLOCK].count(0) != len(data[off:off + BLOCK])]
+    blocks = [
+        (off, data[off : off + BLOCK])
+        for off in range(0, size, BLOCK)
+        if data[off : off + BLOCK].count(0) != len(data[off : off + BLOCK])
+    ]
 
     def copy(dest):
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -46,6 +50,7 @@ def _sparse_copier(template):
                 os.pwrite(fd, chunk, off)
         finally:
             os.close(fd)
+
     return copy
 
 
@@ -110,10 +115,12 @@ def scan_benchmark(n=2000):
         got = sorted(d.path for d in found)
         ok = got == sorted(expected)
         files = len(os.listdir(Path(tmp) / "images"))
-        print(f"stranding guard scan: {files} files ({n} small images + the chain): "
-              f"best {best * 1000:.0f} ms, first {first * 1000:.0f} ms "
-              f"({files / best:,.0f} files/s); built in {built:.1f} s; "
-              f"found {len(got)} dependants, {'as expected' if ok else 'WRONG'}")
+        print(
+            f"stranding guard scan: {files} files ({n} small images + the chain): "
+            f"best {best * 1000:.0f} ms, first {first * 1000:.0f} ms "
+            f"({files / best:,.0f} files/s); built in {built:.1f} s; "
+            f"found {len(got)} dependants, {'as expected' if ok else 'WRONG'}"
+        )
         return best if ok else None
 
 
@@ -123,9 +130,15 @@ def section_guard(ctx, sec):
     with contextlib.redirect_stdout(buf):
         best = scan_benchmark(n)
     line = buf.getvalue().strip()
-    sec.row(f"stranding guard scan of a directory of {n:,} small qcow2 files (best)", "ms",
-            best * 1000 if best is not None else "n/a: the scan found the wrong dependants",
-            None, better="lower", goal=("abs", 1000), note=line)
+    sec.row(
+        f"stranding guard scan of a directory of {n:,} small qcow2 files (best)",
+        "ms",
+        best * 1000 if best is not None else "n/a: the scan found the wrong dependants",
+        None,
+        better="lower",
+        goal=("abs", 1000),
+        note=line,
+    )
 
 
 if __name__ == "__main__":

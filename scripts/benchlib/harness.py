@@ -36,6 +36,7 @@ def say(msg):
 
 # ----------------------------------------------------------------------------- processes
 
+
 class Ctx:
     """Options and shared state of one benchmark run."""
 
@@ -53,9 +54,11 @@ class Ctx:
         self.taskset = shutil.which("taskset")
         self.python = sys.executable
         venv_qcowfs = Path(sys.executable).parent / "qcowfs"
-        self.qcowfs = [str(venv_qcowfs)] if venv_qcowfs.exists() else [sys.executable, "-m", "fusefs"]
-        self.procs = set()          # Popen objects still to reap on the way out
-        self.mounts = set()         # paths that may hold a FUSE mount of ours or QSD's
+        self.qcowfs = (
+            [str(venv_qcowfs)] if venv_qcowfs.exists() else [sys.executable, "-m", "fusefs"]
+        )
+        self.procs = set()  # Popen objects still to reap on the way out
+        self.mounts = set()  # paths that may hold a FUSE mount of ours or QSD's
         self._pristine = None
         self._big = None
 
@@ -78,12 +81,21 @@ def last_line(text):
 def run(argv, *, check=True, timeout=600, cwd=None, input=None):
     argv = [str(a) for a in argv]
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                            input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        cp = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
-        raise NA(f"{Path(argv[0]).name} {argv[1] if len(argv) > 1 else ''}: timed out after {timeout} s")
+        raise NA(  # noqa: B904  (the timeout is the whole story)
+            f"{Path(argv[0]).name} {argv[1] if len(argv) > 1 else ''}: timed out after {timeout} s"
+        )
     except FileNotFoundError:
-        raise NA(f"{argv[0]}: not installed")
+        raise NA(f"{argv[0]}: not installed") from None
     if check and cp.returncode != 0:
         name = " ".join(Path(a).name for a in argv[:3] if not a.startswith("-"))
         raise NA(f"{name}: exit {cp.returncode}: {last_line(cp.stderr) or last_line(cp.stdout)}")
@@ -111,8 +123,10 @@ def timed(ctx, argv, *, cpu=None, timeout=900, cwd=None):
         err.seek(0)
         so, se = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if p.returncode != 0:
-        raise NA(f"{Path(argv[3] if argv[0] == ctx.taskset else argv[0]).name}: exit "
-                 f"{p.returncode}: {last_line(se) or last_line(so)}")
+        raise NA(
+            f"{Path(argv[3] if argv[0] == ctx.taskset else argv[0]).name}: exit "
+            f"{p.returncode}: {last_line(se) or last_line(so)}"
+        )
     return wall, ru.ru_maxrss * 1024, so, se
 
 
@@ -131,7 +145,7 @@ def qemu_io(img, cmds, fmt="qcow2"):
     """qemu-io commands in batches (ARG_MAX)."""
     for i in range(0, len(cmds), 2000):
         argv = ["qemu-io", "-f", fmt]
-        for c in cmds[i:i + 2000]:
+        for c in cmds[i : i + 2000]:
             argv += ["-c", c]
         run(argv + [str(img)], timeout=1800)
 
@@ -164,6 +178,7 @@ def attempt(fn, na, key):
 
 # ----------------------------------------------------------------------------- the system
 
+
 def mount_points():
     """(mount point, file system type) of every mount, from /proc/self/mountinfo."""
     try:
@@ -195,8 +210,11 @@ def is_mounted(path):
 
 def lazy_unmount(path):
     if is_mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def proc_status(pid):
@@ -238,14 +256,15 @@ def cleanup(ctx):
 
 # ----------------------------------------------------------------------------- results
 
+
 @dataclass
 class Row:
     figure: str
     unit: str
-    ours: object = None          # number, None (not measured) or "n/a: ..." text
+    ours: object = None  # number, None (not measured) or "n/a: ..." text
     theirs: object = None
-    better: str = "higher"       # "higher" | "lower" | "" (informational)
-    goal: tuple = ()             # ("rel", factor) vs theirs, ("abs", limit), ()
+    better: str = "higher"  # "higher" | "lower" | "" (informational)
+    goal: tuple = ()  # ("rel", factor) vs theirs, ("abs", limit), ()
     note: str = ""
     samples: dict = field(default_factory=dict)
 
@@ -282,10 +301,18 @@ class Row:
         return self.ours >= limit if self.better == "higher" else self.ours <= limit
 
     def to_json(self):
-        return {"figure": self.figure, "unit": self.unit, "ours": self.ours,
-                "qemu": self.theirs, "ratio": self.ratio, "better": self.better,
-                "goal": self.goal_text(), "ok": self.ok, "note": self.note,
-                "samples": self.samples}
+        return {
+            "figure": self.figure,
+            "unit": self.unit,
+            "ours": self.ours,
+            "qemu": self.theirs,
+            "ratio": self.ratio,
+            "better": self.better,
+            "goal": self.goal_text(),
+            "ok": self.ok,
+            "note": self.note,
+            "samples": self.samples,
+        }
 
 
 @dataclass
@@ -295,9 +322,9 @@ class Section:
     vs: str
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
-    na: str = ""                 # the whole section could not run
+    na: str = ""  # the whole section could not run
     seconds: float = 0.0
-    load: str = ""               # load average when the section ended
+    load: str = ""  # load average when the section ended
 
     def row(self, *a, **kw):
         r = Row(*a, **kw)
@@ -305,9 +332,15 @@ class Section:
         return r
 
     def to_json(self):
-        return {"title": self.title, "vs": self.vs, "na": self.na or None,
-                "seconds": round(self.seconds, 1), "loadavg": self.load, "rows": [r.to_json() for r in self.rows],
-                "notes": self.notes}
+        return {
+            "title": self.title,
+            "vs": self.vs,
+            "na": self.na or None,
+            "seconds": round(self.seconds, 1),
+            "loadavg": self.load,
+            "rows": [r.to_json() for r in self.rows],
+            "notes": self.notes,
+        }
 
 
 class Notes:
@@ -343,20 +376,23 @@ def fmt_num(v):
 
 
 def render(section):
-    out = [f"== {section.title} ==  (ours beside {section.vs}; {section.seconds:.0f} s; "
-           f"load average {section.load})"]
+    out = [
+        f"== {section.title} ==  (ours beside {section.vs}; {section.seconds:.0f} s; "
+        f"load average {section.load})"
+    ]
     if section.na:
         out.append(f"n/a: {section.na}")
         return "\n".join(out)
     head = ("figure", "unit", "ours", section.vs.split()[0], "ours/QEMU", "goal", "")
     rows = [head]
     footnotes = []
-    missing = {}        # (who, reason) -> figures
+    missing = {}  # (who, reason) -> figures
     for r in section.rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         ok = {True: "ok", False: "MISS", None: ""}[r.ok]
-        rows.append((r.figure, r.unit, fmt_num(r.ours), fmt_num(r.theirs), ratio,
-                     r.goal_text(), ok))
+        rows.append(
+            (r.figure, r.unit, fmt_num(r.ours), fmt_num(r.theirs), ratio, r.goal_text(), ok)
+        )
         for who, v in (("ours", r.ours), (section.vs.split()[0], r.theirs)):
             if isinstance(v, str):
                 missing.setdefault((who, v), []).append(r.figure.strip())
@@ -368,7 +404,7 @@ def render(section):
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for i, row in enumerate(rows):
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:5], widths[2:5])]
+        cells += [c.rjust(w) for c, w in zip(row[2:5], widths[2:5], strict=True)]
         cells += [row[5].ljust(widths[5]), row[6]]
         out.append("  ".join(cells).rstrip())
         if i == 0:

@@ -23,10 +23,17 @@ class Load:
         self.stop_file = work / f"load-{mode}.stop"
         self.stop_file.unlink(missing_ok=True)
         self.out.unlink(missing_ok=True)
-        argv = ctx.pin(ctx.program("guest_io", path, size, self.out, self.stop_file, 42, mode),
-                       ctx.client_cpu)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, stdin=subprocess.DEVNULL, cwd=ROOT)
+        argv = ctx.pin(
+            ctx.program("guest_io", path, size, self.out, self.stop_file, 42, mode), ctx.client_cpu
+        )
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         ctx.procs.add(self.proc)
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
@@ -81,7 +88,7 @@ class QueryProbe:
                 t = time.monotonic()
                 try:
                     q.cmd("query-block-jobs")
-                except Exception:           # noqa: BLE001 - the mount went away
+                except Exception:  # noqa: BLE001 - the mount went away
                     return
                 self.waits.append(time.monotonic() - t)
         finally:

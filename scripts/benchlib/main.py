@@ -16,8 +16,22 @@ from . import __doc__ as DOC
 from .chains import chain_stats
 from .commit import section_active, section_commit
 from .guard import section_guard
-from .harness import (CLUSTER, G, K, M, NA, T, Ctx, Section, cleanup, fs_type, loadavg,
-                      render, run, say)
+from .harness import (
+    CLUSTER,
+    NA,
+    Ctx,
+    G,
+    K,
+    M,
+    Section,
+    T,
+    cleanup,
+    fs_type,
+    loadavg,
+    render,
+    run,
+    say,
+)
 from .mount import section_mount
 from .reader import section_reader
 from .writer import section_writer
@@ -26,10 +40,16 @@ SECTIONS = ("reader", "writer", "mount", "commit", "active", "guard")
 SECTION_INFO = {
     "reader": (section_reader, "1. reader (issue 2)", "qemu-img"),
     "writer": (section_writer, "2. writer (issue 3)", "qemu-img bench"),
-    "mount": (section_mount, "3. mount (issue 4): qcowfs mount vs qemu-storage-daemon FUSE export",
-              "QSD"),
-    "commit": (section_commit, "4. commit (issue 5): offline and live commit of (base, top]",
-               "QEMU (qemu-img / QSD)"),
+    "mount": (
+        section_mount,
+        "3. mount (issue 4): qcowfs mount vs qemu-storage-daemon FUSE export",
+        "QSD",
+    ),
+    "commit": (
+        section_commit,
+        "4. commit (issue 5): offline and live commit of (base, top]",
+        "QEMU (qemu-img / QSD)",
+    ),
     "active": (section_active, "5. active commit with pivot (issue 6)", "QSD"),
     "guard": (section_guard, "6. stranding guard (issue 7)", "-"),
 }
@@ -46,20 +66,35 @@ def parse_size(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=DOC.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=parse_size, default=None,
-                   help="virtual size of the test chain (default 1 GiB; --quick: 128 MiB)")
-    p.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
-                   help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
+    p = argparse.ArgumentParser(
+        description=DOC.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="virtual size of the test chain (default 1 GiB; --quick: 128 MiB)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"run only this section (repeatable): {', '.join(SECTIONS)}",
+    )
     p.add_argument("--quick", action="store_true", help="a small smoke run")
-    p.add_argument("--json", action="store_true",
-                   help="print the results as JSON on stdout (tables go to stderr)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as JSON on stdout (tables go to stderr)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 5)")
-    p.add_argument("--commit-rounds", type=int, default=None,
-                   help="rounds of the commit sections (default 3)")
-    p.add_argument("--runtime", type=int, default=None,
-                   help="seconds per time-based fio run (default 3)")
+    p.add_argument(
+        "--commit-rounds", type=int, default=None, help="rounds of the commit sections (default 3)"
+    )
+    p.add_argument(
+        "--runtime", type=int, default=None, help="seconds per time-based fio run (default 3)"
+    )
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--tmpdir", default=None, help="where to build the chains")
@@ -82,18 +117,21 @@ def header(ctx):
     fv = run(["fio", "--version"], check=False).stdout.strip()
     return {
         "chain": f"base <- mid <- top <- active, {ctx.size / G:g} GiB, 64 KiB clusters; flat "
-                 f"view {st['top']:.0%} top / {st['mid']:.0%} mid / {st['base']:.0%} base; "
-                 f"{st['to_commit'] / M:.0f} MiB allocated in (base, top] (mid "
-                 f"{st['mid_allocated'] / M:.0f} MiB, top {st['top_allocated'] / M:.0f} MiB)",
+        f"view {st['top']:.0%} top / {st['mid']:.0%} mid / {st['base']:.0%} base; "
+        f"{st['to_commit'] / M:.0f} MiB allocated in (base, top] (mid "
+        f"{st['mid_allocated'] / M:.0f} MiB, top {st['top_allocated'] / M:.0f} MiB)",
         "host": f"{platform.node()}: {len(os.sched_getaffinity(0))} CPUs, kernel "
-                f"{platform.release()}, Python {platform.python_version()}, "
-                f"{qv[0] if qv else 'qemu-img ?'}, {fv}",
+        f"{platform.release()}, Python {platform.python_version()}, "
+        f"{qv[0] if qv else 'qemu-img ?'}, {fv}",
         "tmpdir": f"{ctx.tmp} ({fs_type(ctx.tmp)})",
-        "pinning": (f"servers/offline tools on CPU {ctx.server_cpu}, clients on CPU "
-                    f"{ctx.client_cpu}" if ctx.taskset else "taskset missing: not pinned"),
+        "pinning": (
+            f"servers/offline tools on CPU {ctx.server_cpu}, clients on CPU {ctx.client_cpu}"
+            if ctx.taskset
+            else "taskset missing: not pinned"
+        ),
         "rounds": f"{ctx.rounds} (commit sections {ctx.commit_rounds}); medians",
         "load": f"load average at start {loadavg()} (other work on the machine skews "
-                "absolute figures; the ratios are what to compare)",
+        "absolute figures; the ratios are what to compare)",
     }
 
 
@@ -127,6 +165,7 @@ def main(argv=None):
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_signal)
 
     tmp = tempfile.mkdtemp(prefix="qcowfs-bench-", dir=args.tmpdir)

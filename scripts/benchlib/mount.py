@@ -8,8 +8,21 @@ import os
 import time
 
 from .chains import CHAIN, big, new_overlay, pristine
-from .harness import (M, NA, OURS, QSD, T, Notes, fmt_num, median, ms, na_text, proc_status,
-                      say, timed)
+from .harness import (
+    NA,
+    OURS,
+    QSD,
+    M,
+    Notes,
+    T,
+    fmt_num,
+    median,
+    ms,
+    na_text,
+    proc_status,
+    say,
+    timed,
+)
 from .servers import mount
 
 # name: (fio --rw, --bs, time-based (else one pass over the file), the figure kept)
@@ -24,21 +37,37 @@ MOUNTS = (("seqread", "randread"), ("seqwrite",), ("randwrite",))
 
 
 def fio(ctx, path, rw, bs, size, *, runtime=None, number_ios=None, direct=True):
-    argv = ["fio", "--name=bench", f"--filename={path}", "--ioengine=psync", "--iodepth=1",
-            "--numjobs=1", f"--direct={int(direct)}", f"--rw={rw}", f"--bs={bs}",
-            f"--size={size}", "--fallocate=none", "--randrepeat=1", "--output-format=json"]
+    argv = [
+        "fio",
+        "--name=bench",
+        f"--filename={path}",
+        "--ioengine=psync",
+        "--iodepth=1",
+        "--numjobs=1",
+        f"--direct={int(direct)}",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--size={size}",
+        "--fallocate=none",
+        "--randrepeat=1",
+        "--output-format=json",
+    ]
     if runtime:
         argv += ["--time_based", f"--runtime={runtime}"]
     if number_ios:
         argv += [f"--number_ios={number_ios}"]
     _, _, so, _ = timed(ctx, argv, cpu=ctx.client_cpu, timeout=900)
-    data = json.loads(so[so.index("{"):])
+    data = json.loads(so[so.index("{") :])
     job = data["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     if job.get("error"):
         raise NA(f"fio: error {job['error']}")
-    return {"bw": side["bw_bytes"] / M, "iops": side["iops"], "ios": side["total_ios"],
-            "clat_max_ms": side.get("clat_ns", {}).get("max", 0) / 1e6}
+    return {
+        "bw": side["bw_bytes"] / M,
+        "iops": side["iops"],
+        "ios": side["total_ios"],
+        "clat_max_ms": side.get("clat_ns", {}).get("max", 0) / 1e6,
+    }
 
 
 def section_mount(ctx, sec):
@@ -50,11 +79,13 @@ def section_mount(ctx, sec):
     after = {n: os.stat(d / n).st_mtime_ns for n in CHAIN[:3]}
     if after != before:
         notes.add("WARNING: a backing file of the chain was modified by a mount")
-    sec.notes.append(f"fio psync, one job, O_DIRECT; servers on CPU {ctx.server_cpu}, fio on "
-                     f"CPU {ctx.client_cpu}; {ctx.rounds} rounds alternating who goes first; "
-                     f"random tests and sequential reads run {ctx.runtime} s; sequential write one "
-                     f"pass over {ctx.size // M} MiB; every write test on a fresh empty active "
-                     "layer over the same read-only chain")
+    sec.notes.append(
+        f"fio psync, one job, O_DIRECT; servers on CPU {ctx.server_cpu}, fio on "
+        f"CPU {ctx.client_cpu}; {ctx.rounds} rounds alternating who goes first; "
+        f"random tests and sequential reads run {ctx.runtime} s; sequential write one "
+        f"pass over {ctx.size // M} MiB; every write test on a fresh empty active "
+        "layer over the same read-only chain"
+    )
 
 
 class _Samples:
@@ -64,7 +95,7 @@ class _Samples:
         keys = ("mount", *FIO_TESTS, "unmount")
         self.s = {k: {OURS: [], QSD: []} for k in keys}
         self.na = {OURS: {}, QSD: {}}
-        self.clat_max = {OURS: [], QSD: []}     # of randwrite, ms
+        self.clat_max = {OURS: [], QSD: []}  # of randwrite, ms
 
     def val(self, key, kind):
         if key in self.na[kind]:
@@ -110,25 +141,61 @@ def _fio_rows(ctx, sec, notes, top):
                     smp.na[kind]["mount"] = str(e)
                     say(f"  {kind}: n/a: {e}")
     s, val = smp.s, smp.val
-    sec.row("time to mount (command start to file serving)", "ms", ms(val("mount", OURS)),
-            ms(val("mount", QSD)), better="lower", goal=("rel", 1),
-            note="ours: `qcowfs mount` returns (it waits for the daemon); QSD: process start "
-                 "until its export file stats with the virtual size",
-            samples=s["mount"])
-    sec.row("O_DIRECT sequential read, 1 MiB", "MiB/s", val("seqread", OURS), val("seqread", QSD),
-            goal=("rel", 1), samples=s["seqread"])
-    sec.row("4 KiB random read, QD1", "IOPS", val("randread", OURS), val("randread", QSD),
-            goal=("rel", 1), samples=s["randread"])
-    sec.row("sequential write 1 MiB into an empty overlay", "MiB/s", val("seqwrite", OURS),
-            val("seqwrite", QSD), goal=("rel", 1), samples=s["seqwrite"])
-    sec.row("4 KiB random write into an empty overlay, QD1", "IOPS", val("randwrite", OURS),
-            val("randwrite", QSD), goal=("rel", 1), samples=s["randwrite"],
-            note="fio clat max (ms), median of rounds: ours "
-                 f"{fmt_num(median(smp.clat_max[OURS]))}, QSD "
-                 f"{fmt_num(median(smp.clat_max[QSD]))}")
-    sec.row("time to unmount (after the last request)", "ms",
-            ms(median(s["unmount"][OURS])), ms(median(s["unmount"][QSD])), better="lower",
-            goal=(), samples=s["unmount"])
+    sec.row(
+        "time to mount (command start to file serving)",
+        "ms",
+        ms(val("mount", OURS)),
+        ms(val("mount", QSD)),
+        better="lower",
+        goal=("rel", 1),
+        note="ours: `qcowfs mount` returns (it waits for the daemon); QSD: process start "
+        "until its export file stats with the virtual size",
+        samples=s["mount"],
+    )
+    sec.row(
+        "O_DIRECT sequential read, 1 MiB",
+        "MiB/s",
+        val("seqread", OURS),
+        val("seqread", QSD),
+        goal=("rel", 1),
+        samples=s["seqread"],
+    )
+    sec.row(
+        "4 KiB random read, QD1",
+        "IOPS",
+        val("randread", OURS),
+        val("randread", QSD),
+        goal=("rel", 1),
+        samples=s["randread"],
+    )
+    sec.row(
+        "sequential write 1 MiB into an empty overlay",
+        "MiB/s",
+        val("seqwrite", OURS),
+        val("seqwrite", QSD),
+        goal=("rel", 1),
+        samples=s["seqwrite"],
+    )
+    sec.row(
+        "4 KiB random write into an empty overlay, QD1",
+        "IOPS",
+        val("randwrite", OURS),
+        val("randwrite", QSD),
+        goal=("rel", 1),
+        samples=s["randwrite"],
+        note="fio clat max (ms), median of rounds: ours "
+        f"{fmt_num(median(smp.clat_max[OURS]))}, QSD "
+        f"{fmt_num(median(smp.clat_max[QSD]))}",
+    )
+    sec.row(
+        "time to unmount (after the last request)",
+        "ms",
+        ms(median(s["unmount"][OURS])),
+        ms(median(s["unmount"][QSD])),
+        better="lower",
+        goal=(),
+        samples=s["unmount"],
+    )
 
 
 def _daemon_memory(ctx, sec, notes):
@@ -146,9 +213,17 @@ def _daemon_memory(ctx, sec, notes):
                 st = proc_status(m.pid)
                 mem[kind] = st.get("VmHWM", 0) / M
                 if kind == OURS:
-                    notes.add(f"ours: daemon RSS {st0.get('VmRSS', 0) / M:.0f} MiB after mount, "
-                              f"{st.get('VmRSS', 0) / M:.0f} MiB after the reads")
+                    notes.add(
+                        f"ours: daemon RSS {st0.get('VmRSS', 0) / M:.0f} MiB after mount, "
+                        f"{st.get('VmRSS', 0) / M:.0f} MiB after the reads"
+                    )
         except NA as e:
             mem[kind] = na_text(e)
-    sec.row(f"daemon peak RSS after {nreads // 1000}k random 4 KiB reads, 1 TiB chain", "MiB",
-            mem.get(OURS), mem.get(QSD), better="lower", goal=("abs", 64))
+    sec.row(
+        f"daemon peak RSS after {nreads // 1000}k random 4 KiB reads, 1 TiB chain",
+        "MiB",
+        mem.get(OURS),
+        mem.get(QSD),
+        better="lower",
+        goal=("abs", 64),
+    )

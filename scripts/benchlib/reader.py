@@ -5,8 +5,22 @@
 import random
 
 from .chains import big, pristine
-from .harness import (M, NA, OURS, QSD, T, attempt, bench_seconds, fs_type, median, ms,
-                      na_text, py_json, say, timed)
+from .harness import (
+    NA,
+    OURS,
+    QSD,
+    M,
+    T,
+    attempt,
+    bench_seconds,
+    fs_type,
+    median,
+    ms,
+    na_text,
+    py_json,
+    say,
+    timed,
+)
 
 
 def section_reader(ctx, sec):
@@ -29,21 +43,44 @@ def _sequential(ctx, sec):
 
     def convert(unsafe):
         out.unlink(missing_ok=True)
-        argv = ["qemu-img", "convert", "-O", "raw"] + (["-t", "unsafe"] if unsafe else []) + [active, out]
+        argv = (
+            ["qemu-img", "convert", "-O", "raw"]
+            + (["-t", "unsafe"] if unsafe else [])
+            + [active, out]
+        )
         wall, _, _, _ = timed(ctx, argv, cpu=cpu)
         out.unlink(missing_ok=True)
         s["unsafe" if unsafe else "convert"].append(wall)
 
     def bench():
-        wall, _, so, _ = timed(ctx, ["qemu-img", "bench", "-f", "qcow2", "-d", "1", "-s", "1M",
-                                     "-c", str(size // M), active], cpu=cpu)
+        wall, _, so, _ = timed(
+            ctx,
+            [
+                "qemu-img",
+                "bench",
+                "-f",
+                "qcow2",
+                "-d",
+                "1",
+                "-s",
+                "1M",
+                "-c",
+                str(size // M),
+                active,
+            ],
+            cpu=cpu,
+        )
         s["bench"].append(wall)
         s["bench_self"].append(bench_seconds(so))
 
-    tests = {"ours": ours, "convert": lambda: convert(False), "unsafe": lambda: convert(True),
-             "bench": bench}
+    tests = {
+        "ours": ours,
+        "convert": lambda: convert(False),
+        "unsafe": lambda: convert(True),
+        "bench": bench,
+    }
     say("reader: warm-up")
-    for name, fn in tests.items():       # page cache warm for everyone
+    for name, fn in tests.items():  # page cache warm for everyone
         attempt(fn, na, name)
     for k in s:
         s[k].clear()
@@ -60,21 +97,40 @@ def _sequential(ctx, sec):
         t = median(s[key])
         return size / M / t if t else None
 
-    sec.row("sequential read, 1 MiB pieces vs qemu-img convert -O raw (to a file)",
-            "MiB/s", mibs("ours"), mibs("convert"), goal=("rel", 1),
-            note="convert writes a raw file on the same file system "
-                 f"({fs_type(ctx.tmp)}) with its default cache (fdatasync at the end); "
-                 "ours is chain.read in a loop (open to close), interpreter start excluded",
-            samples={k: s[k] for k in ("ours", "convert")})
-    sec.row("  same, vs qemu-img convert -t unsafe (no final flush)", "MiB/s",
-            mibs("ours"), mibs("unsafe"), better="higher", goal=(),
-            samples={"unsafe": s["unsafe"]})
+    sec.row(
+        "sequential read, 1 MiB pieces vs qemu-img convert -O raw (to a file)",
+        "MiB/s",
+        mibs("ours"),
+        mibs("convert"),
+        goal=("rel", 1),
+        note="convert writes a raw file on the same file system "
+        f"({fs_type(ctx.tmp)}) with its default cache (fdatasync at the end); "
+        "ours is chain.read in a loop (open to close), interpreter start excluded",
+        samples={k: s[k] for k in ("ours", "convert")},
+    )
+    sec.row(
+        "  same, vs qemu-img convert -t unsafe (no final flush)",
+        "MiB/s",
+        mibs("ours"),
+        mibs("unsafe"),
+        better="higher",
+        goal=(),
+        samples={"unsafe": s["unsafe"]},
+    )
     bench_self = median(s["bench_self"])
-    sec.row("  same, vs qemu-img bench -d 1 -s 1M (read, QD1, wall)", "MiB/s",
-            mibs("ours"), mibs("bench"), goal=(),
-            note=(f"qemu-img bench's own loop time: {size / M / bench_self:,.0f} MiB/s"
-                  if bench_self else ""),
-            samples={"bench": s["bench"], "bench_self": s["bench_self"]})
+    sec.row(
+        "  same, vs qemu-img bench -d 1 -s 1M (read, QD1, wall)",
+        "MiB/s",
+        mibs("ours"),
+        mibs("bench"),
+        goal=(),
+        note=(
+            f"qemu-img bench's own loop time: {size / M / bench_self:,.0f} MiB/s"
+            if bench_self
+            else ""
+        ),
+        samples={"bench": s["bench"], "bench_self": s["bench_self"]},
+    )
 
 
 def _open_time(ctx, sec):
@@ -88,22 +144,29 @@ def _open_time(ctx, sec):
         opens.append(median(res["times"]))
 
     def qemu():
-        wall, _, _, _ = timed(ctx, ["qemu-io", "-r", "-f", "qcow2", "-c",
-                                    f"read -q {T - 4096} 4096", bactive], cpu=cpu)
+        wall, _, _, _ = timed(
+            ctx,
+            ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -q {T - 4096} 4096", bactive],
+            cpu=cpu,
+        )
         qopens.append(wall)
 
     for r in range(max(ctx.rounds, 3)):
-        for who in ((OURS, QSD) if r % 2 == 0 else (QSD, OURS)):
+        for who in (OURS, QSD) if r % 2 == 0 else (QSD, OURS):
             if who == OURS and "o" not in ona:
                 attempt(ours, ona, "o")
             elif who == QSD and "q" not in ona:
                 attempt(qemu, ona, "q")
-    sec.row("open a 1 TiB sparse 3-layer chain (+ one 4 KiB read)", "ms",
-            na_text(ona["o"]) if "o" in ona else ms(median(opens)),
-            na_text(ona["q"]) if "q" in ona else ms(median(qopens)),
-            better="lower", goal=("abs", 1000),
-            note="ours: open_chain + read + close in-process; qemu-io: the whole process",
-            samples={"ours": opens, "qemu": qopens})
+    sec.row(
+        "open a 1 TiB sparse 3-layer chain (+ one 4 KiB read)",
+        "ms",
+        na_text(ona["o"]) if "o" in ona else ms(median(opens)),
+        na_text(ona["q"]) if "q" in ona else ms(median(qopens)),
+        better="lower",
+        goal=("abs", 1000),
+        note="ours: open_chain + read + close in-process; qemu-io: the whole process",
+        samples={"ours": opens, "qemu": qopens},
+    )
 
 
 def _random_reads(ctx, sec):
@@ -120,8 +183,10 @@ def _random_reads(ctx, sec):
     try:
         res, _, peak = py_json(ctx, "random_reads", bactive, offfile, cpu=cpu)
         rss_ours = peak / M
-        note = (f"ours: RSS {res['before'] / M:.0f} MiB after open, {res['after'] / M:.0f} MiB "
-                f"after the reads; peak of the whole Python process shown")
+        note = (
+            f"ours: RSS {res['before'] / M:.0f} MiB after open, {res['after'] / M:.0f} MiB "
+            f"after the reads; peak of the whole Python process shown"
+        )
     except NA as e:
         rss_ours = na_text(e)
     try:
@@ -132,5 +197,12 @@ def _random_reads(ctx, sec):
         rss_q = peak / M
     except NA as e:
         rss_q = na_text(e)
-    sec.row(f"peak RSS after {nreads // 1000}k random 4 KiB reads, 1 TiB chain", "MiB",
-            rss_ours, rss_q, better="lower", goal=("abs", 64), note=note)
+    sec.row(
+        f"peak RSS after {nreads // 1000}k random 4 KiB reads, 1 TiB chain",
+        "MiB",
+        rss_ours,
+        rss_q,
+        better="lower",
+        goal=("abs", 64),
+        note=note,
+    )

@@ -12,21 +12,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .harness import NA, OURS, QSD, last_line, lazy_unmount, is_mounted, qemu_img
+from .harness import NA, OURS, QSD, is_mounted, last_line, lazy_unmount, qemu_img
 
-EVENT_TIMEOUT = 600.0           # seconds a job may take before it counts as hung
+EVENT_TIMEOUT = 600.0  # seconds a job may take before it counts as hung
 
 
 @dataclass
 class Mounted:
     kind: str
-    file: Path           # the flat file to do I/O on
-    qmp: Path            # QMP socket (ours: the control socket)
+    file: Path  # the flat file to do I/O on
+    qmp: Path  # QMP socket (ours: the control socket)
     pid: int
     mount_time: float
     log: Path
-    device: str = ""     # QSD: the root node for block-commit
-    probe: Path = None   # QMP socket for a second client (QSD's monitor takes one client)
+    device: str = ""  # QSD: the root node for block-commit
+    probe: Path = None  # QMP socket for a second client (QSD's monitor takes one client)
 
     def __post_init__(self):
         self.probe = self.probe or self.qmp
@@ -45,8 +45,10 @@ def mount_ours(ctx, image, work, notes=None):
     mnt, sock, logf = work / "mnt", work / "ctl.sock", work / "qcowfs.log"
     mnt.mkdir(exist_ok=True)
     vsize = _virtual_size(image)
-    argv = ctx.pin([*ctx.qcowfs, "mount", image, mnt, "--control-socket", sock,
-                    "--log-file", logf], ctx.server_cpu)
+    argv = ctx.pin(
+        [*ctx.qcowfs, "mount", image, mnt, "--control-socket", sock, "--log-file", logf],
+        ctx.server_cpu,
+    )
     ctx.mounts.add(str(mnt))
     t = time.perf_counter()
     cp = subprocess.run(argv, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
@@ -70,9 +72,13 @@ def mount_ours(ctx, image, work, notes=None):
 def _unmount_ours(ctx, m, mnt, notes):
     problem = None
     try:
-        cp = subprocess.run([*ctx.qcowfs, "unmount", mnt, "--cancel-jobs", "--control-socket",
-                             m.qmp], capture_output=True, text=True, timeout=180,
-                            stdin=subprocess.DEVNULL)
+        cp = subprocess.run(
+            [*ctx.qcowfs, "unmount", mnt, "--cancel-jobs", "--control-socket", m.qmp],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+        )
         if cp.returncode != 0:
             problem = f"qcowfs unmount failed: {last_line(cp.stderr)}"
     except subprocess.TimeoutExpired:
@@ -101,8 +107,11 @@ def _log_errors(path, limit=3):
         lines = Path(path).read_text(errors="replace").splitlines()
     except OSError:
         return []
-    bad = [ln.split(": ", 1)[-1][:200] for ln in lines
-           if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("Traceback")]
+    bad = [
+        ln.split(": ", 1)[-1][:200]
+        for ln in lines
+        if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("Traceback")
+    ]
     return bad[:limit]
 
 
@@ -149,29 +158,42 @@ def mount_qsd(ctx, image, work, notes=None, writable=True):
     sock.unlink(missing_ok=True)
     probe.unlink(missing_ok=True)
     vsize = _virtual_size(image)
-    argv = ctx.pin([
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=f,filename={_qsd_escape(image)}",
-        "--blockdev", "driver=qcow2,node-name=q,file=f",
-        "--export", f"type=fuse,id=e,node-name=q,mountpoint={_qsd_escape(exp)},"
-                    f"writable={'on' if writable else 'off'}",
-        "--chardev", f"socket,id=qmp,path={_qsd_escape(sock)},server=on,wait=off",
-        "--monitor", "chardev=qmp",
-        "--chardev", f"socket,id=probe,path={_qsd_escape(probe)},server=on,wait=off",
-        "--monitor", "chardev=probe"], ctx.server_cpu)
+    argv = ctx.pin(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f,filename={_qsd_escape(image)}",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--export",
+            f"type=fuse,id=e,node-name=q,mountpoint={_qsd_escape(exp)},"
+            f"writable={'on' if writable else 'off'}",
+            "--chardev",
+            f"socket,id=qmp,path={_qsd_escape(sock)},server=on,wait=off",
+            "--monitor",
+            "chardev=qmp",
+            "--chardev",
+            f"socket,id=probe,path={_qsd_escape(probe)},server=on,wait=off",
+            "--monitor",
+            "chardev=probe",
+        ],
+        ctx.server_cpu,
+    )
     ctx.mounts.add(str(exp))
     with open(logf, "wb") as lf:
         t = time.perf_counter()
         try:
             proc = subprocess.Popen(argv, stdout=lf, stderr=lf, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
-            raise NA("qemu-storage-daemon is not installed")
+            raise NA("qemu-storage-daemon is not installed") from None
     ctx.procs.add(proc)
     try:
         try:
             _wait_served(exp, vsize, proc, 30)
         except NA as e:
-            raise NA(f"qemu-storage-daemon {e}: {last_line(logf.read_text(errors='replace'))}")
+            raise NA(
+                f"qemu-storage-daemon {e}: {last_line(logf.read_text(errors='replace'))}"
+            ) from None
         elapsed = time.perf_counter() - t
         deadline = time.monotonic() + 10
         while not sock.exists() and time.monotonic() < deadline:
@@ -205,6 +227,7 @@ def _stop_qsd(ctx, proc, sock, exp, notes):
 
 # ----------------------------------------------------------------------------- QMP
 
+
 class QMPError(NA):
     pass
 
@@ -216,13 +239,13 @@ class QMP:
         try:
             from qemu.qmp.legacy import QEMUMonitorProtocol
         except ImportError:
-            raise NA("the qemu.qmp client is not installed (pip install qemu.qmp)")
+            raise NA("the qemu.qmp client is not installed (pip install qemu.qmp)") from None
         self.q = QEMUMonitorProtocol(str(path))
         self.q.settimeout(timeout)
         try:
             self.q.connect()
         except Exception as e:
-            raise NA(f"cannot connect to {path}: {e}")
+            raise NA(f"cannot connect to {path}: {e}") from None
 
     def cmd(self, name, args=None):
         r = self.q.cmd_raw(name, args)
@@ -243,7 +266,7 @@ class QMP:
                 raise NA(f"no {'/'.join(names)} within {timeout:.0f} s")
             try:
                 ev = self.q.pull_event(wait=min(left, 1.0))
-            except Exception:       # asyncio.TimeoutError on a quiet second
+            except Exception:  # asyncio.TimeoutError on a quiet second
                 ev = None
             if ev is None:
                 continue

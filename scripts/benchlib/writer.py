@@ -25,16 +25,32 @@ def section_writer(ctx, sec):
     def qemu():
         img = new_overlay(work / "w-qemu.qcow2", top)
         os.sync()
-        wall, _, so, _ = timed(ctx, ["qemu-img", "bench", "-f", "qcow2", "-w", "-s", "1M", "-c",
-                                     str(total // M), "-t", "writeback", "--pattern=0x5a", img],
-                               cpu=cpu)
+        wall, _, so, _ = timed(
+            ctx,
+            [
+                "qemu-img",
+                "bench",
+                "-f",
+                "qcow2",
+                "-w",
+                "-s",
+                "1M",
+                "-c",
+                str(total // M),
+                "-t",
+                "writeback",
+                "--pattern=0x5a",
+                img,
+            ],
+            cpu=cpu,
+        )
         s["qemu"].append(wall)
         s["qemu_self"].append(bench_seconds(so))
 
     tests = {"ours": ours, "qemu": qemu}
-    for r in range(ctx.rounds + 1):      # round 0: warm-up, not counted
+    for r in range(ctx.rounds + 1):  # round 0: warm-up, not counted
         say(f"writer: round {r}/{ctx.rounds}" + (" (warm-up)" if r == 0 else ""))
-        for name in (tests if r % 2 == 0 else reversed(list(tests))):
+        for name in tests if r % 2 == 0 else reversed(list(tests)):
             if name not in na:
                 attempt(tests[name], na, name)
         if r == 0:
@@ -47,13 +63,23 @@ def section_writer(ctx, sec):
         t = median(s[key])
         return total / M / t if t else None
 
-    sec.row(f"{total // M} MiB of sequential 1 MiB writes into an empty active layer, "
-            "with the final flush and close", "MiB/s", mibs("ours", "ours"), mibs("qemu", "qemu"),
-            goal=("rel", 1),
-            note="ours: open_chain(writable) + chain.write loop + close (flush, fdatasync), "
-                 "one thread; qemu-img bench -w -s 1M -t writeback (64 requests in flight): "
-                 "its whole process",
-            samples=s)
-    sec.row("  writes only (before the final flush)", "MiB/s", mibs("ours_loop", "ours"),
-            mibs("qemu_self", "qemu"), goal=(),
-            note="qemu: the 'Run completed in' time qemu-img bench prints")
+    sec.row(
+        f"{total // M} MiB of sequential 1 MiB writes into an empty active layer, "
+        "with the final flush and close",
+        "MiB/s",
+        mibs("ours", "ours"),
+        mibs("qemu", "qemu"),
+        goal=("rel", 1),
+        note="ours: open_chain(writable) + chain.write loop + close (flush, fdatasync), "
+        "one thread; qemu-img bench -w -s 1M -t writeback (64 requests in flight): "
+        "its whole process",
+        samples=s,
+    )
+    sec.row(
+        "  writes only (before the final flush)",
+        "MiB/s",
+        mibs("ours_loop", "ours"),
+        mibs("qemu_self", "qemu"),
+        goal=(),
+        note="qemu: the 'Run completed in' time qemu-img bench prints",
+    )

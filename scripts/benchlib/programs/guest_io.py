@@ -26,6 +26,7 @@ def main(path, size, out, stop, seed, mode):
     buf = mmap.mmap(-1, BLOCK)
     buf.write(b"\xa5" * BLOCK)
     if reading:
+
         def pw(fd, buf, off):
             return os.preadv(fd, [buf], off)
     else:
@@ -43,7 +44,7 @@ def main(path, size, out, stop, seed, mode):
     limit = mono() + MAX_SECONDS
     while True:
         i += 1
-        if not (i & 63) and (exists(stop) or mono() > limit):   # the stop file, now and then
+        if not (i & 63) and (exists(stop) or mono() > limit):  # the stop file, now and then
             break
         try:
             pw(fd, buf, rnd(n) * BLOCK)
@@ -61,5 +62,4 @@ def main(path, size, out, stop, seed, mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
-         sys.argv[6])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])

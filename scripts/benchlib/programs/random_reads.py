@@ -26,8 +26,15 @@ def main(path, offsets):
         for off in offs:
             chain.read(off, 4096)
         after = rss()
-    print(json.dumps({"before": before, "after": after,
-                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps(
+            {
+                "before": before,
+                "after": after,
+                "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

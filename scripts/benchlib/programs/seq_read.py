@@ -12,7 +12,7 @@ import qcow
 
 
 def main(path, piece):
-    qcow.tune_malloc()      # as the qcowfs CLI and daemon do
+    qcow.tune_malloc()  # as the qcowfs CLI and daemon do
     t = time.perf_counter()
     with qcow.open_chain(path, writable=False) as chain:
         size = chain.virtual_size
