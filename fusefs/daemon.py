@@ -219,7 +219,7 @@ def _fuse_dead(mountpoint):
     return False
 
 
-def check_image(image):
+def check_qcow2_magic(image):
     try:
         with open(image, "rb") as f:
             magic = f.read(4)
@@ -258,7 +258,7 @@ def cmd_mount(args):
     if args.foreground:
         return run_daemon(cfg, int(ready_fd) if ready_fd else None)
     check_mountpoint(cfg.mountpoint, cfg.nonempty)
-    check_image(cfg.image)
+    check_qcow2_magic(cfg.image)
     check_socket_free(cfg.socket)
     return spawn_daemon(cfg)
 
@@ -440,7 +440,7 @@ def run_daemon(cfg, ready_fd=None):
     daemon = None
     try:
         check_mountpoint(cfg.mountpoint, cfg.nonempty)
-        check_image(cfg.image)
+        check_qcow2_magic(cfg.image)
         check_socket_free(cfg.socket)
         daemon = Daemon(cfg, notify)
         daemon.open()
@@ -491,7 +491,7 @@ class Daemon:
                 cfg.image,
                 writable=not cfg.read_only,
                 cache_bytes=cfg.cache_mib << 20,
-                lock=True,
+                image_locking=True,
                 force=cfg.force,
             )
         except OSError as e:

@@ -8,11 +8,11 @@ import json
 import sys
 
 import qcow
-from qcow.check import EXIT_FAILED, check_image, format_report, report_json
+from qcow.check import EXIT_FAILED, check_refcounts_and_tables, format_report, report_json
 from qcow.errors import QcowError
 from qcow.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from qcow.image import Qcow2Image
-from qcow.lock import READER, WRITER, lock_image
+from qcow.image_locking import READER, WRITER, take_image_locks
 
 
 def layer_info(layer, below):
@@ -63,7 +63,7 @@ def _actual_size(layer):
 
 
 def cmd_info(args):
-    with qcow.open_chain(args.image, lock=False, metadata_only=True) as chain:
+    with qcow.open_chain(args.image, image_locking=False, metadata_only=True) as chain:
         layers = chain.layers
         infos = [
             layer_info(layer, layers[i + 1] if i + 1 < len(layers) else None)
@@ -128,7 +128,7 @@ def _human(n):
 
 
 def cmd_map(args):
-    with qcow.open_chain(args.image, lock=False) as chain:
+    with qcow.open_chain(args.image, image_locking=False) as chain:
         extents = chain.block_status(0, chain.virtual_size, want_zero=True)
         names = [layer.filename for layer in chain.layers]
     if args.json:
@@ -152,10 +152,10 @@ def cmd_check(args):
         print(f"qcowfs: {args.image}: {e.strerror}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        lock_image(img.io.fd, args.image, WRITER if repair else READER)
+        take_image_locks(img.io.fd, args.image, WRITER if repair else READER)
         if repair:
             img.repair_if_dirty()
-        result = check_image(img, repair=repair)
+        result = check_refcounts_and_tables(img, repair=repair)
         if repair and (result.corruptions or result.leaks):
             if args.output == "human":
                 print(
@@ -164,7 +164,7 @@ def cmd_check(args):
                     "corruptions\n\nDouble checking the fixed image now..."
                 )
             fixed = result
-            result = check_image(img)
+            result = check_refcounts_and_tables(img)
             result.leaks_fixed = fixed.leaks - result.leaks
             result.corruptions_fixed = fixed.corruptions - result.corruptions
             if not result.corruptions and img.header.incompatible_features & INCOMPAT_DIRTY:

@@ -343,7 +343,7 @@ def _offline_base(image, base):
     from commit.target import find_layer
 
     try:
-        with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
+        with qcow.open_chain(image, image_locking=False, metadata_only=True) as chain:
             return (find_layer(chain, base) if base else chain.layers[-1]).path
     except QcowError:
         return None

@@ -5,7 +5,14 @@ mount, and by tests.
 """
 
 from .chain import Chain, Extent, open_chain
-from .errors import ChainError, CorruptImage, JobError, LockConflict, QcowError, UnsupportedImage
+from .errors import (
+    ChainError,
+    CorruptImage,
+    ImageLockConflict,
+    JobError,
+    QcowError,
+    UnsupportedImage,
+)
 from .malloc import tune_malloc
 
 __all__ = [
@@ -17,6 +24,6 @@ __all__ = [
     "CorruptImage",
     "UnsupportedImage",
     "ChainError",
-    "LockConflict",
+    "ImageLockConflict",
     "JobError",
 ]

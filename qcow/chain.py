@@ -27,9 +27,9 @@ from typing import NamedTuple
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
 from .header import QCOW_MAGIC
 from .image import Qcow2Image
+from .image_locking import READER, WRITER, drop_image_locks, take_image_locks
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .leftover import refuse_leftovers
-from .lock import READER, WRITER, lock_image, unlock_image
 from .lockdep import make_lock
 from .raw import RawImage
 from .runs import append_run
@@ -109,10 +109,12 @@ def _open_file_checked(path, named_by):
 
 
 class Chain:
-    def __init__(self, path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False):
+    def __init__(
+        self, path, writable=False, cache_bytes=32 << 20, image_locking=True, metadata_only=False
+    ):
         self.writable = writable
         self.cache_bytes = cache_bytes
-        self.locking = lock
+        self.image_locking = image_locking  # take QEMU's OFD image locks (off: like -U)
         self._lock = make_lock("chain")
         self._inflight = 0
         self._retired = []
@@ -157,8 +159,8 @@ class Chain:
                 reuse_ok=self._reuse_ok,
             )
             self.layers.append(layer)
-            if self.locking:
-                lock_image(layer.io.fd, path, WRITER if writable else READER)
+            if self.image_locking:
+                take_image_locks(layer.io.fd, path, WRITER if writable else READER)
             if writable:
                 layer.repair_if_dirty()
             if not layer.backing_name:
@@ -387,8 +389,8 @@ class Chain:
             return layer
         if not layer.read_only:
             layer.flush()
-        if self.locking:
-            unlock_image(layer.io.fd)
+        if self.image_locking:
+            drop_image_locks(layer.io.fd)
         try:
             new = open_layer(
                 layer.path,
@@ -398,13 +400,13 @@ class Chain:
                 filename=layer.filename,
                 reuse_ok=self._reuse_ok,
             )
-            if self.locking:
-                lock_image(new.io.fd, new.path, WRITER if writable else READER)
+            if self.image_locking:
+                take_image_locks(new.io.fd, new.path, WRITER if writable else READER)
             if writable:
                 new.repair_if_dirty()
         except BaseException:
-            if self.locking:
-                lock_image(layer.io.fd, layer.path, WRITER if not layer.read_only else READER)
+            if self.image_locking:
+                take_image_locks(layer.io.fd, layer.path, WRITER if not layer.read_only else READER)
             raise
         with self._lock:
             layers = list(self.layers)
@@ -469,8 +471,8 @@ class Chain:
                 reuse_ok=self._reuse_ok,
             )
             try:
-                if self.locking:
-                    lock_image(new.io.fd, new.path, WRITER)
+                if self.image_locking:
+                    take_image_locks(new.io.fd, new.path, WRITER)
                 if new.backing_name is None or not os.path.samefile(
                     resolve_backing(new.backing_name, path), old.path
                 ):
@@ -528,8 +530,8 @@ class Chain:
             try:
                 if flush and not layer.read_only:
                     layer.mark_clean()
-                if self.locking and layer.io.fd >= 0:
-                    unlock_image(layer.io.fd)
+                if self.image_locking and layer.io.fd >= 0:
+                    drop_image_locks(layer.io.fd)
                 layer.close()
             except OSError as e:
                 err = err or e
@@ -576,7 +578,7 @@ _RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO, UNALLOCATED:
 
 
 def open_chain(
-    path, writable=False, cache_bytes=32 << 20, lock=True, metadata_only=False, force=False
+    path, writable=False, cache_bytes=32 << 20, image_locking=True, metadata_only=False, force=False
 ):
     """Open the chain whose active image is `path`. See the module doc. Writable, a
     chain holding a commit's leftover is refused (before anything is written) unless
@@ -584,4 +586,4 @@ def open_chain(
     if writable and not force:
         with Chain(path, False, cache_bytes, False, True) as probe:
             refuse_leftovers(probe.layers)
-    return Chain(path, writable, cache_bytes, lock, metadata_only)
+    return Chain(path, writable, cache_bytes, image_locking, metadata_only)

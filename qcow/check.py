@@ -156,7 +156,7 @@ def _snapshot_table_end(img):
     return off
 
 
-def check_image(image, repair=False):
+def check_refcounts_and_tables(image, repair=False):
     """Check (and with repair=True, fix) one open Qcow2Image. Returns a CheckResult."""
     result = CheckResult()
     w = _Walker(image, result)

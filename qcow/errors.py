@@ -30,7 +30,7 @@ class ChainError(QcowError):
     """The backing chain cannot be followed: missing file, loop, raw active image."""
 
 
-class LockConflict(QcowError):
+class ImageLockConflict(QcowError):
     """Another process (QEMU or qcowfs) holds a conflicting lock on the image."""
 
 

@@ -191,9 +191,9 @@ class Qcow2Image:
 
     def repair_if_dirty(self):
         if self.needs_repair:
-            from .check import check_image
+            from .check import check_refcounts_and_tables
 
-            check_image(self, repair=True)
+            check_refcounts_and_tables(self, repair=True)
             self.mark_clean()
             self.needs_repair = False
 

@@ -3,7 +3,7 @@ qemu-storage-daemon (issue 3, "Must show").
 
 While a chain is open for writing, the active image refuses other users that do not
 pass -U, and its backing files admit readers but refuse writers; a chain that QEMU is
-writing is refused with a clear LockConflict.
+writing is refused with a clear ImageLockConflict.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from qemu_helpers import K, M, apply_ops, create, qemu_img, qemu_io
 
 import qcow
-from qcow.errors import LockConflict
+from qcow.errors import ImageLockConflict
 
 
 def _chain(d):
@@ -73,11 +73,11 @@ def test_read_only_chain_admits_qemu_readers(workdir):
 def test_our_own_second_writer_is_refused(workdir):
     top, base = _chain(workdir)
     with qcow.open_chain(top, writable=True):
-        with pytest.raises(LockConflict):
+        with pytest.raises(ImageLockConflict):
             qcow.open_chain(top, writable=True)
-        with pytest.raises(LockConflict):
+        with pytest.raises(ImageLockConflict):
             qcow.open_chain(top)  # reader vs. a writer that won't share
-        with qcow.open_chain(top, lock=False) as peek:  # like -U
+        with qcow.open_chain(top, image_locking=False) as peek:  # like -U
             peek.read(0, 512)
         with qcow.open_chain(base) as other:  # base is only read: shareable
             other.read(0, 512)
@@ -144,13 +144,13 @@ def test_chain_written_by_qemu_is_refused(workdir, storage_daemon):
     img = create(workdir / "busy.qcow2", 4 * M)
     before = open(img, "rb").read()
     storage_daemon(img)
-    with pytest.raises(LockConflict) as ei:
+    with pytest.raises(ImageLockConflict) as ei:
         qcow.open_chain(img, writable=True)
     msg = str(ei.value)
     assert img in msg and "lock" in msg and "\n" not in msg, msg
-    with pytest.raises(LockConflict):
+    with pytest.raises(ImageLockConflict):
         qcow.open_chain(img)  # QEMU does not share "write"
-    with qcow.open_chain(img, lock=False) as chain:  # -U
+    with qcow.open_chain(img, image_locking=False) as chain:  # -U
         assert chain.read(0, 512) == bytes(512)
     assert open(img, "rb").read() == before  # nothing written by the attempts
 
@@ -166,7 +166,7 @@ def test_dirty_image_not_repaired_under_qemus_feet(workdir, storage_daemon):
     inc = qcow2_layout(img)["incompatible"]
     patch(img, 72, "Q", inc | 1)  # dirty again, as if QEMU were mid-write
     before = open(img, "rb").read()
-    with pytest.raises(LockConflict):
+    with pytest.raises(ImageLockConflict):
         qcow.open_chain(img, writable=True)
     assert open(img, "rb").read() == before, "image modified before the lock was taken"
     from qemu_helpers import run_qcowfs
@@ -179,7 +179,7 @@ def test_dirty_image_not_repaired_under_qemus_feet(workdir, storage_daemon):
 def test_backing_file_written_by_qemu_is_refused(workdir, storage_daemon):
     top, base = _chain(workdir)
     storage_daemon(base)
-    with pytest.raises(LockConflict) as ei:
+    with pytest.raises(ImageLockConflict) as ei:
         qcow.open_chain(top, writable=True)
     assert base in str(ei.value)
     # the failed open released what it had taken on top

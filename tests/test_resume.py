@@ -55,7 +55,7 @@ def _pending(image):
 
 def _pending_fast(image):
     """The same, read in this process (the power-cut sweep runs it many times)."""
-    with qcow.open_chain(image, lock=False, metadata_only=True) as chain:
+    with qcow.open_chain(image, image_locking=False, metadata_only=True) as chain:
         return [
             layer.header.pending_commit
             for layer in chain.layers

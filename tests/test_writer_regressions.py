@@ -142,12 +142,12 @@ def test_dirty_repair_waits_for_the_lock(workdir):
     """Opening a dirty lazy-refcounts image for writing repairs it, which writes. While
     another process holds the image for writing (here: QEMU's write-permission lock
     bytes, taken with OFD locks on our own descriptor), the open must fail with
-    LockConflict and leave the file exactly as it was."""
+    ImageLockConflict and leave the file exactly as it was."""
     import fcntl
 
     import pytest
 
-    from qcow.errors import LockConflict
+    from qcow.errors import ImageLockConflict
 
     p = create(workdir / "dirty.qcow2", 4 * M, lazy_refcounts="on")
     apply_ops(p, [("w", 0, 64 * K, 0x11)])
@@ -158,7 +158,7 @@ def test_dirty_repair_waits_for_the_lock(workdir):
         # what a QEMU writer holds: perms 100 (read), 101 (write); unshared 201 (write)
         for byte in (100, 101, 201):
             fcntl.fcntl(fd, 37, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, byte, 1, 0))
-        with pytest.raises(LockConflict):
+        with pytest.raises(ImageLockConflict):
             qcow.open_chain(p, writable=True)
         assert Path(p).read_bytes() == before, "repaired before the lock was taken"
     finally:

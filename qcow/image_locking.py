@@ -10,7 +10,7 @@ import errno
 import fcntl
 import struct
 
-from .errors import LockConflict
+from .errors import ImageLockConflict
 
 PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 0, 1, 2, 3
 PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
@@ -36,8 +36,8 @@ def _held_by_other(fd, byte):
     return ltype != fcntl.F_UNLCK
 
 
-def lock_image(fd, path, role):
-    """Take the locks of `role` (WRITER or READER) on an open image; LockConflict if
+def take_image_locks(fd, path, role):
+    """Take the locks of `role` (WRITER or READER) on an open image; ImageLockConflict if
     another process holds a conflicting one. Locks live as long as the descriptor."""
     perms, unshared = role
     try:
@@ -47,27 +47,27 @@ def lock_image(fd, path, role):
             _flock(fd, F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + i)
         for i in perms:
             if _held_by_other(fd, LOCK_SHARED_BASE + i):
-                raise LockConflict(
+                raise ImageLockConflict(
                     path,
                     f'failed to get "{PERM_NAMES[i]}" lock: another process is using the image',
                 )
         for i in unshared:
             if _held_by_other(fd, LOCK_PERM_BASE + i):
-                raise LockConflict(
+                raise ImageLockConflict(
                     path,
                     f'failed to get shared "{PERM_NAMES[i]}" lock: '
                     f"another process is using the image",
                 )
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise LockConflict(path, "image is locked by another process") from None
+            raise ImageLockConflict(path, "image is locked by another process") from None
         raise
-    except LockConflict:
-        unlock_image(fd)
+    except ImageLockConflict:
+        drop_image_locks(fd)
         raise
 
 
-def unlock_image(fd):
+def drop_image_locks(fd):
     for base in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
         for i in ALL_PERMS:
             _flock(fd, F_OFD_SETLK, fcntl.F_UNLCK, base + i)
