@@ -1,4 +1,4 @@
-"""Live commit of intermediate layers through a real mount (issue 5).
+"""Live commit of intermediate layers through a real mount.
 
 A guest thread pwrite+fsyncs random blocks into MOUNT/disk.raw against a model while a
 commit job runs; sampled reads during the job and a full read after must match the

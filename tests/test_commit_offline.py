@@ -1,4 +1,4 @@
-"""Offline commit (issue 5): `commit.engine.run_offline` and `qcowfs commit IMAGE`.
+"""Offline commit: `commit.engine.run_offline` and `qcowfs commit IMAGE`.
 
 Every chain is built with qemu-img/qemu-io, and judged with qemu-img: the guest view
 (`qemu-img convert -O raw` of the active image) must be the same before, during (after
@@ -580,11 +580,12 @@ def test_kill9_in_base_flush_then_rerun_leaves_no_corruption(tmp_path):
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
 @pytest.mark.parametrize("case", ["scenario", "zeros_into_new_l2"])
 def test_crash_at_every_barrier(tmp_path, case, mode, how):
-    """The design-discussion chain, committed offline with a crash at the k-th flush
-    barrier (fdatasync) of any image, for every k: SIGKILL (everything written stays),
-    or a power cut (what each file got since its last barrier is lost, or a random part
-    of it kept). After the crash the chain the headers describe reads as before and
-    has no corruption; the same command run again finishes, with the same view."""
+    """The scenario chain (base <- mid <- top with all four allocation cases), committed
+    offline with a crash at the k-th flush barrier (fdatasync) of any image, for every
+    k: SIGKILL (everything written stays), or a power cut (what each file got since its
+    last barrier is lost, or a random part of it kept). After the crash the chain the
+    headers describe reads as before and has no corruption; the same command run again
+    finishes, with the same view."""
     import shutil
 
     pristine = build(case, tmp_path / "pristine")

@@ -1,4 +1,4 @@
-"""Hostile and careless folders (issue 15): the files the root daemon writes (pid, log,
+"""Hostile and careless folders: the files the root daemon writes (pid, log,
 control socket) are never reached through a symlink or taken from someone else, and
 the stranding guard's scan never blocks on a FIFO or a file of /proc and never leaves
 the file systems it was asked to search. Plus the flat file's own small faults:

@@ -1,4 +1,4 @@
-"""Hostile and careless clients on a live mount's control socket (issue 15).
+"""Hostile and careless clients on a live mount's control socket.
 
 Nothing a client sends may kill the daemon, change an image, or make a reply that is
 not JSON: every argument of every command is checked against one schema

@@ -1,5 +1,5 @@
 """Live external snapshot (QMP `blockdev-snapshot-sync`, `qcowfs snapshot`) and the
-backup cycle through a real mount (issue 14): snapshot, copy the frozen image with
+backup cycle through a real mount: snapshot, copy the frozen image with
 `qemu-img convert` while the guest writes, active commit with pivot back into it.
 """
 

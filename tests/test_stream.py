@@ -1,4 +1,4 @@
-"""Stream (pull, QMP `block-stream`, `qcowfs stream`) through a real mount (issue 14).
+"""Stream (pull, QMP `block-stream`, `qcowfs stream`) through a real mount.
 
 The reference is QEMU's offline pull: `qemu-img rebase` in safe mode of a copy of the
 chain onto the same base (or onto nothing). The flat view never changes, the active
