@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,21 +18,25 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_qmp_support import TEST_SCHEMA, Raw, ServerThread, qmp_session
+from test_qmp_support import (
+    TEST_SCHEMA,
+    Raw,
+    ServerThread,
+    qmp_call,
+    qmp_execute_and_follow,
+    qmp_session,
+)
 
+from commit.qapi import QMPError, check_arguments
 from fusefs import qmp
 from fusefs.qmp import (
     JSONStreamer,
     QMPCallError,
     QMPConnection,
-    QMPError,
     QMPProtocol,
     QMPServer,
     Request,
-    check_arguments,
     default_socket_path,
-    qmp_call,
-    qmp_execute_and_follow,
 )
 from qcow.errors import QcowError
 
@@ -192,6 +198,25 @@ def test_commands_refused_before_negotiation_as_qemu():
     ]
     assert p.negotiated
     assert p.event("X", None) is not None
+
+
+def test_block_commit_arguments_are_checked_before_its_handler():
+    """block-commit's arguments pass the one schema (commit.qapi.SCHEMA) in the protocol:
+    a wrong-typed x-guard-dirs never reaches the command table, and gets QEMU's words."""
+    p = QMPProtocol({"block-commit": None})
+    _replies(p, b'{"execute":"qmp_capabilities"}')
+    for dirs, desc in (
+        (b'"/tmp"', "Invalid parameter type for 'x-guard-dirs', expected: array"),
+        (b'{"d":"/tmp"}', "Invalid parameter type for 'x-guard-dirs', expected: array"),
+        (b"null", "Invalid parameter type for 'x-guard-dirs', expected: array"),
+        (b"[1]", "Invalid parameter type for 'x-guard-dirs[0]', expected: string"),
+        (b'["/tmp",["/x"]]', "Invalid parameter type for 'x-guard-dirs[1]', expected: string"),
+    ):
+        request = b'{"execute":"block-commit","id":7,"arguments":{"top":"mid.qcow2","x-guard-dirs":'
+        # _replies fails on any Request other than x-none's: none may come out here
+        assert _replies(p, request + dirs + b"}}") == [err(GE, desc, id=7)], dirs
+    (ok,) = p.feed(request + b'["/tmp"]}}')
+    assert isinstance(ok, Request) and ok.arguments["x-guard-dirs"] == ["/tmp"]
 
 
 @pytest.mark.parametrize("data,expected", QEMU_CASES, ids=[repr(c[0])[:40] for c in QEMU_CASES])
@@ -604,6 +629,23 @@ def test_blocking_client_keeps_events_sent_before_a_reply(server):
         assert conn.next_event(timeout=0.1) is None
         assert conn.execute("x-emit", {"event": "LATER"}) == {}
         assert [e["event"] for e in conn.events(timeout=0.2)] == ["LATER"]
+
+
+def test_cli_talks_to_a_mount_without_loading_trio(server, tmp_path):
+    """`qcowfs jobs` (as `commit --wait` and the other job commands) loads the blocking
+    client only: neither trio nor the server, whose import is most of a CLI command's
+    start-up time."""
+    cp = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fusefs", "jobs", str(tmp_path)]
+        + ["--control-socket", server.socket_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 0 and cp.stdout == "No jobs.\n", cp.stderr[-2000:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in cp.stderr.splitlines()}
+    assert "fusefs.qmp.client" in loaded
+    assert not loaded & {"trio", "fusefs.qmp.server", "fusefs.qmp.protocol"}, loaded
 
 
 def test_blocking_client_errors(tmp_path):
