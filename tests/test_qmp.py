@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -656,45 +657,44 @@ def test_blocking_client_errors(tmp_path):
         qmp_call(missing, "x-none", label="/mnt/x")
     # a server that closes the connection
     path = tmp_path / "closing.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(path))
-    srv.listen(1)
-
-    def serve_once():
-        c, _ = srv.accept()
-        c.sendall(
-            b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, '
-            b'"package": ""}, "capabilities": []}}\r\n'
-        )
-        c.recv(1000)
-        c.close()
-
-    t = threading.Thread(target=serve_once)
-    t.start()
-    with pytest.raises(QcowError, match="the control socket closed the connection"):
-        qmp_call(path, "x-none")
-    t.join()
-    srv.close()
+    greeting = (
+        b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, '
+        b'"package": ""}, "capabilities": []}}\r\n'
+    )
+    with _serving_once(path, lambda c: (c.sendall(greeting), c.recv(1000))):
+        with pytest.raises(QcowError, match="the control socket closed the connection"):
+            qmp_call(path, "x-none")
 
 
 def test_blocking_client_against_garbage_server(tmp_path):
     path = tmp_path / "junk.sock"
+    with _serving_once(path, lambda c: (c.sendall(b'{"hello": 1}\n'), time.sleep(0.2))):
+        with pytest.raises(QcowError, match="does not speak QMP"):
+            QMPConnection(path).connect()
+
+
+@contextmanager
+def _serving_once(path, serve):
+    """A Unix socket at `path` whose first connection `serve(connection)` handles in a
+    thread before it is closed."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
     srv.listen(1)
 
-    def serve_once():
-        c, _ = srv.accept()
-        c.sendall(b'{"hello": 1}\n')
-        time.sleep(0.2)
-        c.close()
+    def run():
+        conn, _ = srv.accept()
+        try:
+            serve(conn)
+        finally:
+            conn.close()
 
-    t = threading.Thread(target=serve_once)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
-    with pytest.raises(QcowError, match="does not speak QMP"):
-        QMPConnection(path).connect()
-    t.join()
-    srv.close()
+    try:
+        yield
+    finally:
+        t.join(10)
+        srv.close()
 
 
 # ------------------------------------------------------------------ trio-level API
