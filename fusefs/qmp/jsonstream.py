@@ -36,6 +36,27 @@ _SPECIAL_SQ = re.compile(rb"[\\'\x00-\x1f]")
 _START, _STRING, _KEYWORD_ST, _RECOVERY = range(4)
 # number sub-states
 _N_MINUS, _N_ZERO, _N_INT, _N_DOT, _N_FRAC, _N_EXP, _N_EXPSIGN, _N_EXPDIG = range(10, 18)
+_N_ERROR = -1
+
+
+def _edges(*pairs):
+    return {c: state for chars, state in pairs for c in chars}
+
+
+# the number automaton: state -> {byte: next state}. A byte not listed ends the number
+# in an accepting state (and is looked at again) and is a lexical error elsewhere; a
+# digit after a leading 0 is an error even though 0 is a number.
+_NUMBER = {
+    _N_MINUS: _edges((b"0", _N_ZERO), (b"123456789", _N_INT)),
+    _N_ZERO: _edges((b".", _N_DOT), (b"eE", _N_EXP), (b"0123456789", _N_ERROR)),
+    _N_INT: _edges((b"0123456789", _N_INT), (b".", _N_DOT), (b"eE", _N_EXP)),
+    _N_DOT: _edges((b"0123456789", _N_FRAC)),
+    _N_FRAC: _edges((b"0123456789", _N_FRAC), (b"eE", _N_EXP)),
+    _N_EXP: _edges((b"+-", _N_EXPSIGN), (b"0123456789", _N_EXPDIG)),
+    _N_EXPSIGN: _edges((b"0123456789", _N_EXPDIG)),
+    _N_EXPDIG: _edges((b"0123456789", _N_EXPDIG)),
+}
+_N_ACCEPTING = frozenset({_N_ZERO, _N_INT, _N_FRAC, _N_EXPDIG})
 
 
 class JSONStreamer:
@@ -182,65 +203,12 @@ class JSONStreamer:
 
     def _number(self, c, out):
         """Advance the number automaton by one byte; return bytes consumed (0 or 1)."""
-        st = self._state
-        isdigit = c in _DIGITS
-        if st == _N_MINUS:
-            if c == 0x30:
-                nxt = _N_ZERO
-            elif isdigit:
-                nxt = _N_INT
-            else:
-                self._lex_error(c, out)
-                return 1
-        elif st == _N_ZERO:
-            if c == 0x2E:
-                nxt = _N_DOT
-            elif c in (0x65, 0x45):
-                nxt = _N_EXP
-            elif isdigit:
-                self._lex_error(c, out)
-                return 1
-            else:
-                return self._end_number(out)
-        elif st == _N_INT:
-            if isdigit:
-                nxt = _N_INT
-            elif c == 0x2E:
-                nxt = _N_DOT
-            elif c in (0x65, 0x45):
-                nxt = _N_EXP
-            else:
-                return self._end_number(out)
-        elif st == _N_DOT:
-            if not isdigit:
-                self._lex_error(c, out)
-                return 1
-            nxt = _N_FRAC
-        elif st == _N_FRAC:
-            if isdigit:
-                nxt = _N_FRAC
-            elif c in (0x65, 0x45):
-                nxt = _N_EXP
-            else:
-                return self._end_number(out)
-        elif st == _N_EXP:
-            if c in (0x2B, 0x2D):
-                nxt = _N_EXPSIGN
-            elif isdigit:
-                nxt = _N_EXPDIG
-            else:
-                self._lex_error(c, out)
-                return 1
-        elif st == _N_EXPSIGN:
-            if not isdigit:
-                self._lex_error(c, out)
-                return 1
-            nxt = _N_EXPDIG
-        else:  # _N_EXPDIG
-            if isdigit:
-                nxt = _N_EXPDIG
-            else:
-                return self._end_number(out)
+        nxt = _NUMBER[self._state].get(c)
+        if nxt is None and self._state in _N_ACCEPTING:
+            return self._end_number(out)  # lookahead: c is not consumed
+        if nxt is None or nxt == _N_ERROR:
+            self._lex_error(c, out)
+            return 1
         self._state = nxt
         self._tok.append(c)
         if len(self._tok) > self.MAX_TOKEN_SIZE:
