@@ -1,5 +1,5 @@
 """QMP's command plumbing shared by the job manager (commit/job.py) and the control
-socket (fusefs/qmp.py): QEMU's error classes, the error a handler raises, and the one
+socket (fusefs/qmp/): QEMU's error classes, the error a handler raises, and the one
 schema every command's arguments are checked against, with QAPI's messages, before
 anything runs. No I/O, no trio.
 
@@ -8,7 +8,7 @@ argument name -> type, a leading '*' marking an optional argument. A type is a
 built-in ('str', 'int', 'size', 'bool', 'number', 'any'), the name of an enum in
 `ENUMS`, or a one-item list for an array of that type (['str']). A command adds itself
 with `SCHEMA["my-command"] = {"device": "str", "*speed": "int"}`; a command without an
-entry takes no arguments. The control socket (fusefs.qmp.QMPProtocol) checks every
+entry takes no arguments. The control socket (fusefs.qmp.protocol) checks every
 command against it before the command's handler runs, so handlers trust their
 arguments.
 """
@@ -41,7 +41,7 @@ _JOB_VERB = {"device": "str"}
 _JOB_ID = {"id": "str"}
 
 SCHEMA = {
-    # built into the protocol (fusefs/qmp.py)
+    # built into the protocol (fusefs/qmp/protocol.py)
     "qmp_capabilities": {"*enable": ["QMPCapability"]},
     "query-version": {},
     "query-commands": {},

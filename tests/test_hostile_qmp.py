@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from mount_fixtures import make_chain3, pid_alive, read_file
 from qemu_helpers import convert_raw, qemu_img, qemu_io, sha256_tree
 from test_commit_support import SyncQMP
+from test_qmp_support import Raw
 
 from commit.qapi import ENUMS, SCHEMA
 
@@ -39,30 +40,14 @@ def strict_json(line):
 
 def exchange(sock_path, payload, negotiate=True, timeout=30.0):
     """Connect, (negotiate), send `payload`, close our side, and return every line the
-    daemon sent until it closed the connection."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(sock_path))
+    daemon sent (the greeting first) until it closed the connection."""
+    client = Raw(sock_path, timeout=timeout)
     try:
         if negotiate:
             payload = b'{"execute":"qmp_capabilities"}\n' + payload
-        try:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # dropped as abusive: what it got is checked
-        data = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
+        return [client.greeting_line, *client.drain(payload, timeout)]
     finally:
-        s.close()
-    return [line for line in data.split(b"\n") if line.strip()]
+        client.close()
 
 
 def check_replies(lines):

@@ -9,7 +9,7 @@ import trio.testing
 from test_qmp_support import TEST_SCHEMA, FakeJobs, MiB
 
 from commit.job import JobContext, JobManager
-from fusefs.qmp import QMPError, check_arguments
+from commit.qapi import QMPError, check_arguments
 from qcow.errors import JobError, QcowError
 
 

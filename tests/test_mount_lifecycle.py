@@ -181,7 +181,7 @@ def test_shutdown_while_io_is_in_flight(tmp_path, mounter, how):
             assert "(fio)" in cp.stderr, cp.stderr  # its worker process
             assert m.is_mounted()
             # ... QMP quit, what it sends otherwise, still stops the daemon mid-I/O
-            from fusefs.qmp import qmp_call
+            from test_qmp_support import qmp_call
 
             qmp_call(str(m.socket), "quit")
         else:
