@@ -18,7 +18,7 @@ import time
 
 import trio
 
-from commit.job import JobManager
+from commit.jobmanager import JobManager
 from fusefs.qmp import SCHEMA, QMPError, QMPServer
 from qcow.errors import QcowError
 
