@@ -1,5 +1,5 @@
-"""QMP's command plumbing shared by the job manager (commit/job.py) and the control
-socket (fusefs/qmp/): QEMU's error classes, the error a handler raises, and the one
+"""QMP's command plumbing shared by the job manager (commit/jobmanager.py) and the control
+socket (fusefs/qmp/): QEMU's error classes, the errors a handler raises, and the one
 schema every command's arguments are checked against, with QAPI's messages, before
 anything runs. No I/O, no trio.
 
@@ -14,6 +14,10 @@ arguments.
 """
 
 import math
+
+from qcow.errors import JobError
+
+from .target import MODES
 
 GENERIC_ERROR = "GenericError"
 COMMAND_NOT_FOUND = "CommandNotFound"
@@ -30,10 +34,17 @@ class QMPError(Exception):
         super().__init__(desc)
 
 
+class JobCommandError(JobError):
+    """A user command a job refuses: a GenericError with QEMU's text."""
+
+    def __init__(self, message):
+        super().__init__(None, message)
+
+
 ENUMS = {
     "QMPCapability": ("oob",),
     "BlockdevOnError": ("report", "ignore", "enospc", "stop", "auto"),
-    "x-CommitMode": ("simple", "restartable"),
+    "x-CommitMode": MODES,
     "NewImageMode": ("existing", "absolute-paths"),
 }
 
@@ -48,7 +59,7 @@ SCHEMA = {
     # the daemon (fusefs/daemon.py)
     "query-named-block-nodes": {"*flat": "bool"},
     "quit": {},
-    # jobs (commit/job.py); block-commit's x- members are qcowfs extensions
+    # jobs (commit/jobmanager.py); block-commit's x- members are qcowfs extensions
     "query-block-jobs": {},
     "query-jobs": {},
     "block-job-cancel": {"device": "str", "*force": "bool"},

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from commit.target import MODES
 from qcow.errors import QcowError
 from qcow.malloc import tune_malloc
 
@@ -217,7 +218,7 @@ like 'qemu-img commit'). Without --top, the active image's backing file is commi
     )
     s.add_argument(
         "--mode",
-        choices=("simple", "restartable"),
+        choices=MODES,
         default="simple",
         help="simple (default, as QEMU) or restartable (drains intermediates "
         "one by one; a restarted commit never copies a cluster twice)",

@@ -444,7 +444,8 @@ def test_live_commit_io_error_stops_the_job(tmp_path, mounter):
         qmp.execute("block-commit", _commit_args(nodes, "simple", speed=0))
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
         assert done.get("error"), done
-        assert "BLOCK_JOB_ERROR" in qmp.names()
+        error = qmp.wait_event("BLOCK_JOB_ERROR", timeout=1)["data"]
+        assert error == {"device": "c1", "operation": "read", "action": "report"}
         assert _files(qmp.execute("query-named-block-nodes")) == _files(nodes)
         fd = os.open(m.disk, os.O_RDONLY | os.O_DIRECT)
         try:

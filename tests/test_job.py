@@ -14,11 +14,11 @@ from commit.job import (
     Job,
     JobCommandError,
     JobStateError,
-    RateLimiter,
     error_message,
     id_wellformed,
-    io_error,
 )
+from commit.ratelimit import RateLimiter
+from commit.steps import io_error
 
 
 class Recorder:

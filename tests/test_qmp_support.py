@@ -20,7 +20,7 @@ import time
 
 import trio
 
-from commit.job import JobManager
+from commit.jobmanager import JobManager
 from commit.qapi import SCHEMA, QMPError
 from fusefs.qmp import QMPConnection, QMPServer
 from qcow.errors import QcowError
