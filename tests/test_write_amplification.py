@@ -22,8 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import apply_ops, create, qemu_img, qemu_map
+from qemu_helpers import apply_ops, create, qemu_check, qemu_img, qemu_io, qemu_map
+from recording_io import Journal, recording_factory
 from test_commit_support import Chain, K, M, check_images, qemu_reference_commit
+
+from qcow.image import Qcow2Image
 
 SIZE = 128 * M
 MAX_RATIO = 1.1
@@ -159,3 +162,31 @@ def test_restartable_commit_writes_little_more_than_the_data(tmp_path, loop_fs, 
     qemu_img("compare", "-q", pristine.active, chain.active)
     names = qemu_img("info", "--backing-chain", chain.active).stdout
     assert "top.qcow2" not in names and "mid.qcow2" not in names, names
+
+
+def test_flush_writes_only_the_changed_slices_of_tables(tmp_path):
+    """In-process count: two clusters allocated far apart under one existing 2 MiB L2
+    table (entries in its 4 KiB slices 0 and 3) and one refcount block. The flush writes
+    each changed slice alone (4 KiB, not the table, not the span between them)."""
+    cs = 2 * M
+    path = create(str(tmp_path / "img.qcow2"), 4 << 30, cluster_size=cs)
+    apply_ops(path, [("w", 0, cs, 0x0B)])
+    journal = Journal(Path(path).read_bytes())
+    img = Qcow2Image(path, writable=True, rawio_factory=recording_factory(journal))
+    try:
+        for guest in (cs, 3 << 30):  # L2 entries 1 and 1536: slices 0 and 3
+            img.write(guest, b"\x5a" * cs, None)
+        img.flush()
+    finally:
+        img.close()
+    writes = [(off, len(data)) for _w, off, data in journal.writes()]
+    data = [w for w in writes if w[1] == cs]
+    metadata = sorted(w for w in writes if w[1] != cs)
+    assert len(data) == 2, writes
+    assert all(n <= 4 * K for _off, n in metadata), metadata
+    # L2 slices 0 and 3 apart, and the refcount block's first slice
+    assert len(metadata) == 3 and sum(n for _o, n in metadata) == 12 * K, metadata
+    rc, report = qemu_check(path)
+    assert rc == 0, report
+    for guest in (cs, 3 << 30):
+        qemu_io(path, f"read -q -P 0x5a {guest} {cs}")
