@@ -99,7 +99,7 @@ class Refcounts:
         if value > self.max_refcount:
             raise CorruptImage(self.image.path, f"refcount of cluster {cluster} overflows")
         refblock_set(block, i, self.order, value)
-        self.cache.mark_dirty(off)
+        self.cache.mark_dirty(off, (i << self.order) >> 3)
         if value == 0 and cluster < self.free_hint:
             self.free_hint = cluster
         return value

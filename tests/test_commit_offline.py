@@ -496,13 +496,16 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
             # kill at a random point of the copy (not during start-up)
             _wait_for_reports(progress_file, attempt + 1, proc)
             time.sleep(rnd.uniform(0.05, 0.8))
-        if proc.poll() is None and attempt < 3:
+        killed = proc.poll() is None and attempt < 3
+        if killed:
             proc.kill()
             kills += 1
         out, err = proc.communicate(timeout=120)
         runs = _progress_runs(progress_file)
-        if runs and runs[-1] and runs[-1][-1] == "done":
-            assert proc.returncode == 0, err
+        committed = [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+        if committed or (runs and runs[-1] and runs[-1][-1] == "done"):
+            # a kill may land after the commit's end (top dropped), before the process exits
+            assert proc.returncode == 0 or (killed and proc.returncode == -signal.SIGKILL), err
             break
         assert proc.returncode == -signal.SIGKILL, err
         # after every crash: same guest view, no corruption (leaks are allowed)
