@@ -464,16 +464,21 @@ class Flooder(threading.Thread):
 @pytest.mark.parametrize("pattern", [b" ", b"1", b"[1,"])
 def test_flooding_client_does_not_starve_the_others(single, pattern):
     """While one client streams blanks, digits or an endless array, another client's
-    replies and 1000 guest 4 KiB reads stay within a generous bound (a few seconds;
-    the flood once brought the reads down to 28-64 per second, 15-35 s for these); a
-    value past the parser's limits gets its sender disconnected."""
+    replies and 1000 guest 4 KiB reads are not starved: the reads take at most 50 times
+    (plus 2 s) what they take without the flood, measured just before on the same
+    machine (the parser shares the daemon's CPU with them; the flood once brought them
+    down to 28-64 per second, hundreds of times slower); a value past the parser's limits
+    gets its sender disconnected."""
     m, img, want = single
+    quiet_reads = _guest_reads_seconds(m.disk)
+    quiet_query = _query_latency(m.socket)
     flood = Flooder(m.socket, pattern * 65536)
     flood.start()
     try:
         time.sleep(0.5)
-        assert _query_latency(m.socket) < 5.0
-        assert _guest_reads_seconds(m.disk) < 10.0
+        assert _query_latency(m.socket) < 5.0 + 10 * quiet_query
+        flooded = _guest_reads_seconds(m.disk)
+        assert flooded < 2.0 + 50 * quiet_reads, (flooded, quiet_reads)
     finally:
         flood.finish()
     if pattern != b" ":  # a number or an array that never ends is cut off
