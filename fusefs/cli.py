@@ -1,9 +1,11 @@
 """The `qcowfs` command line: argument parsing and dispatch, nothing more.
 
 Each sub-command lives in the module that owns it: image inspection in
-`fusefs.imagecmds`, the mount daemon in `fusefs.daemon`, job control in
-`fusefs.jobcmds`. Every user-caused fault arrives here as a `QcowError` and leaves as
-one line on stderr with a non-zero exit; a traceback is a bug.
+`fusefs.imagecmds`, mounting in `fusefs.spawn` (the daemon it forks: `fusefs.daemon`),
+unmounting in `fusefs.unmount`, job control in `fusefs.jobcmds`. A command imports only
+what it uses: trio, pyfuse3 and the QMP server load only where a daemon runs. Every
+user-caused fault arrives here as a `QcowError` and leaves as one line on stderr with a
+non-zero exit; a traceback is a bug.
 """
 
 import argparse
@@ -37,8 +39,8 @@ _HANDLERS = {
     "info": ("fusefs.imagecmds", "cmd_info"),
     "map": ("fusefs.imagecmds", "cmd_map"),
     "check": ("fusefs.imagecmds", "cmd_check"),
-    "mount": ("fusefs.daemon", "cmd_mount"),
-    "unmount": ("fusefs.daemon", "cmd_unmount"),
+    "mount": ("fusefs.spawn", "cmd_mount"),
+    "unmount": ("fusefs.unmount", "cmd_unmount"),
     "commit": ("fusefs.jobcmds", "cmd_commit"),
     "stream": ("fusefs.jobcmds", "cmd_stream"),
     "snapshot": ("fusefs.jobcmds", "cmd_snapshot"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import qemu_helpers
 
-from fusefs.daemon import pid_alive  # noqa: F401 (the tests' too)
+from fusefs.daemonfiles import pid_alive  # noqa: F401 (the tests' too)
 from fusefs.mountrecord import remove_record
 
 M = 1 << 20
