@@ -71,6 +71,15 @@ def _version():
         return "unknown"
 
 
+class _Version(argparse.Action):
+    """--version: the package metadata is read only when asked for (reading it costs
+    more than parsing every other option)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"qcowfs {_version()}")
+        parser.exit()
+
+
 def _add(sub, name, help, description=None):
     return sub.add_parser(
         name,
@@ -102,7 +111,9 @@ def build_parser():
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"qcowfs {_version()}")
+    p.add_argument(
+        "--version", action=_Version, nargs=0, help="show program's version number and exit"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = _add(

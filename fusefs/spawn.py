@@ -13,7 +13,6 @@ in the command's process instead.
 import logging
 import os
 import signal
-import subprocess
 import sys
 import traceback
 
@@ -98,7 +97,12 @@ def spawn_daemon(cfg):
     finally:
         os.close(r)
     if line.startswith("READY"):
-        return 0
+        # The daemon owns the mount now and this process holds nothing to release:
+        # leave without the interpreter's teardown, which would only keep the caller
+        # waiting (tens of ms with the image code loaded).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     rc = _reap(pid, cfg)
     if line.startswith("ERROR "):
         raise QcowError(None, line[6:])
@@ -166,6 +170,8 @@ def _reap(pid, cfg):
         _signal(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     if mount_fstype(cfg.mountpoint) == FSTYPE:
+        import subprocess  # here: only a failed start needs it
+
         subprocess.run(
             ["fusermount3", "-u", "-z", cfg.mountpoint],
             stdout=subprocess.DEVNULL,

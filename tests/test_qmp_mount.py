@@ -16,6 +16,7 @@ import pytest
 from qemu_helpers import convert_raw, qemu_check, qemu_img, qemu_info_chain, qemu_io, run_qcowfs
 from test_qmp_support import events_until, status_null, summarize
 
+from fusefs.mountinfo import mount_at
 from fusefs.qmp import default_socket_path
 
 MiB = 1 << 20
@@ -27,9 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def mounted(path):
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return mount_at(os.path.realpath(path)) is not None
 
 
 @pytest.fixture
