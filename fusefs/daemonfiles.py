@@ -6,6 +6,10 @@ exclusively, both are mode 0600, and a path that exists and is not ours (a link,
 regular file, someone else's, hard-linked elsewhere) is refused with one line. The log
 rotates at LOG_MAX_BYTES, and a message logged over and over is rate-limited
 (`RepeatFilter`), so no client can fill the disk through the log.
+
+The reading side is here too: a command trusts the pid in a pid file (or a mount record)
+only while that process runs and is a qcowfs daemon of the same mountpoint
+(`verified_pid`: a stale file may name a pid reused by something else).
 """
 
 import errno

@@ -13,7 +13,6 @@ from .harness import (
     NA,
     OURS,
     QSD,
-    ROOT,
     M,
     Notes,
     T,
@@ -147,7 +146,7 @@ def _start_rows(ctx, sec, top):
         for kind in (OURS, QSD) if r % 2 == 0 else (QSD, OURS):
             info[kind].append(timed(ctx, argv[kind], cpu=ctx.server_cpu)[0])
         bare = [ctx.python, "-c", "import pyfuse3, qcow"]
-        floor.append(timed(ctx, bare, cpu=ctx.server_cpu, cwd=ROOT)[0])
+        floor.append(timed(ctx, bare, cpu=ctx.server_cpu)[0])
     sec.row(
         "time to a usable `qcowfs info` (vs `qemu-img info --backing-chain`)",
         "ms",
@@ -189,7 +188,7 @@ def _fio_rows(ctx, sec, notes, top, floor):
         ms(val("mount", OURS)),
         ms(val("mount", QSD)),
         better="lower",
-        goal=("abs", max(MOUNT_GOAL_MS, ms(floor) + MOUNT_SLACK_MS)),
+        goal=("abs", round(max(MOUNT_GOAL_MS, ms(floor) + MOUNT_SLACK_MS))),
         note="ours: `qcowfs mount` returns (it waits for the daemon); QSD: process start "
         "until its export file stats with the virtual size; then both read the first "
         f"4 KiB. Goal: {MOUNT_GOAL_MS} ms, or the bare imports plus {MOUNT_SLACK_MS} ms",
