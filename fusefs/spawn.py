@@ -137,8 +137,10 @@ def _daemon_child(cfg, ready_fd, logfd):
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
-        os.close(devnull)
-        os.close(logfd)
+        # nothing else of the caller's: a pipe it waits on must not stay open for the
+        # daemon's lifetime
+        os.closerange(3, ready_fd)
+        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
         from fusefs.daemon import run_daemon
 
         rc = run_daemon(cfg, ready_fd)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from mount_fixtures import check_clean, make_chain, make_chain3, read_file
+from mount_fixtures import check_clean, make_chain, make_chain3, read_file, wait_until
 from qemu_helpers import convert_raw, qemu_info_chain
 
 # what only a mount daemon or a live command needs
@@ -62,6 +62,11 @@ def test_offline_commit_loads_no_daemon_code(tmp_path):
     check_clean(top)
 
 
+def _proc(pid, name):
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
 def test_daemon_is_a_fork_of_the_command(tmp_path, mounter):
     """The daemon shares the command's auxiliary vector: the kernel writes a new one on
     every exec, so only a fork (no second interpreter started) keeps it."""
@@ -74,15 +79,16 @@ def test_daemon_is_a_fork_of_the_command(tmp_path, mounter):
         stderr=subprocess.PIPE,
         text=True,
     )
-    with open(f"/proc/{cmd.pid}/auxv", "rb") as f:  # exec is done once Popen returns
-        command_auxv = f.read()
+    # Popen may return before exec has laid out the new process; the kernel records the
+    # auxv before the command line, so once the command line reads, the auxv is whole
+    wait_until(lambda: _proc(cmd.pid, "cmdline"), 10, "the command's exec")
+    command_auxv = _proc(cmd.pid, "auxv")
     command_exe = os.readlink(f"/proc/{cmd.pid}/exe")
     out, err = cmd.communicate(timeout=120)
     assert cmd.returncode == 0, (err, m.log())
     pid = m.daemon_pid()
     assert pid != cmd.pid
-    with open(f"/proc/{pid}/auxv", "rb") as f:
-        assert f.read() == command_auxv
+    assert _proc(pid, "auxv") == command_auxv
     assert os.readlink(f"/proc/{pid}/exe") == command_exe
     # it shows its resolved command line, which `qcowfs unmount` trusts
     with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -90,3 +96,35 @@ def test_daemon_is_a_fork_of_the_command(tmp_path, mounter):
     assert b"--foreground" in argv and os.fsencode(m.mountpoint) in argv
     assert read_file(m.disk) == convert_raw(top, share=True)
     m.unmount()
+
+
+def test_daemon_keeps_none_of_the_callers_descriptors(tmp_path, mounter):
+    """A pipe the caller handed down (as a shell or a test harness does) is closed in the
+    daemon: whoever reads it to its end is not kept waiting for the mount's lifetime."""
+    top = make_chain(tmp_path)
+    r, w = os.pipe()
+    try:
+        m = mounter._new(top, None, "disk.raw")
+        cp = subprocess.run(
+            [sys.executable, "-m", "fusefs", "mount", top, str(m.mountpoint)]
+            + ["--control-socket", str(m.socket)],
+            capture_output=True,
+            text=True,
+            pass_fds=(w,),
+            timeout=120,
+        )
+        assert cp.returncode == 0, (cp.stderr, m.log())
+        os.close(w)
+        w = None
+        pid = m.daemon_pid()
+        fds = os.listdir(f"/proc/{pid}/fd")
+        assert fds  # the listing is real
+        pipe = os.readlink(f"/proc/self/fd/{r}")
+        held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+        assert pipe not in held
+        assert os.read(r, 1) == b""  # end of file: no writer is left
+        m.unmount()
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
