@@ -43,6 +43,7 @@ from qcow.errors import ChainError, QcowError
 from qcow.leftover import refuse_leftovers
 
 log = logging.getLogger("qcowfs.daemon")
+JOB_ENGINES_AFTER = 1.0  # seconds after READY the commit and stream engines load
 _CLI_PRINTS = {"cli_prints": True}  # log extra: the CLI prints this error itself
 
 
@@ -89,7 +90,6 @@ class _TerminalHandler(logging.StreamHandler):
 def run_daemon(cfg, ready_fd=None):
     """The daemon itself, in a forked child (`ready_fd`: the readiness pipe) or in
     `mount --foreground`. Returns the exit code."""
-    show_command_line(cfg.daemon_argv())  # ps and `qcowfs unmount` know it by it
     notify = ReadyPipe(ready_fd)
     try:
         log_handler = _setup_logging(cfg, to_stderr=ready_fd is None)
@@ -100,6 +100,8 @@ def run_daemon(cfg, ready_fd=None):
         err = QcowError(cfg.log_file, f"cannot open the log file: {e.strerror}")
         notify.error(str(err))
         raise err from None
+    if not show_command_line(cfg.daemon_argv()):  # ps and `qcowfs unmount` know it by it
+        log.info("the kernel refused to show the resolved command line (PR_SET_MM_MAP)")
     log.info(
         "starting: image %s, mountpoint %s, %s, control socket %s",
         cfg.image,
@@ -370,8 +372,9 @@ class Daemon:
             )
         log.info("serving %s: %d bytes", path, st.st_size)
         self.notify.ready()
-        # now, in a worker thread, what only a job needs: the first job finds it loaded
-        # and the guest's requests are not held up by it
+        # Then, once the caller's first requests are served, what only a job needs, in a
+        # worker thread: the first job finds it loaded, and no request waits for it.
+        await trio.sleep(JOB_ENGINES_AFTER)
         await trio.to_thread.run_sync(_load_job_engines)
 
     async def _watch_signals(self, signals):
