@@ -13,7 +13,6 @@ to a terminal that may be gone; the daemon's pid is in ``<hash>.pid`` beside it.
 """
 
 import errno
-import importlib
 import logging
 import os
 import signal
@@ -23,9 +22,11 @@ import pyfuse3
 import trio
 
 import qcow
+from commit.engine import make_commit_factory
 from commit.intent import resume_plan
 from commit.job import JobManager
 from commit.qapi import QMPError
+from commit.stream import make_stream_factory
 from commit.target import node_name  # node names block-commit's top/base accept
 from fusefs import (
     mountrecord,  # where CLI commands find this mount
@@ -43,7 +44,6 @@ from qcow.errors import ChainError, QcowError
 from qcow.leftover import refuse_leftovers
 
 log = logging.getLogger("qcowfs.daemon")
-JOB_ENGINES_AFTER = 1.0  # seconds after READY the commit and stream engines load
 _CLI_PRINTS = {"cli_prints": True}  # log extra: the CLI prints this error itself
 
 
@@ -240,26 +240,13 @@ class Daemon:
         # The job commands (block-commit & co): the job machinery of commit/job.py with
         # the commit engine's block-commit for this chain. Its command table is merged
         # into ours in commands(), its events go out through the control socket, and it
-        # runs in _main's nursery. The engines load once the mount serves (see
-        # _announce_ready), not on the way to it.
+        # runs in _main's nursery.
         # A read-only mount changes no image: its block-commit and block-stream refuse.
-        chain = self.chain
         read_only = self.cfg.mountpoint if self.cfg.read_only else None
-
-        def commit_factory():
-            from commit.engine import make_commit_factory
-
-            return make_commit_factory(chain, read_only_mount=read_only)
-
-        def stream_factory():
-            from commit.stream import make_stream_factory
-
-            return make_stream_factory(chain, read_only_mount=read_only)
-
         return JobManager(
-            _BuiltOnFirstJob(commit_factory),
+            make_commit_factory(self.chain, read_only_mount=read_only),
             emit=self._emit,
-            factories={"block-stream": _BuiltOnFirstJob(stream_factory)},
+            factories={"block-stream": make_stream_factory(self.chain, read_only_mount=read_only)},
         )
 
     # -- the command table of the control socket -----------------------------------
@@ -372,10 +359,6 @@ class Daemon:
             )
         log.info("serving %s: %d bytes", path, st.st_size)
         self.notify.ready()
-        # Then, once the caller's first requests are served, what only a job needs, in a
-        # worker thread: the first job finds it loaded, and no request waits for it.
-        await trio.sleep(JOB_ENGINES_AFTER)
-        await trio.to_thread.run_sync(_load_job_engines)
 
     async def _watch_signals(self, signals):
         async for signum in signals:
@@ -455,32 +438,6 @@ class Daemon:
             remove_pid_file(self.cfg.pid_file)
             self._pid_written = False
         mountrecord.remove_record(self.cfg.mountpoint, pid=os.getpid())
-
-
-class _BuiltOnFirstJob:
-    """A job factory of commit.job's contract that builds the real one (`make()`) when
-    a job first starts or asks whether it wants `speed`."""
-
-    def __init__(self, make):
-        self._make = make
-        self._factory = None
-
-    def _built(self):
-        if self._factory is None:
-            self._factory = self._make()
-        return self._factory
-
-    @property
-    def wants_speed(self):
-        return getattr(self._built(), "wants_speed", False)
-
-    def __call__(self, args):
-        return self._built()(args)
-
-
-def _load_job_engines():
-    importlib.import_module("commit.engine")
-    importlib.import_module("commit.stream")
 
 
 def block_nodes(chain):
