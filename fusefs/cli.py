@@ -3,9 +3,9 @@
 Each sub-command lives in the module that owns it: image inspection in
 `fusefs.imagecmds`, mounting in `fusefs.spawn` (the daemon it forks: `fusefs.daemon`),
 unmounting in `fusefs.unmount`, job control in `fusefs.jobcmds`. A command imports only
-what it uses: trio, pyfuse3 and the QMP server load only where a daemon runs. Every
-user-caused fault arrives here as a `QcowError` and leaves as one line on stderr with a
-non-zero exit; a traceback is a bug.
+what it uses: the offline ones (info, map, check, an offline commit) load neither trio,
+pyfuse3 nor the QMP code. Every user-caused fault arrives here as a `QcowError` and
+leaves as one line on stderr with a non-zero exit; a traceback is a bug.
 """
 
 import argparse
