@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass
 from qcow.chain import MAX_CHAIN, probe_format, resolve_backing
 from qcow.errors import JobError, QcowError
 from qcow.header import read_backing_info
+from qcow.mountinfo import mounts
 
 from .target import MODES
 
@@ -341,19 +342,9 @@ class _Scan:
 def _pseudo_devices():
     """st_dev of every mounted pseudo file system (from /proc/self/mountinfo)."""
     devs = set()
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return devs
-    for line in lines:
-        fields = line.split(b" ")
-        try:
-            fstype = fields[fields.index(b"-") + 1].decode(errors="replace")
-            major, minor = fields[2].split(b":")
-        except (ValueError, IndexError):
-            continue
-        if fstype in _PSEUDO_FS:
+    for m in mounts():
+        if m.fstype in _PSEUDO_FS:
+            major, minor = m.dev.split(":")
             devs.add(os.makedev(int(major), int(minor)))
     return devs
 

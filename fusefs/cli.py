@@ -1,9 +1,11 @@
 """The `qcowfs` command line: argument parsing and dispatch, nothing more.
 
 Each sub-command lives in the module that owns it: image inspection in
-`fusefs.imagecmds`, the mount daemon in `fusefs.daemon`, job control in
-`fusefs.jobcmds`. Every user-caused fault arrives here as a `QcowError` and leaves as
-one line on stderr with a non-zero exit; a traceback is a bug.
+`fusefs.imagecmds`, mounting in `fusefs.spawn` (the daemon it forks: `fusefs.daemon`),
+unmounting in `fusefs.unmount`, job control in `fusefs.jobcmds`. A command imports only
+what it uses: the offline ones (info, map, check, an offline commit) load neither trio,
+pyfuse3 nor the QMP code. Every user-caused fault arrives here as a `QcowError` and
+leaves as one line on stderr with a non-zero exit; a traceback is a bug.
 """
 
 import argparse
@@ -38,8 +40,8 @@ _HANDLERS = {
     "info": ("fusefs.imagecmds", "cmd_info"),
     "map": ("fusefs.imagecmds", "cmd_map"),
     "check": ("fusefs.imagecmds", "cmd_check"),
-    "mount": ("fusefs.daemon", "cmd_mount"),
-    "unmount": ("fusefs.daemon", "cmd_unmount"),
+    "mount": ("fusefs.spawn", "cmd_mount"),
+    "unmount": ("fusefs.unmount", "cmd_unmount"),
     "commit": ("fusefs.jobcmds", "cmd_commit"),
     "stream": ("fusefs.jobcmds", "cmd_stream"),
     "snapshot": ("fusefs.jobcmds", "cmd_snapshot"),
@@ -68,6 +70,15 @@ def _version():
         return version("qcowfs")
     except Exception:  # running from a source tree without installing
         return "unknown"
+
+
+class _Version(argparse.Action):
+    """--version: the package metadata is read only when asked for (reading it costs
+    more than parsing every other option)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"qcowfs {_version()}")
+        parser.exit()
 
 
 def _add(sub, name, help, description=None):
@@ -419,7 +430,9 @@ def build_parser():
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"qcowfs {_version()}")
+    p.add_argument(
+        "--version", action=_Version, nargs=0, help="show program's version number and exit"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_mount(sub)
     _add_unmount(sub)

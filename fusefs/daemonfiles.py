@@ -6,18 +6,81 @@ exclusively, both are mode 0600, and a path that exists and is not ours (a link,
 regular file, someone else's, hard-linked elsewhere) is refused with one line. The log
 rotates at LOG_MAX_BYTES, and a message logged over and over is rate-limited
 (`RepeatFilter`), so no client can fill the disk through the log.
+
+The reading side is here too: a command trusts the pid in a pid file (or a mount record)
+only while that process runs and is a qcowfs daemon of the same mountpoint
+(`verified_pid`: a stale file may name a pid reused by something else).
 """
 
 import errno
 import logging
 import logging.handlers
 import os
+import select
 import stat
 import time
 
 from qcow.errors import QcowError
 
 LOG_MAX_BYTES = 8 << 20  # then the log moves to <log>.1 (one old log is kept)
+
+
+def _stem(socket_path):
+    base, ext = os.path.splitext(socket_path)
+    return base if ext == ".sock" else socket_path
+
+
+def pid_file_path(socket_path):
+    return _stem(socket_path) + ".pid"
+
+
+def default_log_path(socket_path):
+    return _stem(socket_path) + ".log"
+
+
+def read_pid(path, mountpoint=None):
+    """The daemon's pid from its pid file, if that process still runs and is ours (a
+    stale pid file may name a pid reused by something else)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return verified_pid(pid, mountpoint)
+
+
+def verified_pid(pid, mountpoint=None):
+    """`pid` if it is a running qcowfs daemon (of `mountpoint`), else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    if b"fusefs" not in argv or (mountpoint is not None and os.fsencode(mountpoint) not in argv):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def wait_exit(pid, timeout):
+    """Whether process `pid` (a child or not) ends within `timeout` s: woken by its
+    pidfd, no polling."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
 
 
 def _refuse_unless_ours(path, st, what):

@@ -30,7 +30,6 @@ import sys
 from qcow.errors import QcowError
 
 from .mountrecord import socket_for
-from .qmp import QMPCallError, QMPConnection
 from .units import parse_rate
 
 DEFAULT_JOB_ID = "commit"
@@ -44,6 +43,8 @@ REPLY_TIMEOUT = 300.0  # block-commit may scan guard directories before it answe
 
 def _connect(args, label):
     """A negotiated connection to the control socket of the mount at `label`."""
+    from .qmp import QMPConnection  # here: an offline commit loads no QMP code
+
     path = socket_for(os.path.realpath(label), getattr(args, "control_socket", None))
     conn = QMPConnection(path, label=label, timeout=REPLY_TIMEOUT)
     conn.connect()
@@ -547,5 +548,4 @@ __all__ = [
     "cmd_set_speed",
     "cmd_job_verb",
     "DEFAULT_JOB_ID",
-    "QMPCallError",
 ]

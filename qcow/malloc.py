@@ -9,7 +9,6 @@ daemon call it; other programs may.
 """
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -18,12 +17,10 @@ M_MMAP_THRESHOLD = -3
 def tune_malloc(mmap_threshold=32 << 20, trim_threshold=128 << 20):
     """Serve buffers up to `mmap_threshold` from the heap and keep up to
     `trim_threshold` of freed heap mapped. No-op where glibc is not the allocator."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # the symbols already loaded: libc's, without ctypes.util.find_library (which
+        # runs `ldconfig -p`, a process of its own, on every command's start)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(

@@ -18,24 +18,17 @@ from pathlib import Path
 import pytest
 import qemu_helpers
 
-from fusefs.daemon import pid_alive  # noqa: F401 (the tests' too)
+from fusefs.daemonfiles import pid_alive  # noqa: F401 (the tests' too)
 from fusefs.mountrecord import remove_record
+from qcow.mountinfo import mount_at
 
 M = 1 << 20
 
 
 def mounted_fstype(path) -> str | None:
     """File system type mounted at PATH (from /proc/self/mountinfo), or None."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            mp = fields[4].encode().decode("unicode_escape")
-            if mp == target:
-                found = fields[sep + 1]
-    return found
+    m = mount_at(os.path.realpath(path))
+    return m.fstype if m else None
 
 
 def wait_until(pred, timeout=30.0, what="condition"):

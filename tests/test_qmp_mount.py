@@ -16,6 +16,7 @@ from qemu_helpers import convert_raw, qemu_check, qemu_img, qemu_info_chain, qem
 from test_qmp_support import events_until, qmp_session, status_null, summarize
 
 from fusefs.qmp import default_socket_path
+from qcow.mountinfo import mount_at
 
 MiB = 1 << 20
 
@@ -26,9 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def mounted(path):
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return mount_at(os.path.realpath(path)) is not None
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qcow.mountinfo import mounts
+
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = "scripts.benchlib.programs"
 
@@ -181,16 +183,7 @@ def attempt(fn, na, key):
 
 def mount_points():
     """(mount point, file system type) of every mount, from /proc/self/mountinfo."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split()
-        out.append((parts[4].replace("\\040", " "), parts[parts.index("-") + 1]))
-    return out
+    return [(m.mount_point, m.fstype) for m in mounts()]
 
 
 def fs_type(path):

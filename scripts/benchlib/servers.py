@@ -129,12 +129,13 @@ def _virtual_size(image):
 
 
 def _wait_served(path, vsize, proc, timeout):
-    """Poll until path answers stat with the virtual size (a FUSE export serving)."""
+    """Poll until path answers stat with the virtual size (a FUSE export serving), then
+    read its first 4 KiB: the time to mount ends with a read that returned."""
     deadline = time.perf_counter() + timeout
     while True:
         try:
             if os.stat(path).st_size == vsize:
-                return
+                break
         except OSError:
             pass
         if proc is not None and proc.poll() is not None:
@@ -142,6 +143,12 @@ def _wait_served(path, vsize, proc, timeout):
         if time.perf_counter() > deadline:
             raise NA(f"{path} not served within {timeout} s")
         time.sleep(0.0005)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if len(os.pread(fd, 4096, 0)) != 4096:
+            raise NA(f"{path}: a short read of its first 4 KiB")
+    finally:
+        os.close(fd)
 
 
 def _qsd_escape(s):
