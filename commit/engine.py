@@ -17,8 +17,12 @@ from .intent import with_intent
 from .ratelimit import RateLimiter
 from .restartable import restartable_commit
 from .simple import simple_commit
-from .steps import Copied, Ready, SetLen
+from .steps import CHUNK, Copied, Ready, SetLen
 from .target import resolve_target
+
+# Offline no guest waits behind a step: bigger steps (fewer flush barriers in
+# restartable mode), unless a speed limit wants its bytes counted finely.
+OFFLINE_CHUNK = 16 << 20
 
 
 def start_commit(
@@ -33,9 +37,10 @@ def start_commit(
     delete=False,
     job_id="commit",
     speed=0,
+    chunk=CHUNK,
 ):
-    """(target, stranded, steps): a checked request and its step generator. The steps
-    return the dropped layers when they finish.
+    """(target, stranded, steps): a checked request and its step generator, copying
+    `chunk` bytes per step at most. The steps return the dropped layers when they finish.
 
     The stranding guard runs first: it refuses (JobError) when another chain depends on
     an image this commit changes, invalidates or deletes; with force it returns the
@@ -53,11 +58,11 @@ def start_commit(
     if target.active:
         from .active import active_commit
 
-        steps = active_commit(target)
+        steps = active_commit(target, chunk)
     elif mode == "restartable":
-        steps = restartable_commit(target)
+        steps = restartable_commit(target, chunk)
     else:
-        steps = simple_commit(target)
+        steps = simple_commit(target, chunk)
     steps = with_intent(target, job_id, force, speed, steps)  # resumed by the next mount
     return target, stranded, _finally_read_only(target, steps)
 
@@ -99,7 +104,15 @@ def run_offline(
     Returns (dropped paths, stranded dependants)."""
     with qcow.open_chain(image, writable=True, force=force) as chain:
         target, stranded, steps = start_commit(
-            chain, top, base, mode, guard_dirs=guard_dirs, force=force, delete=delete, speed=speed
+            chain,
+            top,
+            base,
+            mode,
+            guard_dirs=guard_dirs,
+            force=force,
+            delete=delete,
+            speed=speed,
+            chunk=CHUNK if speed else OFFLINE_CHUNK,
         )
         limiter = RateLimiter(speed)
         length = offset = 0

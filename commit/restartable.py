@@ -12,14 +12,14 @@ Restart (after cancel or kill -9) resumes where the durable state says: clusters
 already unallocated are not copied again; only chunks that were in flight are.
 """
 
-from qcow.l2_table import DATA
+from qcow.l2_table import ZERO
 
 from .completion import drop_layers_down_to, mark_leftover, zero_past_short
-from .copy import allocated_runs, copy_view
+from .copy import copy_view, scan_allocated
 from .steps import CHUNK, Copied, SetLen
 
 
-def restartable_commit(target):
+def restartable_commit(target, chunk=CHUNK):
     chain = target.chain
     base = target.base
     top_size = target.top.virtual_size
@@ -27,12 +27,12 @@ def restartable_commit(target):
         chain.reopen(layer, True)
     if base.virtual_size < top_size:
         chain.grow(base, top_size)
-    runs = allocated_runs(chain, target.top_index, target.base_index, top_size)
-    yield SetLen(sum(r[1] for r in runs if r[3] == DATA))
+    scans = scan_allocated(chain, target.top_index, target.base_index, top_size)
+    yield SetLen(sum(r[1] for scan in scans for r in scan.runs if r[3] != ZERO))
     dropped = []
     # bottom-up: the layer just above base first
     for layer in reversed(target.range_layers):
-        yield from _drain(target, layer)
+        yield from _drain(target, layer, chunk)
         zero_past_short(chain, layer, base)
         mark_leftover(chain, layer, base)  # before it leaves: the guard skips it then
         overlay = chain.layers[chain.index_of(layer) - 1]
@@ -40,11 +40,11 @@ def restartable_commit(target):
     return dropped
 
 
-def _drain(target, layer):
+def _drain(target, layer, chunk):
     chain, base = target.chain, target.base
     cs = layer.cluster_size
     visible_end = min(layer.virtual_size, target.top.virtual_size)
-    step = max(cs, CHUNK // cs * cs)
+    step = max(cs, chunk // cs * cs)
     pos = 0
     for start, length, allocated in layer.is_allocated(0, visible_end):
         if not allocated:

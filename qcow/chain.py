@@ -247,20 +247,29 @@ class Chain:
                     ops = self._plan(layers, depth, offset, lim - offset)
             self._inflight += 1
         try:
-            if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
-                layer, host = ops[0][3], ops[0][4]
-                data = layer.io.pread(length, host)
-                if len(data) == length:
-                    return data
-            buf = bytearray(length)
-            mv = memoryview(buf)
-            for r, ln, kind, layer, aux in ops:
+            return bytes(_read_ops(ops, length))
+        finally:
+            self._read_done()
+
+    def read_scanned(self, scan, runs, offset, length):
+        """[offset, offset+length) of the view a `scan` was made of, read where `runs`
+        (some of the scan's runs, inside the range) say, zeros elsewhere; no walk of the
+        layers. None when the chain's layers changed since the scan (read_from then)."""
+        with self._lock:
+            if self.layers is not scan.layers:
+                return None
+            self._inflight += 1
+        try:
+            ops = []
+            for s, ln, d, kind, aux in runs:
                 if kind == DATA:
-                    layer.io.preadinto(mv[r : r + ln], aux)
-                else:
-                    entry, within = aux
-                    mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
-            return bytes(buf)
+                    ops.append((s - offset, ln, DATA, scan.layers[d], aux))
+                elif kind == COMPRESSED:
+                    layer = scan.layers[d]
+                    ops.append(
+                        (s - offset, ln, COMPRESSED, layer, (aux, s & (layer.cluster_size - 1)))
+                    )
+            return _read_ops(ops, length)
         finally:
             self._read_done()
 
@@ -300,14 +309,28 @@ class Chain:
         short layer of the range count as ZERO allocated at the layer above it: a
         commit must write them into base (QEMU's short-backing-file rule)."""
         out = []
+        for s, ln, d, kind, _aux in self.scan(top_i, base_i, off, n).runs:
+            append_run(out, (s, ln, d, DATA if kind == COMPRESSED else kind))
+        return out
+
+    def scan(self, top_i, base_i, off, n):
+        """A `Scan` of [off, off+n): range_status's runs, with compressed data told
+        apart (COMPRESSED) and where each run's bytes lie (aux, as `walk` gives it), so
+        that `read_scanned` reads them without walking the layers again."""
+        out = []
         with self._lock:
             layers = self.layers
             lim = max(off, min(off + n, layers[top_i].virtual_size))
-            for s, ln, d, kind, _aux in walk(layers, top_i, off, lim - off, base_i):
-                append_run(out, (s, ln, d, _RANGE_KIND[kind]))
+            for s, ln, d, kind, aux in walk(layers, top_i, off, lim - off, base_i):
+                if kind == COMPRESSED:
+                    out.append((s, ln, d, kind, aux))  # aux is its L2 entry: never merged
+                elif kind == EOF:
+                    append_run(out, (s, ln, d, ZERO, None), host_index=4)
+                else:
+                    append_run(out, (s, ln, d, kind, aux), host_index=4)
             if lim < off + n:
-                append_run(out, (lim, off + n - lim, top_i, ZERO))
-        return out
+                append_run(out, (lim, off + n - lim, top_i, ZERO, None), host_index=4)
+        return Scan(layers, out)
 
     # --- writing ----------------------------------------------------------
 
@@ -572,9 +595,43 @@ def walk(layers, depth, off, n, bottom, want_zero=False):
 
 
 EOF = 4  # a walk's kind for zeros past a short backing file (not a layer's kind)
-# range_status: a commit copies data (compressed or not), writes zeros (allocated, or
-# past a short layer of the range), and leaves to base what nothing above allocates
-_RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO, UNALLOCATED: UNALLOCATED}
+
+
+class Scan(NamedTuple):
+    """Chain.scan's answer: the layer list it walked (the chain replaces the list, never
+    changes it, when a layer comes or goes) and its runs (start, length, depth, kind,
+    aux), kind DATA, COMPRESSED, ZERO or UNALLOCATED."""
+
+    layers: list
+    runs: list
+
+
+def clip_run(run, lo, hi):
+    """The part of a scan's run inside [lo, hi) (its host offset moved along)."""
+    s, ln, d, kind, aux = run
+    a, b = max(s, lo), min(s + ln, hi)
+    if kind == DATA and a > s:
+        aux += a - s
+    return (a, b - a, d, kind, aux)
+
+
+def _read_ops(ops, length):
+    """Run a read plan (Chain._plan's ops): `length` bytes (a bytearray when more than
+    one request made them), zeros where no op is."""
+    if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
+        layer, host = ops[0][3], ops[0][4]
+        data = layer.io.pread(length, host)
+        if len(data) == length:
+            return data
+    buf = bytearray(length)
+    mv = memoryview(buf)
+    for r, ln, kind, layer, aux in ops:
+        if kind == DATA:
+            layer.io.preadinto(mv[r : r + ln], aux)
+        else:
+            entry, within = aux
+            mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
+    return buf
 
 
 def open_chain(

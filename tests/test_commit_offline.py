@@ -502,7 +502,8 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
         out, err = proc.communicate(timeout=120)
         runs = _progress_runs(progress_file)
         if runs and runs[-1] and runs[-1][-1] == "done":
-            assert proc.returncode == 0, err
+            # a kill may land after the commit finished, while Python exits
+            assert proc.returncode in (0, -signal.SIGKILL), err
             break
         assert proc.returncode == -signal.SIGKILL, err
         # after every crash: same guest view, no corruption (leaks are allowed)

@@ -41,6 +41,7 @@ FIGURES = (
     "iops_job",
     "stall_job",
     "stall_idle",
+    "write_p999",
     "stall_pivot",
     "iops_sync",
     "len",
@@ -254,6 +255,7 @@ def _writer_figures(kind, ts, summary, times, notes):
         "iops_job": rate(ts, t0, t1),
         "stall_job": longest_gap(ts, t0, t1),
         "stall_idle": longest_gap(ts, idle_a + 0.05, idle_b - 0.05),
+        "write_p999": percentile(latencies(ts, t0, t1), 99.9),
     }
     if t_ready is not None:
         res["stall_pivot"] = longest_gap(ts, t_cs, t1)
@@ -399,6 +401,16 @@ COMMIT_ROWS = (
         True,
     ),
     (
+        "guest 4 KiB write latency during the job, p99.9",
+        "ms",
+        "write_p999",
+        True,
+        1000,
+        "lower",
+        ("abs", 10),
+        True,
+    ),
+    (
         "  longest write stall in the idle second before (noise floor)",
         "ms",
         "stall_idle",
@@ -497,6 +509,16 @@ ACTIVE_ROWS = (
         "longest write stall during the whole job",
         "ms",
         "stall_job",
+        True,
+        1000,
+        "lower",
+        ("abs", 10),
+        True,
+    ),
+    (
+        "guest 4 KiB write latency during the job, p99.9",
+        "ms",
+        "write_p999",
         True,
         1000,
         "lower",
