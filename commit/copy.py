@@ -12,7 +12,7 @@ consecutive host clusters of base go out as one pwritev.
 from qcow.chain import clip_run
 from qcow.l2_table import UNALLOCATED, ZERO
 
-SCAN_SLICE = 64 << 20  # bytes of allocation scanned per hold of the chain's lock
+SCAN_SLICE = 8 << 20  # bytes scanned per call: how long one layer's lock is held at most
 
 
 def scan_allocated(chain, top_i, base_i, size):
@@ -26,9 +26,9 @@ def scan_allocated(chain, top_i, base_i, size):
 
 
 def windows(scans, size):
-    """(scan, runs): the runs of the scans cut into windows of `size` bytes (aligned to
-    multiples of it; a power of two up to SCAN_SLICE, so no window spans two scans),
-    clipped to their window; windows without runs are left out."""
+    """(scan, runs): the runs of each scan cut into windows of `size` bytes (aligned to
+    multiples of it, and never spanning two scans), clipped to their window; windows
+    without runs are left out."""
     for scan in scans:
         cur, w = [], None
         for run in scan.runs:

@@ -6,6 +6,7 @@ to the end in the calling thread; the mount drives it as a job (fusefs.daemon), 
 step at a time in a worker thread.
 """
 
+import sys
 import time
 
 import qcow
@@ -142,48 +143,89 @@ def run_offline(
     return paths, stranded
 
 
-def _step(gen, value):
-    """One step of an algorithm, in a worker thread: (finished, the step it yielded or
-    the value it returned, the last length it set on the way). Length updates do not
-    cost a round trip to the trio thread of their own."""
-    length = None
-    try:
-        step = gen.send(value)
-        while isinstance(step, SetLen):
-            length = step.length
-            step = gen.send(None)
-        return False, step, length
-    except StopIteration as stop:
-        return True, stop.value, length
+# Seconds of copying a trip to the worker thread may batch when no speed limit
+# applies: progress steps do not each cost a round trip through the trio thread, which
+# is busy serving the guest.
+STEP_BUDGET = 0.05
+# The GIL switch interval while a job runs. The copying thread keeps the GIL between
+# its syscalls; the trio thread, back from each FUSE request's syscall, waits for it up
+# to the interval (5 ms by default): that wait is the guest's latency.
+JOB_SWITCH_INTERVAL = 0.0005
+
+
+class _Trips:
+    """An algorithm's steps run from the trio side, a batch per trip to a worker thread."""
+
+    def __init__(self, gen):
+        self.gen = gen
+        self.returned = None  # (value,): the algorithm returned in a trip with progress
+
+    def run(self, value, budget):
+        """In a worker thread: run the steps until one is anything but progress, or
+        progress went on for `budget` seconds. (finished, the step that stopped it
+        (None: the budget) or the algorithm's return value, the last length it set,
+        the bytes its Copied steps reported, None without any). A trip that reports
+        progress never reports the end too: progress is a point to cancel at, and a
+        finished commit can no longer be cancelled."""
+        if self.returned is not None:
+            return True, self.returned[0], None, None
+        length = copied = None
+        deadline = time.monotonic() + budget
+        try:
+            while True:
+                step = self.gen.send(value)
+                value = None
+                if isinstance(step, SetLen):
+                    length = step.length
+                elif isinstance(step, Copied):
+                    copied = (copied or 0) + step.nbytes
+                    if time.monotonic() >= deadline:
+                        return False, None, length, copied
+                else:
+                    return False, step, length, copied
+        except StopIteration as stop:
+            if copied is None:
+                return True, stop.value, length, None
+            self.returned = (stop.value,)
+            return False, None, length, copied
 
 
 def live_run(steps, delete=False):
     """Adapt an algorithm's steps to a mount job: `async def run(ctx)` for JobManager.
-    Each step runs in a worker thread (bulk I/O off the trio loop); between steps the
-    job applies the speed limit, pauses, and receives cancels."""
+    The steps run in a worker thread (bulk I/O off the trio loop), a batch of them per
+    trip (one step each under a speed limit); between trips the job applies the speed
+    limit, pauses, and receives cancels."""
     import trio
+
+    trips = _Trips(steps)
 
     async def run(ctx):
         value = None
         decision = None
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, JOB_SWITCH_INTERVAL))
         try:
             while True:
-                finished, step, length = await trio.to_thread.run_sync(_step, steps, value)
+                budget = 0 if ctx.speed else STEP_BUDGET
+                finished, step, length, copied = await trio.to_thread.run_sync(
+                    trips.run, value, budget
+                )
                 value = None
                 if length is not None:
                     ctx.set_len(length)
+                if copied is not None:
+                    await ctx.progress(copied)
                 if finished:
                     dropped = step or []
                     break
-                if isinstance(step, Copied):
-                    await ctx.progress(step.nbytes)
-                elif isinstance(step, Ready):
+                if isinstance(step, Ready):
                     if not ctx.ready:
                         await ctx.transition_to_ready()
                     if decision is None:
                         decision = await ctx.wait_for_completion_request()
                     value = decision
         finally:
+            sys.setswitchinterval(switch_interval)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(steps.close)
         if delete and dropped:

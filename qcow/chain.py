@@ -308,29 +308,28 @@ class Chain:
         ZERO, or UNALLOCATED (base answers; depth = base_i). Zeros past the end of a
         short layer of the range count as ZERO allocated at the layer above it: a
         commit must write them into base (QEMU's short-backing-file rule)."""
+        with self._lock:
+            runs = _scan_runs(self.layers, top_i, base_i, off, n)
         out = []
-        for s, ln, d, kind, _aux in self.scan(top_i, base_i, off, n).runs:
+        for s, ln, d, kind, _aux in runs:
             append_run(out, (s, ln, d, DATA if kind == COMPRESSED else kind))
         return out
 
     def scan(self, top_i, base_i, off, n):
         """A `Scan` of [off, off+n): range_status's runs, with compressed data told
         apart (COMPRESSED) and where each run's bytes lie (aux, as `walk` gives it), so
-        that `read_scanned` reads them without walking the layers again."""
-        out = []
+        that `read_scanned` reads them without walking the layers again.
+
+        The layers are pinned as for a read and walked outside the chain's lock (each
+        layer's lookup takes only that layer's lock): a guest request never waits for a
+        scan, at most for one layer's lookup of the range."""
         with self._lock:
             layers = self.layers
-            lim = max(off, min(off + n, layers[top_i].virtual_size))
-            for s, ln, d, kind, aux in walk(layers, top_i, off, lim - off, base_i):
-                if kind == COMPRESSED:
-                    out.append((s, ln, d, kind, aux))  # aux is its L2 entry: never merged
-                elif kind == EOF:
-                    append_run(out, (s, ln, d, ZERO, None), host_index=4)
-                else:
-                    append_run(out, (s, ln, d, kind, aux), host_index=4)
-            if lim < off + n:
-                append_run(out, (lim, off + n - lim, top_i, ZERO, None), host_index=4)
-        return Scan(layers, out)
+            self._inflight += 1
+        try:
+            return Scan(layers, _scan_runs(layers, top_i, base_i, off, n))
+        finally:
+            self._read_done()
 
     # --- writing ----------------------------------------------------------
 
@@ -604,6 +603,22 @@ class Scan(NamedTuple):
 
     layers: list
     runs: list
+
+
+def _scan_runs(layers, top_i, base_i, off, n):
+    """The runs of Chain.scan, from the layer list `layers`."""
+    out = []
+    lim = max(off, min(off + n, layers[top_i].virtual_size))
+    for s, ln, d, kind, aux in walk(layers, top_i, off, lim - off, base_i):
+        if kind == COMPRESSED:
+            out.append((s, ln, d, kind, aux))  # aux is its L2 entry: never merged
+        elif kind == EOF:
+            append_run(out, (s, ln, d, ZERO, None), host_index=4)
+        else:
+            append_run(out, (s, ln, d, kind, aux), host_index=4)
+    if lim < off + n:
+        append_run(out, (lim, off + n - lim, top_i, ZERO, None), host_index=4)
+    return out
 
 
 def clip_run(run, lo, hi):
