@@ -53,20 +53,24 @@ def copy_view(chain, top_i, base, off, n, only_depth=None):
     return copy_runs(chain, top_i, base, scan, scan.runs, only_depth)
 
 
-def copy_runs(chain, top_i, base, scan, runs, only_depth=None):
+def copy_runs(chain, top_i, base, scan, runs, only_depth=None, buf=None):
     """Make base hold what the scan of layers[top_i] saw over `runs` (some of its runs,
     in order). Zeros, real or past a short layer's end, become zero writes. With
-    only_depth, only the runs that layer answers for. Returns the data bytes copied
-    (zeros excluded)."""
+    only_depth, only the runs that layer answers for. `buf`, a bytearray as long as
+    the runs' span at least, is where the data passes (one is made without it).
+    Returns the data bytes copied (zeros excluded)."""
     below = chain.below_fn(base)
     copied = 0
+    if buf is None and runs:
+        buf = bytearray(runs[-1][0] + runs[-1][1] - runs[0][0])
+    mv = memoryview(buf)
     for kind, start, length, group in _stretches(runs, only_depth):
         if kind == ZERO:
             base.write_zeroes(start, length, below)
             continue
-        data = chain.read_scanned(scan, group, start, length)
-        if data is None:  # the layers changed since the scan: read the view now
-            data = chain.read_from(top_i, start, length)
+        data = mv[:length]
+        if not chain.read_scanned(scan, group, data):
+            data = chain.read_from(top_i, start, length)  # the layers changed: read now
         base.write(start, data, below)
         copied += length
     base.writeback_if_full()

@@ -31,6 +31,8 @@ def simple_commit(target, chunk=CHUNK):
     # (base, top] does not change while the job runs: one scan serves it all
     scans = scan_allocated(chain, top_i, target.base_index, top_size)
     yield SetLen(sum(r[1] for scan in scans for r in scan.runs if r[3] != ZERO))
-    for scan, runs in windows(scans, max(chunk, base.cluster_size)):
-        yield Copied(copy_runs(chain, top_i, base, scan, runs))
+    window = max(chunk, base.cluster_size)
+    buf = bytearray(window)  # one buffer for the job: no fresh pages per window
+    for scan, runs in windows(scans, window):
+        yield Copied(copy_runs(chain, top_i, base, scan, runs, buf=buf))
     return (yield from drop_range(target))

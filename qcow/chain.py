@@ -251,25 +251,27 @@ class Chain:
         finally:
             self._read_done()
 
-    def read_scanned(self, scan, runs, offset, length):
-        """[offset, offset+length) of the view a `scan` was made of, read where `runs`
-        (some of the scan's runs, inside the range) say, zeros elsewhere; no walk of the
-        layers. None when the chain's layers changed since the scan (read_from then)."""
+    def read_scanned(self, scan, runs, into):
+        """Fill `into` (a writable buffer: the view a `scan` was made of, from the start
+        of `runs`) where `runs` (some of the scan's runs, in order, inside it) say, with
+        zeros elsewhere; no walk of the layers. False when the chain's layers changed
+        since the scan (read_from then)."""
         with self._lock:
             if self.layers is not scan.layers:
-                return None
+                return False
             self._inflight += 1
         try:
+            offset = runs[0][0]
             ops = []
             for s, ln, d, kind, aux in runs:
                 if kind == DATA:
                     ops.append((s - offset, ln, DATA, scan.layers[d], aux))
                 elif kind == COMPRESSED:
                     layer = scan.layers[d]
-                    ops.append(
-                        (s - offset, ln, COMPRESSED, layer, (aux, s & (layer.cluster_size - 1)))
-                    )
-            return _read_ops(ops, length)
+                    within = s & (layer.cluster_size - 1)
+                    ops.append((s - offset, ln, COMPRESSED, layer, (aux, within)))
+            _read_ops_into(ops, memoryview(into))
+            return True
         finally:
             self._read_done()
 
@@ -631,22 +633,33 @@ def clip_run(run, lo, hi):
 
 
 def _read_ops(ops, length):
-    """Run a read plan (Chain._plan's ops): `length` bytes (a bytearray when more than
-    one request made them), zeros where no op is."""
+    """Run a read plan (Chain._plan's ops, in order): `length` bytes (a bytearray when
+    more than one request made them), zeros where no op is."""
     if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
         layer, host = ops[0][3], ops[0][4]
         data = layer.io.pread(length, host)
         if len(data) == length:
             return data
     buf = bytearray(length)
-    mv = memoryview(buf)
+    _read_ops_into(ops, memoryview(buf), zeroed=True)
+    return buf
+
+
+def _read_ops_into(ops, mv, zeroed=False):
+    """Run a read plan into the buffer `mv`; where no op is, zeros (unless `zeroed`
+    says it holds zeros already)."""
+    pos = 0
     for r, ln, kind, layer, aux in ops:
+        if r > pos and not zeroed:
+            mv[pos:r] = bytes(r - pos)
         if kind == DATA:
             layer.io.preadinto(mv[r : r + ln], aux)
         else:
             entry, within = aux
             mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
-    return buf
+        pos = r + ln
+    if pos < len(mv) and not zeroed:
+        mv[pos:] = bytes(len(mv) - pos)
 
 
 def open_chain(

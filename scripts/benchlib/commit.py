@@ -366,6 +366,26 @@ def _live_runs(ctx, notes, active):
 
 # The rows of the two sections: (figure, unit, figure key ("pct": IOPS during the job
 # as a share of idle), under load?, scale, better, goal, with samples?)
+WRITE_P999_ROW = (
+    "guest 4 KiB write latency during the job, p99.9",
+    "ms",
+    "write_p999",
+    True,
+    1000,
+    "lower",
+    ("abs", 10),
+    True,
+)
+STALL_IDLE_ROW = (
+    "  longest write stall in the idle second before (noise floor)",
+    "ms",
+    "stall_idle",
+    True,
+    1000,
+    "lower",
+    (),
+    False,
+)
 COMMIT_ROWS = (
     ("live commit (base, top] into base, idle", "s", "done", False, 1, "lower", ("rel", 1), True),
     ("live commit, under 4 KiB random-write load", "s", "done", True, 1, "lower", ("rel", 1), True),
@@ -400,26 +420,8 @@ COMMIT_ROWS = (
         ("abs", 10),
         True,
     ),
-    (
-        "guest 4 KiB write latency during the job, p99.9",
-        "ms",
-        "write_p999",
-        True,
-        1000,
-        "lower",
-        ("abs", 10),
-        True,
-    ),
-    (
-        "  longest write stall in the idle second before (noise floor)",
-        "ms",
-        "stall_idle",
-        True,
-        1000,
-        "lower",
-        (),
-        False,
-    ),
+    WRITE_P999_ROW,
+    STALL_IDLE_ROW,
     (
         "guest 4 KiB read latency during the job, p99",
         "ms",
@@ -515,26 +517,8 @@ ACTIVE_ROWS = (
         ("abs", 10),
         True,
     ),
-    (
-        "guest 4 KiB write latency during the job, p99.9",
-        "ms",
-        "write_p999",
-        True,
-        1000,
-        "lower",
-        ("abs", 10),
-        True,
-    ),
-    (
-        "  longest write stall in the idle second before (noise floor)",
-        "ms",
-        "stall_idle",
-        True,
-        1000,
-        "lower",
-        (),
-        False,
-    ),
+    WRITE_P999_ROW,
+    STALL_IDLE_ROW,
 )
 
 
