@@ -102,6 +102,7 @@ def active_commit(target, chunk=CHUNK):
                     for c in range(s // mirror.g, (s + ln - 1) // mirror.g + 1):
                         mirror.mark(c)
         most = max(1, chunk // mirror.g)
+        buf = bytearray(most * mirror.g)  # one buffer for the job's copies
         while True:
             with chain.lock:
                 got = mirror.take(most)
@@ -110,7 +111,7 @@ def active_commit(target, chunk=CHUNK):
             if got is not None:
                 off = got[0] * mirror.g
                 length = min(got[1] * mirror.g, size - off)
-                copy_view(chain, 0, base, off, length)
+                copy_view(chain, 0, base, off, length, buf=buf)
                 with chain.lock:
                     mirror.inflight = (0, 0)
                 yield Copied(length)

@@ -45,12 +45,12 @@ def windows(scans, size):
             yield scan, cur
 
 
-def copy_view(chain, top_i, base, off, n, only_depth=None):
+def copy_view(chain, top_i, base, off, n, only_depth=None, buf=None):
     """Make base hold what layers[top_i] sees over [off, off+n), for every part that the
     layers above base answer for (the rest base already answers itself); one scan of
     the range. Returns the data bytes copied (see copy_runs)."""
     scan = chain.scan(top_i, chain.index_of(base), off, n)
-    return copy_runs(chain, top_i, base, scan, scan.runs, only_depth)
+    return copy_runs(chain, top_i, base, scan, scan.runs, only_depth, buf)
 
 
 def copy_runs(chain, top_i, base, scan, runs, only_depth=None, buf=None):
@@ -61,14 +61,13 @@ def copy_runs(chain, top_i, base, scan, runs, only_depth=None, buf=None):
     Returns the data bytes copied (zeros excluded)."""
     below = chain.below_fn(base)
     copied = 0
-    if buf is None and runs:
-        buf = bytearray(runs[-1][0] + runs[-1][1] - runs[0][0])
-    mv = memoryview(buf)
     for kind, start, length, group in _stretches(runs, only_depth):
         if kind == ZERO:
             base.write_zeroes(start, length, below)
             continue
-        data = mv[:length]
+        if buf is None:
+            buf = bytearray(runs[-1][0] + runs[-1][1] - start)
+        data = memoryview(buf)[:length]
         if not chain.read_scanned(scan, group, data):
             data = chain.read_from(top_i, start, length)  # the layers changed: read now
         base.write(start, data, below)

@@ -15,7 +15,7 @@ already unallocated are not copied again; only chunks that were in flight are.
 from qcow.l2_table import ZERO
 
 from .completion import drop_layers_down_to, mark_leftover, zero_past_short
-from .copy import copy_view, scan_allocated
+from .copy import SCAN_SLICE, copy_view, scan_allocated
 from .steps import CHUNK, Copied, SetLen
 
 
@@ -45,8 +45,9 @@ def _drain(target, layer, chunk):
     cs = layer.cluster_size
     visible_end = min(layer.virtual_size, target.top.virtual_size)
     step = max(cs, chunk // cs * cs)
+    buf = bytearray(step)  # one buffer for the layer's copies
     pos = 0
-    for start, length, allocated in layer.is_allocated(0, visible_end):
+    for start, length, allocated in _allocated(layer, visible_end):
         if not allocated:
             continue
         # whole clusters of `layer`, each visited once even when runs share one
@@ -54,13 +55,18 @@ def _drain(target, layer, chunk):
         end = min(-(-(start + length) // cs) * cs, visible_end)
         while pos < end:
             n = min(step, end - pos)
-            copied = copy_view(
-                chain, target.top_index, base, pos, n, only_depth=chain.index_of(layer)
-            )
+            copied = copy_view(chain, target.top_index, base, pos, n, chain.index_of(layer), buf)
             _forget_copied(base, layer, pos, n)
             pos += n
             # reported only once durable: a restart never copies what was reported
             yield Copied(copied)
+
+
+def _allocated(layer, end):
+    """layer.is_allocated over [0, end), a slice at a time: a guest read through the
+    layer never waits for a whole-disk scan of it."""
+    for off in range(0, end, SCAN_SLICE):
+        yield from layer.is_allocated(off, min(SCAN_SLICE, end - off))
 
 
 def _forget_copied(base, layer, off, n):
