@@ -153,11 +153,45 @@ STEP_BUDGET = 0.05
 JOB_SWITCH_INTERVAL = 0.0005
 
 
+# While the guest writes, the copy leaves it this share of the time, sleeping between
+# its steps: the guest's requests and the copy share the mount's CPU.
+GUEST_SHARE = 0.7
+
+
+class _GuestWrites:
+    """Whether the guest writes while a job runs (an observer of the chain's writes)."""
+
+    def __init__(self, chain):
+        self.chain = chain
+        self.count = self.seen = 0
+        self.watching = False
+
+    def observe(self, _offset, _length, _data):
+        self.count += 1
+
+    def watch(self):
+        if not self.watching:
+            with self.chain.lock:
+                self.chain.write_observers.append(self.observe)
+            self.watching = True
+
+    def unwatch(self):
+        with self.chain.lock:
+            if self.observe in self.chain.write_observers:
+                self.chain.write_observers.remove(self.observe)
+
+    def since_last(self):
+        """Did the guest write since the last call?"""
+        seen, self.seen = self.seen, self.count
+        return self.count != seen
+
+
 class _Trips:
     """An algorithm's steps run from the trio side, a batch per trip to a worker thread."""
 
-    def __init__(self, gen):
+    def __init__(self, gen, guest=None):
         self.gen = gen
+        self.guest = guest
         self.returned = None  # (value,): the algorithm returned in a trip with progress
 
     def run(self, value, budget):
@@ -169,16 +203,20 @@ class _Trips:
         finished commit can no longer be cancelled."""
         if self.returned is not None:
             return True, self.returned[0], None, None
+        if self.guest is not None:
+            self.guest.watch()
         length = copied = None
         deadline = time.monotonic() + budget
         try:
             while True:
+                t = time.monotonic()
                 step = self.gen.send(value)
                 value = None
                 if isinstance(step, SetLen):
                     length = step.length
                 elif isinstance(step, Copied):
                     copied = (copied or 0) + step.nbytes
+                    self._leave_guest_its_share(t)
                     if time.monotonic() >= deadline:
                         return False, None, length, copied
                 else:
@@ -189,15 +227,28 @@ class _Trips:
             self.returned = (stop.value,)
             return False, None, length, copied
 
+    def _leave_guest_its_share(self, started):
+        if self.guest is not None and self.guest.since_last():
+            work = time.monotonic() - started
+            time.sleep(work * GUEST_SHARE / (1 - GUEST_SHARE))
 
-def live_run(steps, delete=False):
+    def close(self):
+        try:
+            self.gen.close()
+        finally:
+            if self.guest is not None:
+                self.guest.unwatch()
+
+
+def live_run(steps, delete=False, chain=None):
     """Adapt an algorithm's steps to a mount job: `async def run(ctx)` for JobManager.
     The steps run in a worker thread (bulk I/O off the trio loop), a batch of them per
     trip (one step each under a speed limit); between trips the job applies the speed
-    limit, pauses, and receives cancels."""
+    limit, pauses, and receives cancels. With the `chain`, the copy leaves a writing
+    guest GUEST_SHARE of the time."""
     import trio
 
-    trips = _Trips(steps)
+    trips = _Trips(steps, _GuestWrites(chain) if chain is not None else None)
 
     async def run(ctx):
         value = None
@@ -227,7 +278,7 @@ def live_run(steps, delete=False):
         finally:
             sys.setswitchinterval(switch_interval)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(steps.close)
+                await trio.to_thread.run_sync(trips.close)
         if delete and dropped:
             await trio.to_thread.run_sync(delete_files, dropped)
 
@@ -274,7 +325,7 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
         # the stranding guard's scan may be long: cancelling the command (a shutdown)
         # abandons it; nothing was opened for writing yet, so its result can be dropped
         target, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)
-        run = live_run(steps, delete=delete)
+        run = live_run(steps, delete=delete, chain=chain)
         extra = {}
         if force:
             # forced past the stranding guard: say so, and what it strands

@@ -175,7 +175,7 @@ def make_stream_factory(chain, default_guard_dirs=(), read_only_mount=None):
             return start_stream(chain, base, guard_dirs, force, delete)
 
         _base, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)
-        run = live_run(steps, delete=delete)
+        run = live_run(steps, delete=delete, chain=chain)
         extra = {}
         if force:
             extra = {"x-forced": True, "x-stranded": [stream_dependant_line(d) for d in stranded]}
