@@ -257,7 +257,7 @@ def live_run(steps, delete=False, chain=None):
         sys.setswitchinterval(min(switch_interval, JOB_SWITCH_INTERVAL))
         try:
             while True:
-                budget = 0 if ctx.speed else STEP_BUDGET
+                budget = 0 if ctx.job.speed else STEP_BUDGET
                 finished, step, length, copied = await trio.to_thread.run_sync(
                     trips.run, value, budget
                 )
