@@ -17,7 +17,7 @@ to use.
 """
 
 from .completion import pivot
-from .copy import allocated_runs, copy_view
+from .copy import copy_view, scan_allocated
 from .steps import CHUNK, WRITING, Copied, Ready, SetLen
 
 MIN_GRANULARITY = 64 << 10
@@ -84,7 +84,7 @@ class Mirror:
                 self.mark(c)  # copied again by the job
 
 
-def active_commit(target):
+def active_commit(target, chunk=CHUNK):
     chain = target.chain
     base = target.base
     size = chain.virtual_size
@@ -96,11 +96,13 @@ def active_commit(target):
     try:
         # Mark what the range holds, a slice at a time. A guest write meanwhile to a
         # chunk not marked yet is mirrored; marking it later only copies it again.
-        for s, ln, _depth, _kind in allocated_runs(chain, 0, target.base_index, size):
+        for scan in scan_allocated(chain, 0, target.base_index, size):
             with chain.lock:
-                for c in range(s // mirror.g, (s + ln - 1) // mirror.g + 1):
-                    mirror.mark(c)
-        most = max(1, CHUNK // mirror.g)
+                for s, ln, _depth, _kind, _aux in scan.runs:
+                    for c in range(s // mirror.g, (s + ln - 1) // mirror.g + 1):
+                        mirror.mark(c)
+        most = max(1, chunk // mirror.g)
+        buf = bytearray(most * mirror.g)  # one buffer for the job's copies
         while True:
             with chain.lock:
                 got = mirror.take(most)
@@ -109,7 +111,7 @@ def active_commit(target):
             if got is not None:
                 off = got[0] * mirror.g
                 length = min(got[1] * mirror.g, size - off)
-                copy_view(chain, 0, base, off, length)
+                copy_view(chain, 0, base, off, length, buf=buf)
                 with chain.lock:
                     mirror.inflight = (0, 0)
                 yield Copied(length)

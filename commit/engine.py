@@ -6,6 +6,7 @@ to the end in the calling thread; the mount drives it as a job (fusefs.daemon), 
 step at a time in a worker thread.
 """
 
+import sys
 import time
 
 import qcow
@@ -17,8 +18,12 @@ from .intent import with_intent
 from .ratelimit import RateLimiter
 from .restartable import restartable_commit
 from .simple import simple_commit
-from .steps import Copied, Ready, SetLen
+from .steps import CHUNK, Copied, Ready, SetLen
 from .target import resolve_target
+
+# Offline no guest waits behind a step: bigger steps (fewer flush barriers in
+# restartable mode), unless a speed limit wants its bytes counted finely.
+OFFLINE_CHUNK = 16 << 20
 
 
 def start_commit(
@@ -33,9 +38,10 @@ def start_commit(
     delete=False,
     job_id="commit",
     speed=0,
+    chunk=CHUNK,
 ):
-    """(target, stranded, steps): a checked request and its step generator. The steps
-    return the dropped layers when they finish.
+    """(target, stranded, steps): a checked request and its step generator, copying
+    `chunk` bytes per step at most. The steps return the dropped layers when they finish.
 
     The stranding guard runs first: it refuses (JobError) when another chain depends on
     an image this commit changes, invalidates or deletes; with force it returns the
@@ -53,11 +59,11 @@ def start_commit(
     if target.active:
         from .active import active_commit
 
-        steps = active_commit(target)
+        steps = active_commit(target, chunk)
     elif mode == "restartable":
-        steps = restartable_commit(target)
+        steps = restartable_commit(target, chunk)
     else:
-        steps = simple_commit(target)
+        steps = simple_commit(target, chunk)
     steps = with_intent(target, job_id, force, speed, steps)  # resumed by the next mount
     return target, stranded, _finally_read_only(target, steps)
 
@@ -99,7 +105,15 @@ def run_offline(
     Returns (dropped paths, stranded dependants)."""
     with qcow.open_chain(image, writable=True, force=force) as chain:
         target, stranded, steps = start_commit(
-            chain, top, base, mode, guard_dirs=guard_dirs, force=force, delete=delete, speed=speed
+            chain,
+            top,
+            base,
+            mode,
+            guard_dirs=guard_dirs,
+            force=force,
+            delete=delete,
+            speed=speed,
+            chunk=CHUNK if speed else OFFLINE_CHUNK,
         )
         limiter = RateLimiter(speed)
         length = offset = 0
@@ -129,50 +143,142 @@ def run_offline(
     return paths, stranded
 
 
-def _step(gen, value):
-    """One step of an algorithm, in a worker thread: (finished, the step it yielded or
-    the value it returned, the last length it set on the way). Length updates do not
-    cost a round trip to the trio thread of their own."""
-    length = None
-    try:
-        step = gen.send(value)
-        while isinstance(step, SetLen):
-            length = step.length
-            step = gen.send(None)
-        return False, step, length
-    except StopIteration as stop:
-        return True, stop.value, length
+# Seconds of copying a trip to the worker thread may batch when no speed limit
+# applies: progress steps do not each cost a round trip through the trio thread, which
+# is busy serving the guest.
+STEP_BUDGET = 0.05
+# The GIL switch interval while a job runs. The copying thread keeps the GIL between
+# its syscalls; the trio thread, back from each FUSE request's syscall, waits for it up
+# to the interval (5 ms by default): that wait is the guest's latency.
+JOB_SWITCH_INTERVAL = 0.0005
 
 
-def live_run(steps, delete=False):
+# While the guest writes, the copy leaves it this share of the time, sleeping between
+# its steps: the guest's requests and the copy share the mount's CPU.
+GUEST_SHARE = 0.7
+
+
+class _GuestWrites:
+    """Whether the guest writes while a job runs (an observer of the chain's writes)."""
+
+    def __init__(self, chain):
+        self.chain = chain
+        self.count = self.seen = 0
+        self.watching = False
+
+    def observe(self, _offset, _length, _data):
+        self.count += 1
+
+    def watch(self):
+        if not self.watching:
+            with self.chain.lock:
+                self.chain.write_observers.append(self.observe)
+            self.watching = True
+
+    def unwatch(self):
+        with self.chain.lock:
+            if self.observe in self.chain.write_observers:
+                self.chain.write_observers.remove(self.observe)
+
+    def since_last(self):
+        """Did the guest write since the last call?"""
+        seen, self.seen = self.seen, self.count
+        return self.count != seen
+
+
+class _Trips:
+    """An algorithm's steps run from the trio side, a batch per trip to a worker thread."""
+
+    def __init__(self, gen, guest=None):
+        self.gen = gen
+        self.guest = guest
+        self.returned = None  # (value,): the algorithm returned in a trip with progress
+
+    def run(self, value, budget):
+        """In a worker thread: run the steps until one is anything but progress, or
+        progress went on for `budget` seconds. (finished, the step that stopped it
+        (None: the budget) or the algorithm's return value, the last length it set,
+        the bytes its Copied steps reported, None without any). A trip that reports
+        progress never reports the end too: progress is a point to cancel at, and a
+        finished commit can no longer be cancelled."""
+        if self.returned is not None:
+            return True, self.returned[0], None, None
+        if self.guest is not None:
+            self.guest.watch()
+        length = copied = None
+        deadline = time.monotonic() + budget
+        try:
+            while True:
+                t = time.monotonic()
+                step = self.gen.send(value)
+                value = None
+                if isinstance(step, SetLen):
+                    length = step.length
+                elif isinstance(step, Copied):
+                    copied = (copied or 0) + step.nbytes
+                    self._leave_guest_its_share(t)
+                    if time.monotonic() >= deadline:
+                        return False, None, length, copied
+                else:
+                    return False, step, length, copied
+        except StopIteration as stop:
+            if copied is None:
+                return True, stop.value, length, None
+            self.returned = (stop.value,)
+            return False, None, length, copied
+
+    def _leave_guest_its_share(self, started):
+        if self.guest is not None and self.guest.since_last():
+            work = time.monotonic() - started
+            time.sleep(work * GUEST_SHARE / (1 - GUEST_SHARE))
+
+    def close(self):
+        try:
+            self.gen.close()
+        finally:
+            if self.guest is not None:
+                self.guest.unwatch()
+
+
+def live_run(steps, delete=False, chain=None):
     """Adapt an algorithm's steps to a mount job: `async def run(ctx)` for JobManager.
-    Each step runs in a worker thread (bulk I/O off the trio loop); between steps the
-    job applies the speed limit, pauses, and receives cancels."""
+    The steps run in a worker thread (bulk I/O off the trio loop), a batch of them per
+    trip (one step each under a speed limit); between trips the job applies the speed
+    limit, pauses, and receives cancels. With the `chain`, the copy leaves a writing
+    guest GUEST_SHARE of the time."""
     import trio
+
+    trips = _Trips(steps, _GuestWrites(chain) if chain is not None else None)
 
     async def run(ctx):
         value = None
         decision = None
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, JOB_SWITCH_INTERVAL))
         try:
             while True:
-                finished, step, length = await trio.to_thread.run_sync(_step, steps, value)
+                budget = 0 if ctx.job.speed else STEP_BUDGET
+                finished, step, length, copied = await trio.to_thread.run_sync(
+                    trips.run, value, budget
+                )
                 value = None
                 if length is not None:
                     ctx.set_len(length)
+                if copied is not None:
+                    await ctx.progress(copied)
                 if finished:
                     dropped = step or []
                     break
-                if isinstance(step, Copied):
-                    await ctx.progress(step.nbytes)
-                elif isinstance(step, Ready):
+                if isinstance(step, Ready):
                     if not ctx.ready:
                         await ctx.transition_to_ready()
                     if decision is None:
                         decision = await ctx.wait_for_completion_request()
                     value = decision
         finally:
+            sys.setswitchinterval(switch_interval)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(steps.close)
+                await trio.to_thread.run_sync(trips.close)
         if delete and dropped:
             await trio.to_thread.run_sync(delete_files, dropped)
 
@@ -219,7 +325,7 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
         # the stranding guard's scan may be long: cancelling the command (a shutdown)
         # abandons it; nothing was opened for writing yet, so its result can be dropped
         target, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)
-        run = live_run(steps, delete=delete)
+        run = live_run(steps, delete=delete, chain=chain)
         extra = {}
         if force:
             # forced past the stranding guard: say so, and what it strands

@@ -12,14 +12,14 @@ Restart (after cancel or kill -9) resumes where the durable state says: clusters
 already unallocated are not copied again; only chunks that were in flight are.
 """
 
-from qcow.l2_table import DATA
+from qcow.l2_table import ZERO
 
 from .completion import drop_layers_down_to, mark_leftover, zero_past_short
-from .copy import allocated_runs, copy_view
-from .steps import CHUNK, WRITING, Copied, SetLen
+from .copy import SCAN_SLICE, copy_view, scan_allocated
+from .steps import CHUNK, READING, WRITING, Copied, SetLen
 
 
-def restartable_commit(target):
+def restartable_commit(target, chunk=CHUNK):
     chain = target.chain
     base = target.base
     top_size = target.top.virtual_size
@@ -27,12 +27,12 @@ def restartable_commit(target):
         chain.reopen(layer, True)
     if base.virtual_size < top_size:
         chain.grow(base, top_size)
-    runs = allocated_runs(chain, target.top_index, target.base_index, top_size)
-    yield SetLen(sum(r[1] for r in runs if r[3] == DATA))
+    scans = scan_allocated(chain, target.top_index, target.base_index, top_size)
+    yield SetLen(sum(r[1] for scan in scans for r in scan.runs if r[3] != ZERO))
     dropped = []
     # bottom-up: the layer just above base first
     for layer in reversed(target.range_layers):
-        yield from _drain(target, layer)
+        yield from _drain(target, layer, chunk)
         with WRITING:
             zero_past_short(chain, layer, base)
             mark_leftover(chain, layer, base)  # before it leaves: the guard skips it then
@@ -41,13 +41,14 @@ def restartable_commit(target):
     return dropped
 
 
-def _drain(target, layer):
+def _drain(target, layer, chunk):
     chain, base = target.chain, target.base
     cs = layer.cluster_size
     visible_end = min(layer.virtual_size, target.top.virtual_size)
-    step = max(cs, CHUNK // cs * cs)
+    step = max(cs, chunk // cs * cs)
+    buf = bytearray(step)  # one buffer for the layer's copies
     pos = 0
-    for start, length, allocated in layer.is_allocated(0, visible_end):
+    for start, length, allocated in _allocated(layer, visible_end):
         if not allocated:
             continue
         # whole clusters of `layer`, each visited once even when runs share one
@@ -55,13 +56,20 @@ def _drain(target, layer):
         end = min(-(-(start + length) // cs) * cs, visible_end)
         while pos < end:
             n = min(step, end - pos)
-            copied = copy_view(
-                chain, target.top_index, base, pos, n, only_depth=chain.index_of(layer)
-            )
+            copied = copy_view(chain, target.top_index, base, pos, n, chain.index_of(layer), buf)
             _forget_copied(base, layer, pos, n)
             pos += n
             # reported only once durable: a restart never copies what was reported
             yield Copied(copied)
+
+
+def _allocated(layer, end):
+    """layer.is_allocated over [0, end), a slice at a time: a guest read through the
+    layer never waits for a whole-disk scan of it."""
+    for off in range(0, end, SCAN_SLICE):
+        with READING:
+            runs = layer.is_allocated(off, min(SCAN_SLICE, end - off))
+        yield from runs
 
 
 def _forget_copied(base, layer, off, n):

@@ -17,20 +17,22 @@ starts over.
 from qcow.l2_table import ZERO
 
 from .completion import drop_range
-from .copy import allocated_runs, copy_view
-from .steps import Copied, SetLen, chunks
+from .copy import copy_runs, scan_allocated, windows
+from .steps import CHUNK, Copied, SetLen
 
 
-def simple_commit(target):
+def simple_commit(target, chunk=CHUNK):
     chain = target.chain
     base = target.base
     top_i = target.top_index
     top_size = target.top.virtual_size
     if base.virtual_size < top_size:
         chain.grow(base, top_size)
-    runs = list(allocated_runs(chain, top_i, target.base_index, top_size))
-    yield SetLen(sum(r[1] for r in runs if r[3] != ZERO))
-    for start, length, _depth, _kind in runs:
-        for off, n in chunks(start, length, base.cluster_size):
-            yield Copied(copy_view(chain, top_i, base, off, n))
+    # (base, top] does not change while the job runs: one scan serves it all
+    scans = scan_allocated(chain, top_i, target.base_index, top_size)
+    yield SetLen(sum(r[1] for scan in scans for r in scan.runs if r[3] != ZERO))
+    window = max(chunk, base.cluster_size)
+    buf = bytearray(window)  # one buffer for the job: no fresh pages per window
+    for scan, runs in windows(scans, window):
+        yield Copied(copy_runs(chain, top_i, base, scan, runs, buf=buf))
     return (yield from drop_range(target))

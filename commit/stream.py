@@ -17,7 +17,8 @@ then its header names base, then the chain drops the intermediates.
 """
 
 from qcow.errors import JobError
-from qcow.l2_table import DATA, UNALLOCATED
+from qcow.l2_table import DATA, UNALLOCATED, ZERO
+from qcow.runs import append_run
 
 from .completion import backing_name_for
 from .copy import SCAN_SLICE
@@ -26,29 +27,36 @@ from .steps import CHUNK, READING, WRITING, Copied, SetLen, chunks
 from .target import find_layer
 
 
-def _pending(chain, base_i, off, n):
-    """Runs (start, length, kind) of [off, off+n) that the active image reads through
-    from layers above base, kind DATA or ZERO; base's own answers are left out, and so
-    are zeros where base reads zeros too (past its end; everywhere without base)."""
-    with chain.lock, READING:
-        layers = chain.layers
-        zeros_matter_below = layers[base_i].virtual_size if base_i < len(layers) else 0
-        out = []
-        for s, ln, _depth, kind in chain.range_status(1, base_i, off, n):
-            if kind == UNALLOCATED:
+def _from_below(chain, base_i, off, n):
+    """Runs (start, length, kind) of [off, off+n) that the layers between the active
+    image and base answer for, kind DATA or ZERO; base's own answers are left out, and
+    so are zeros where base reads zeros too (past its end; everywhere without base).
+    Those layers do not change while the job runs: scanned outside the chain's lock."""
+    with READING:
+        scan = chain.scan(1, base_i, off, n)
+    layers = scan.layers
+    zeros_matter_below = layers[base_i].virtual_size if base_i < len(layers) else 0
+    out = []
+    for s, ln, _depth, kind, _aux in scan.runs:
+        if kind == UNALLOCATED:
+            continue
+        if kind == ZERO:
+            ln = min(s + ln, zeros_matter_below) - s
+            if ln <= 0:
                 continue
-            if kind != DATA:
-                ln = min(s + ln, zeros_matter_below) - s
-                if ln <= 0:
-                    continue
-            for es, eln, ekind, _aux in chain.active.extents(s, ln):
-                if ekind != UNALLOCATED:
-                    continue
-                if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == es:
-                    out[-1] = (out[-1][0], out[-1][1] + eln, kind)
-                else:
-                    out.append((es, eln, kind))
-        return out
+        append_run(out, (s, ln, ZERO if kind == ZERO else DATA))
+    return out
+
+
+def _pending(chain, runs):
+    """The parts of `runs` still unallocated in the active image; under the chain's
+    lock, so that what the guest wrote is seen as allocated (the guest wins)."""
+    out = []
+    for s, ln, kind in runs:
+        for es, eln, ekind, _aux in chain.active.extents(s, ln):
+            if ekind == UNALLOCATED:
+                append_run(out, (es, eln, kind))
+    return out
 
 
 def _pull(chain, base_i, off, n):
@@ -62,6 +70,7 @@ def _pull(chain, base_i, off, n):
     hi = -(-(off + n) // cs) * cs  # a tail cluster's end may pass the disk's end
     with READING:
         view = chain.read_from(1, lo, hi - lo)
+        runs = _from_below(chain, base_i, off, n)
 
     def below(o, ln):
         assert lo <= o and o + ln <= hi, (o, ln, lo, hi)
@@ -69,9 +78,9 @@ def _pull(chain, base_i, off, n):
 
     with chain.lock:
         active = chain.active
-        for s, ln, kind in _pending(chain, base_i, off, n):
-            # _pending looked again under the lock: what the guest wrote meanwhile is
-            # allocated now and left out (the guest wins)
+        for s, ln, kind in _pending(chain, runs):
+            # the active image is looked at again under the lock: what the guest wrote
+            # meanwhile is allocated now and left out (the guest wins)
             with WRITING:
                 if kind == DATA:
                     active.write(s, below(s, ln), below)
@@ -97,7 +106,9 @@ def stream_steps(chain, base_path):
     cs = chain.active.cluster_size
     runs = []
     for off in range(0, size, SCAN_SLICE):
-        runs += _pending(chain, base_index(), off, min(SCAN_SLICE, size - off))
+        below = _from_below(chain, base_index(), off, min(SCAN_SLICE, size - off))
+        with chain.lock, READING:
+            runs += _pending(chain, below)
     yield SetLen(sum(ln for _s, ln, kind in runs if kind == DATA))
     for start, length, kind in runs:
         for pos, n in chunks(start, length, cs, CHUNK):
@@ -168,7 +179,7 @@ def make_stream_factory(chain, default_guard_dirs=(), read_only_mount=None):
             return start_stream(chain, base, guard_dirs, force, delete)
 
         _base, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)
-        run = live_run(steps, delete=delete)
+        run = live_run(steps, delete=delete, chain=chain)
         extra = {}
         if force:
             extra = {"x-forced": True, "x-stranded": [stream_dependant_line(d) for d in stranded]}

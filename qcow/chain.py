@@ -247,20 +247,31 @@ class Chain:
                     ops = self._plan(layers, depth, offset, lim - offset)
             self._inflight += 1
         try:
-            if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
-                layer, host = ops[0][3], ops[0][4]
-                data = layer.io.pread(length, host)
-                if len(data) == length:
-                    return data
-            buf = bytearray(length)
-            mv = memoryview(buf)
-            for r, ln, kind, layer, aux in ops:
+            return bytes(_read_ops(ops, length))
+        finally:
+            self._read_done()
+
+    def read_scanned(self, scan, runs, into):
+        """Fill `into` (a writable buffer: the view a `scan` was made of, from the start
+        of `runs`) where `runs` (some of the scan's runs, in order, inside it) say, with
+        zeros elsewhere; no walk of the layers. False when the chain's layers changed
+        since the scan (read_from then)."""
+        with self._lock:
+            if self.layers is not scan.layers:
+                return False
+            self._inflight += 1
+        try:
+            offset = runs[0][0]
+            ops = []
+            for s, ln, d, kind, aux in runs:
                 if kind == DATA:
-                    layer.io.preadinto(mv[r : r + ln], aux)
-                else:
-                    entry, within = aux
-                    mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
-            return bytes(buf)
+                    ops.append((s - offset, ln, DATA, scan.layers[d], aux))
+                elif kind == COMPRESSED:
+                    layer = scan.layers[d]
+                    within = s & (layer.cluster_size - 1)
+                    ops.append((s - offset, ln, COMPRESSED, layer, (aux, within)))
+            _read_ops_into(ops, memoryview(into))
+            return True
         finally:
             self._read_done()
 
@@ -299,15 +310,28 @@ class Chain:
         ZERO, or UNALLOCATED (base answers; depth = base_i). Zeros past the end of a
         short layer of the range count as ZERO allocated at the layer above it: a
         commit must write them into base (QEMU's short-backing-file rule)."""
+        with self._lock:
+            runs = _scan_runs(self.layers, top_i, base_i, off, n)
         out = []
+        for s, ln, d, kind, _aux in runs:
+            append_run(out, (s, ln, d, DATA if kind == COMPRESSED else kind))
+        return out
+
+    def scan(self, top_i, base_i, off, n):
+        """A `Scan` of [off, off+n): range_status's runs, with compressed data told
+        apart (COMPRESSED) and where each run's bytes lie (aux, as `walk` gives it), so
+        that `read_scanned` reads them without walking the layers again.
+
+        The layers are pinned as for a read and walked outside the chain's lock (each
+        layer's lookup takes only that layer's lock): a guest request never waits for a
+        scan, at most for one layer's lookup of the range."""
         with self._lock:
             layers = self.layers
-            lim = max(off, min(off + n, layers[top_i].virtual_size))
-            for s, ln, d, kind, _aux in walk(layers, top_i, off, lim - off, base_i):
-                append_run(out, (s, ln, d, _RANGE_KIND[kind]))
-            if lim < off + n:
-                append_run(out, (lim, off + n - lim, top_i, ZERO))
-        return out
+            self._inflight += 1
+        try:
+            return Scan(layers, _scan_runs(layers, top_i, base_i, off, n))
+        finally:
+            self._read_done()
 
     # --- writing ----------------------------------------------------------
 
@@ -572,9 +596,70 @@ def walk(layers, depth, off, n, bottom, want_zero=False):
 
 
 EOF = 4  # a walk's kind for zeros past a short backing file (not a layer's kind)
-# range_status: a commit copies data (compressed or not), writes zeros (allocated, or
-# past a short layer of the range), and leaves to base what nothing above allocates
-_RANGE_KIND = {DATA: DATA, COMPRESSED: DATA, ZERO: ZERO, EOF: ZERO, UNALLOCATED: UNALLOCATED}
+
+
+class Scan(NamedTuple):
+    """Chain.scan's answer: the layer list it walked (the chain replaces the list, never
+    changes it, when a layer comes or goes) and its runs (start, length, depth, kind,
+    aux), kind DATA, COMPRESSED, ZERO or UNALLOCATED."""
+
+    layers: list
+    runs: list
+
+
+def _scan_runs(layers, top_i, base_i, off, n):
+    """The runs of Chain.scan, from the layer list `layers`."""
+    out = []
+    lim = max(off, min(off + n, layers[top_i].virtual_size))
+    for s, ln, d, kind, aux in walk(layers, top_i, off, lim - off, base_i):
+        if kind == COMPRESSED:
+            out.append((s, ln, d, kind, aux))  # aux is its L2 entry: never merged
+        elif kind == EOF:
+            append_run(out, (s, ln, d, ZERO, None), host_index=4)
+        else:
+            append_run(out, (s, ln, d, kind, aux), host_index=4)
+    if lim < off + n:
+        append_run(out, (lim, off + n - lim, top_i, ZERO, None), host_index=4)
+    return out
+
+
+def clip_run(run, lo, hi):
+    """The part of a scan's run inside [lo, hi) (its host offset moved along)."""
+    s, ln, d, kind, aux = run
+    a, b = max(s, lo), min(s + ln, hi)
+    if kind == DATA and a > s:
+        aux += a - s
+    return (a, b - a, d, kind, aux)
+
+
+def _read_ops(ops, length):
+    """Run a read plan (Chain._plan's ops, in order): `length` bytes (a bytearray when
+    more than one request made them), zeros where no op is."""
+    if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
+        layer, host = ops[0][3], ops[0][4]
+        data = layer.io.pread(length, host)
+        if len(data) == length:
+            return data
+    buf = bytearray(length)
+    _read_ops_into(ops, memoryview(buf), zeroed=True)
+    return buf
+
+
+def _read_ops_into(ops, mv, zeroed=False):
+    """Run a read plan into the buffer `mv`; where no op is, zeros (unless `zeroed`
+    says it holds zeros already)."""
+    pos = 0
+    for r, ln, kind, layer, aux in ops:
+        if r > pos and not zeroed:
+            mv[pos:r] = bytes(r - pos)
+        if kind == DATA:
+            layer.io.preadinto(mv[r : r + ln], aux)
+        else:
+            entry, within = aux
+            mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
+        pos = r + ln
+    if pos < len(mv) and not zeroed:
+        mv[pos:] = bytes(len(mv) - pos)
 
 
 def open_chain(

@@ -17,6 +17,9 @@ class RawIO:
         self.path = path
         self.writable = writable
         self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        # written since the last barrier: a barrier with nothing to make durable (a
+        # flush of an image nothing changed) costs no fdatasync
+        self.unsynced = writable
 
     def size(self):
         return os.fstat(self.fd).st_size
@@ -46,6 +49,7 @@ class RawIO:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
             offset += n
+        self.unsynced = True
 
     def pwritev(self, buffers, offset):
         """Several buffers written contiguously from offset, in one request when it can."""
@@ -57,6 +61,7 @@ class RawIO:
             if n < total:
                 self.pwrite(b"".join(bytes(b) for b in group)[n:], offset + n)
             offset += total
+        self.unsynced = True
 
     def data_runs(self, off, n):
         """[(start, length, is_data)] of a region of the file, from SEEK_DATA/SEEK_HOLE."""
@@ -86,14 +91,22 @@ class RawIO:
         later write there cannot fail with ENOSPC; this one does, if space lacks."""
         assert self.writable, "reserve in an image opened read-only"
         os.posix_fallocate(self.fd, offset, length)
+        self.unsynced = True
 
     def truncate(self, size):
         os.ftruncate(self.fd, size)
+        self.unsynced = True
 
     def sync(self):
         """The flush barrier: everything written before is durable after."""
-        if self.writable:
-            os.fdatasync(self.fd)
+        if self.writable and self.unsynced:
+            # cleared first: a write that lands during the fdatasync counts for the next
+            self.unsynced = False
+            try:
+                os.fdatasync(self.fd)
+            except BaseException:
+                self.unsynced = True
+                raise
 
     def close(self):
         if self.fd >= 0:

@@ -41,6 +41,7 @@ FIGURES = (
     "iops_job",
     "stall_job",
     "stall_idle",
+    "write_p999",
     "stall_pivot",
     "iops_sync",
     "len",
@@ -254,6 +255,7 @@ def _writer_figures(kind, ts, summary, times, notes):
         "iops_job": rate(ts, t0, t1),
         "stall_job": longest_gap(ts, t0, t1),
         "stall_idle": longest_gap(ts, idle_a + 0.05, idle_b - 0.05),
+        "write_p999": percentile(latencies(ts, t0, t1), 99.9),
     }
     if t_ready is not None:
         res["stall_pivot"] = longest_gap(ts, t_cs, t1)
@@ -362,21 +364,31 @@ def _live_runs(ctx, notes, active):
     return live
 
 
+def _ms(figure, key, goal=("abs", 10), samples=True):
+    """A row of a guest latency under load, in ms, lower better."""
+    return (figure, "ms", key, True, 1000, "lower", goal, samples)
+
+
 # The rows of the two sections: (figure, unit, figure key ("pct": IOPS during the job
 # as a share of idle), under load?, scale, better, goal, with samples?)
+WRITE_P999_ROW = _ms("guest 4 KiB write latency during the job, p99.9", "write_p999")
+STALL_IDLE_ROW = _ms(
+    "  longest write stall in the idle second before (noise floor)", "stall_idle", (), samples=False
+)
+IOPS_IDLE_ROW = (
+    "guest 4 KiB write IOPS, idle (the second before the job)",
+    "IOPS",
+    "iops_idle",
+    True,
+    1,
+    "higher",
+    (),
+    True,
+)
 COMMIT_ROWS = (
     ("live commit (base, top] into base, idle", "s", "done", False, 1, "lower", ("rel", 1), True),
     ("live commit, under 4 KiB random-write load", "s", "done", True, 1, "lower", ("rel", 1), True),
-    (
-        "guest 4 KiB write IOPS, idle (the second before the job)",
-        "IOPS",
-        "iops_idle",
-        True,
-        1,
-        "higher",
-        (),
-        True,
-    ),
+    IOPS_IDLE_ROW,
     (
         "guest 4 KiB write IOPS during the job",
         "IOPS",
@@ -388,56 +400,12 @@ COMMIT_ROWS = (
         True,
     ),
     ("  during the job / idle", "%", "pct", True, 1, "higher", ("abs", 70), False),
-    (
-        "longest guest write stall during the job (switch-over included)",
-        "ms",
-        "stall_job",
-        True,
-        1000,
-        "lower",
-        ("abs", 10),
-        True,
-    ),
-    (
-        "  longest write stall in the idle second before (noise floor)",
-        "ms",
-        "stall_idle",
-        True,
-        1000,
-        "lower",
-        (),
-        False,
-    ),
-    (
-        "guest 4 KiB read latency during the job, p99",
-        "ms",
-        "read_p99",
-        True,
-        1000,
-        "lower",
-        ("rel", 1),
-        True,
-    ),
-    (
-        "guest 4 KiB read latency during the job, max",
-        "ms",
-        "read_max",
-        True,
-        1000,
-        "lower",
-        ("rel", 1),
-        True,
-    ),
-    (
-        "longest wait for query-block-jobs during the job",
-        "ms",
-        "query_max",
-        True,
-        1000,
-        "lower",
-        ("abs", 1000),
-        True,
-    ),
+    _ms("longest guest write stall during the job (switch-over included)", "stall_job"),
+    WRITE_P999_ROW,
+    STALL_IDLE_ROW,
+    _ms("guest 4 KiB read latency during the job, p99", "read_p99", ("rel", 1)),
+    _ms("guest 4 KiB read latency during the job, max", "read_max", ("rel", 1)),
+    _ms("longest wait for query-block-jobs during the job", "query_max", ("abs", 1000)),
 )
 ACTIVE_ROWS = (
     (
@@ -471,48 +439,13 @@ ACTIVE_ROWS = (
         True,
     ),
     ("active commit: to COMPLETED under load", "s", "done", True, 1, "lower", ("rel", 1), True),
-    (
-        "guest 4 KiB write IOPS, idle (the second before the job)",
-        "IOPS",
-        "iops_idle",
-        True,
-        1,
-        "higher",
-        (),
-        True,
-    ),
+    IOPS_IDLE_ROW,
     ("guest write IOPS during the job", "IOPS", "iops_job", True, 1, "higher", ("rel", 1), True),
     ("  during the job / idle", "%", "pct", True, 1, "higher", ("rel", 1), False),
-    (
-        "longest write stall around the pivot (complete to COMPLETED)",
-        "ms",
-        "stall_pivot",
-        True,
-        1000,
-        "lower",
-        ("abs", 10),
-        True,
-    ),
-    (
-        "longest write stall during the whole job",
-        "ms",
-        "stall_job",
-        True,
-        1000,
-        "lower",
-        ("abs", 10),
-        True,
-    ),
-    (
-        "  longest write stall in the idle second before (noise floor)",
-        "ms",
-        "stall_idle",
-        True,
-        1000,
-        "lower",
-        (),
-        False,
-    ),
+    _ms("longest write stall around the pivot (complete to COMPLETED)", "stall_pivot"),
+    _ms("longest write stall during the whole job", "stall_job"),
+    WRITE_P999_ROW,
+    STALL_IDLE_ROW,
 )
 
 
