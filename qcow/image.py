@@ -933,5 +933,7 @@ class Qcow2Image:
             try:
                 if not self.read_only and self.io.fd >= 0:
                     self._flush()
+                    with self.lock:
+                        self.refcounts.trim()  # the file clean: its unused tail goes
             finally:
                 self.io.close()
