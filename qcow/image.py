@@ -665,10 +665,11 @@ class Qcow2Image:
             return
         cb, cs = self.cluster_bits, self.cluster_size
         base = self.refcounts.alloc(len(batch))
-        contiguous = all(item[7] == cs for item in batch[:-1]) and all(
-            item[5] == 0 for item in batch
-        )
-        if contiguous:
+        if (
+            len(batch) > 1
+            and all(item[7] == cs for item in batch[:-1])
+            and all(item[5] == 0 for item in batch)
+        ):  # one request for them all
             self.io.pwritev([buf for item in batch for buf in item[6]], base)
         else:
             for k, item in enumerate(batch):

@@ -28,7 +28,7 @@ from .l2_table import table_from_bytes, table_to_bytes
 from .table_cache import TableCache
 
 REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
-# bytes the file grows by at least when an allocation must grow it: one fallocate per
+# bytes reserved past what an allocation that grows the file needs: one fallocate per
 # step instead of one per allocated cluster
 RESERVE_AHEAD = 1 << 20
 
@@ -139,17 +139,32 @@ class Refcounts:
         start = self._find_free(n)
         self._reserve(start + n)
         self.end = max(self.end, start + n)
-        counted = []
+        done = start
         try:
-            for c in range(start, start + n):
-                self.add(c, 1)  # may need a new refcount block, hence space
-                counted.append(c)
+            while done < start + n:
+                done = self._count_run(done, start + n)  # may need a new refcount block
         except BaseException:
-            for c in counted:  # nothing half-allocated stays counted
+            for c in range(start, done):  # nothing half-allocated stays counted
                 self.add(c, -1)
             raise
         self.free_hint = start + n
         return start << self.cluster_bits
+
+    def _count_run(self, c, stop):
+        """Raise the refcounts of clusters [c, stop) by one, as far as c's refcount block
+        reaches; returns where it stopped. Free clusters (all zero) in a block of whole
+        bytes per entry are set in one slice assignment."""
+        block, off = self._block(c, True)
+        i = c % self.rb_entries
+        k = min(stop - c, self.rb_entries - i)
+        nbytes = (1 << self.order) >> 3
+        if nbytes and not any(block[i * nbytes : (i + k) * nbytes]):
+            block[i * nbytes : (i + k) * nbytes] = (1).to_bytes(nbytes, "big") * k
+            self.cache.mark_dirty(off)
+        else:
+            for j in range(c, c + k):
+                self.add(j, 1)
+        return c + k
 
     def _reserve(self, end):
         """Disk space for every cluster below `end` (a cluster index) now: RESERVE_AHEAD
@@ -157,7 +172,7 @@ class Refcounts:
         if end <= self.reserved:
             return
         cb = self.cluster_bits
-        ahead = max(end, self.reserved + (RESERVE_AHEAD >> cb))
+        ahead = end + (RESERVE_AHEAD >> cb)
         if ahead > end:
             try:
                 self.io.reserve(self.reserved << cb, (ahead - self.reserved) << cb)
