@@ -11,7 +11,7 @@ import mmap
 import os
 import signal
 
-from mount_fixtures import daemons_for, wait_until
+from mount_fixtures import pid_alive, wait_until
 from qemu_helpers import K, M, apply_ops, convert_raw, create, qemu_check
 
 CLUSTER = 64 * K
@@ -65,7 +65,8 @@ def test_reserved_tail_cut_at_unmount_and_reused_after_a_crash(tmp_path, mounter
     _write_clusters(m.disk, second, 0xB2)
     pid = m.daemon_pid()
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not daemons_for(m.mountpoint), 30, "the killed daemon to exit")
+    # its files (and with them its image locks) are released only at the end of its exit
+    wait_until(lambda: not pid_alive(pid), 30, "the killed daemon to exit")
     crashed_size = os.stat(active).st_size
     assert crashed_size > _end_offset(active)
 
