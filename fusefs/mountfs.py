@@ -127,8 +127,8 @@ class MountFS(pyfuse3.Operations):
         token = self.watch.begin("read", off, n)
         try:
             if n <= INLINE_MAX:
-                return self.chain.read(off, n)
-            return await _to_thread(self.chain.read, off, n, limiter=self.limiter)
+                return self.chain.read_buffer(off, n)
+            return await _to_thread(self.chain.read_buffer, off, n, limiter=self.limiter)
         except Exception as e:
             raise _fuse_error(e, "read", off, n) from None
         finally:

@@ -222,6 +222,12 @@ class Chain:
 
     def read(self, offset, length):
         """The guest's bytes at [offset, offset+length)."""
+        data = self.read_buffer(offset, length)
+        return data if type(data) is bytes else bytes(data)
+
+    def read_buffer(self, offset, length):
+        """`read`, as the buffer the read filled (bytes, or a bytearray when assembled
+        from several pieces): the mount hands it to the kernel without a copy."""
         self._check_range(offset, length)
         return self.read_from(0, offset, length)
 
@@ -242,7 +248,8 @@ class Chain:
 
     def read_from(self, depth, offset, length):
         """The view of the chain from layers[depth] down: what layers[depth-1] sees of
-        its backing file. Past layers[depth]'s end it is zeros (a short backing file)."""
+        its backing file. Past layers[depth]'s end it is zeros (a short backing file).
+        Bytes, or a bytearray when assembled from several pieces."""
         ops = ()
         with self._lock:
             layers = self.layers
@@ -268,7 +275,7 @@ class Chain:
                 else:
                     entry, within = aux
                     mv[r : r + ln] = layer.read_compressed(entry)[within : within + ln]
-            return bytes(buf)
+            return buf
         finally:
             self._read_done()
 
