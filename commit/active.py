@@ -18,7 +18,7 @@ to use.
 
 from .completion import pivot
 from .copy import allocated_runs, copy_view
-from .steps import CHUNK, Copied, Ready, SetLen
+from .steps import CHUNK, WRITING, Copied, Ready, SetLen
 
 MIN_GRANULARITY = 64 << 10
 
@@ -114,7 +114,8 @@ def active_commit(target):
                     mirror.inflight = (0, 0)
                 yield Copied(length)
                 continue
-            base.flush()
+            with WRITING:
+                base.flush()
             with chain.lock:
                 if mirror.count:
                     continue  # a mirrored write failed meanwhile: copy again
@@ -122,16 +123,18 @@ def active_commit(target):
             if decision is None:
                 continue
             # sync outside the lock, so the guest waits only for what is left
-            for layer in [base] + chain.layers[: chain.index_of(base)]:
-                layer.flush()
-            with chain.lock:
+            with WRITING:
+                for layer in [base] + chain.layers[: chain.index_of(base)]:
+                    layer.flush()
+            with chain.lock, WRITING:
                 if mirror.count:
                     continue
                 chain.write_observers.remove(mirror.observe)
                 dropped = pivot(chain, base) if decision == "complete" else []
             # no guest write reaches base through the mirror any more: make base's
             # copy durable, and close what left, without holding the chain's lock
-            base.flush()
+            with WRITING:
+                base.flush()
             chain.release_dropped(dropped)
             return dropped
     finally:

@@ -13,6 +13,8 @@ Order (each step durable before the next):
 
 import os
 
+from .steps import WRITING
+
 
 def backing_name_for(overlay, base):
     """Relative (to the overlay's directory) when the old name was relative."""
@@ -77,11 +79,12 @@ def pivot(chain, base):
 def drop_range(target):
     """End of a (non-active) commit: zero past a short top, then drop (base, top]."""
     chain, base = target.chain, target.base
-    zero_past_short(chain, target.top, base)
-    for layer in target.range_layers:
-        mark_leftover(chain, layer, base)
-    overlay = chain.layers[target.top_index - 1]
-    dropped = drop_layers_down_to(chain, overlay, base)
+    with WRITING:
+        zero_past_short(chain, target.top, base)
+        for layer in target.range_layers:
+            mark_leftover(chain, layer, base)
+        overlay = chain.layers[target.top_index - 1]
+        dropped = drop_layers_down_to(chain, overlay, base)
     yield from ()
     return dropped
 

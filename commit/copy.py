@@ -2,16 +2,19 @@
 
 from qcow.l2_table import UNALLOCATED, ZERO
 
+from .steps import READING, WRITING
+
 SCAN_SLICE = 64 << 20  # bytes of allocation scanned per hold of the chain's lock
 
 
 def allocated_runs(chain, top_i, base_i, size):
     """The runs of [0, size) that layers[top_i] down to (not into) base answer for,
     scanned a slice at a time so guest I/O never waits for a whole-disk scan."""
-    for off in range(0, size, SCAN_SLICE):
-        for run in chain.range_status(top_i, base_i, off, min(SCAN_SLICE, size - off)):
-            if run[3] != UNALLOCATED:
-                yield run
+    with READING:
+        for off in range(0, size, SCAN_SLICE):
+            for run in chain.range_status(top_i, base_i, off, min(SCAN_SLICE, size - off)):
+                if run[3] != UNALLOCATED:
+                    yield run
 
 
 def copy_view(chain, top_i, base, off, n, only_depth=None):
@@ -26,9 +29,14 @@ def copy_view(chain, top_i, base, off, n, only_depth=None):
         if kind == UNALLOCATED or (only_depth is not None and depth != only_depth):
             continue
         if kind == ZERO:
-            base.write_zeroes(s, ln, below)
+            with WRITING:
+                base.write_zeroes(s, ln, below)
         else:
-            base.write(s, chain.read_from(top_i, s, ln), below)
+            with READING:
+                data = chain.read_from(top_i, s, ln)
+            with WRITING:
+                base.write(s, data, below)
             copied += ln
-    base.writeback_if_full()
+    with WRITING:
+        base.writeback_if_full()
     return copied

@@ -56,9 +56,10 @@ from qcow.chain import MAX_CHAIN, probe_format, resolve_backing
 from qcow.errors import JobError, QcowError
 from qcow.header import read_backing_info
 
+from .target import MODES
+
 __all__ = ["Dependant", "find_dependants", "guard_commit", "guard_stream", "dependants_report"]
 
-MODES = ("simple", "restartable")
 SCAN_SECONDS = 120.0
 
 # file systems whose files are never images: reading them can block (trace_pipe,

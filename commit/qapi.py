@@ -1,5 +1,5 @@
-"""QMP's command plumbing shared by the job manager (commit/job.py) and the control
-socket (fusefs/qmp.py): QEMU's error classes, the error a handler raises, and the one
+"""QMP's command plumbing shared by the job manager (commit/jobmanager.py) and the control
+socket (fusefs/qmp/): QEMU's error classes, the errors a handler raises, and the one
 schema every command's arguments are checked against, with QAPI's messages, before
 anything runs. No I/O, no trio.
 
@@ -8,12 +8,16 @@ argument name -> type, a leading '*' marking an optional argument. A type is a
 built-in ('str', 'int', 'size', 'bool', 'number', 'any'), the name of an enum in
 `ENUMS`, or a one-item list for an array of that type (['str']). A command adds itself
 with `SCHEMA["my-command"] = {"device": "str", "*speed": "int"}`; a command without an
-entry takes no arguments. The control socket (fusefs.qmp.QMPProtocol) checks every
+entry takes no arguments. The control socket (fusefs.qmp.protocol) checks every
 command against it before the command's handler runs, so handlers trust their
 arguments.
 """
 
 import math
+
+from qcow.errors import JobError
+
+from .target import MODES
 
 GENERIC_ERROR = "GenericError"
 COMMAND_NOT_FOUND = "CommandNotFound"
@@ -30,10 +34,17 @@ class QMPError(Exception):
         super().__init__(desc)
 
 
+class JobCommandError(JobError):
+    """A user command a job refuses: a GenericError with QEMU's text."""
+
+    def __init__(self, message):
+        super().__init__(None, message)
+
+
 ENUMS = {
     "QMPCapability": ("oob",),
     "BlockdevOnError": ("report", "ignore", "enospc", "stop", "auto"),
-    "x-CommitMode": ("simple", "restartable"),
+    "x-CommitMode": MODES,
     "NewImageMode": ("existing", "absolute-paths"),
 }
 
@@ -41,14 +52,14 @@ _JOB_VERB = {"device": "str"}
 _JOB_ID = {"id": "str"}
 
 SCHEMA = {
-    # built into the protocol (fusefs/qmp.py)
+    # built into the protocol (fusefs/qmp/protocol.py)
     "qmp_capabilities": {"*enable": ["QMPCapability"]},
     "query-version": {},
     "query-commands": {},
     # the daemon (fusefs/daemon.py)
     "query-named-block-nodes": {"*flat": "bool"},
     "quit": {},
-    # jobs (commit/job.py); block-commit's x- members are qcowfs extensions
+    # jobs (commit/jobmanager.py); block-commit's x- members are qcowfs extensions
     "query-block-jobs": {},
     "query-jobs": {},
     "block-job-cancel": {"device": "str", "*force": "bool"},

@@ -1,5 +1,15 @@
 """Rate limiting for commit jobs, live and offline: a pure token bucket."""
 
+from .qapi import JobCommandError
+
+
+class NegativeSpeed(JobCommandError, ValueError):
+    """The one check of a speed, wherever it comes from (block-commit, block-stream,
+    block-job-set-speed, a job created directly), in QEMU's words."""
+
+    def __init__(self):
+        super().__init__("Parameter 'speed' expects a non-negative value")
+
 
 class RateLimiter:
     """Token bucket: `speed` bytes per second (0 = unlimited), bursts of one slice.
@@ -34,7 +44,7 @@ class RateLimiter:
 
     def set_speed(self, speed, now):
         if speed < 0:
-            raise ValueError("speed must be >= 0")
+            raise NegativeSpeed()
         self._refill(now)
         old = self.speed
         self.speed = int(speed)

@@ -16,7 +16,7 @@ from qcow.l2_table import DATA
 
 from .completion import drop_layers_down_to, mark_leftover, zero_past_short
 from .copy import allocated_runs, copy_view
-from .steps import CHUNK, Copied, SetLen
+from .steps import CHUNK, WRITING, Copied, SetLen
 
 
 def restartable_commit(target):
@@ -33,10 +33,11 @@ def restartable_commit(target):
     # bottom-up: the layer just above base first
     for layer in reversed(target.range_layers):
         yield from _drain(target, layer)
-        zero_past_short(chain, layer, base)
-        mark_leftover(chain, layer, base)  # before it leaves: the guard skips it then
-        overlay = chain.layers[chain.index_of(layer) - 1]
-        dropped += drop_layers_down_to(chain, overlay, base)
+        with WRITING:
+            zero_past_short(chain, layer, base)
+            mark_leftover(chain, layer, base)  # before it leaves: the guard skips it then
+            overlay = chain.layers[chain.index_of(layer) - 1]
+            dropped += drop_layers_down_to(chain, overlay, base)
     return dropped
 
 
@@ -66,6 +67,7 @@ def _drain(target, layer):
 def _forget_copied(base, layer, off, n):
     """Ordering rule: base durable first, then the layer forgets the clusters (and
     that is durable too before the copy counts as done)."""
-    base.flush()
-    layer.mark_unallocated(off, n)
-    layer.flush()
+    with WRITING:
+        base.flush()
+        layer.mark_unallocated(off, n)
+        layer.flush()

@@ -6,6 +6,10 @@ generator) at every yield. It yields `SetLen(n)` (bytes this run has to copy, po
 several times as it learns more) and `Copied(n)` (bytes just copied). The offline
 driver (engine.run_offline) loops in the calling thread; the live driver runs each step
 in a worker thread under the mount's job.
+
+An OSError ends the job; the algorithm says which side of the copy failed by raising
+it inside `with READING:` (the layers copied from) or `with WRITING:` (the image copied
+into), which becomes BLOCK_JOB_ERROR's operation, as in QEMU.
 """
 
 from typing import NamedTuple
@@ -36,3 +40,30 @@ def chunks(start, length, align, size=CHUNK):
 class Ready(NamedTuple):
     """An active commit is in sync. The driver sends back 'complete' (pivot) or
     'cancel' (stop mirroring, leave the chain as it is)."""
+
+
+def io_error(operation, exc):
+    """Tag an OSError with the QMP `operation` ("read" or "write") for BLOCK_JOB_ERROR.
+    A tag it has already, put nearer the failure, stays."""
+    if not hasattr(exc, "operation"):
+        exc.operation = operation
+    return exc
+
+
+class _Tag:
+    """A block whose escaping OSError is tagged with `operation` (see io_error)."""
+
+    def __init__(self, operation):
+        self.operation = operation
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, OSError):
+            io_error(self.operation, exc)
+        return False
+
+
+READING = _Tag("read")
+WRITING = _Tag("write")

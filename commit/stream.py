@@ -22,7 +22,7 @@ from qcow.l2_table import DATA, UNALLOCATED
 from .completion import backing_name_for
 from .copy import SCAN_SLICE
 from .guard import guard_stream, stream_dependant_line
-from .steps import CHUNK, Copied, SetLen, chunks
+from .steps import CHUNK, READING, WRITING, Copied, SetLen, chunks
 from .target import find_layer
 
 
@@ -30,7 +30,7 @@ def _pending(chain, base_i, off, n):
     """Runs (start, length, kind) of [off, off+n) that the active image reads through
     from layers above base, kind DATA or ZERO; base's own answers are left out, and so
     are zeros where base reads zeros too (past its end; everywhere without base)."""
-    with chain.lock:
+    with chain.lock, READING:
         layers = chain.layers
         zeros_matter_below = layers[base_i].virtual_size if base_i < len(layers) else 0
         out = []
@@ -60,7 +60,8 @@ def _pull(chain, base_i, off, n):
     cs = chain.active.cluster_size
     lo = off // cs * cs
     hi = -(-(off + n) // cs) * cs  # a tail cluster's end may pass the disk's end
-    view = chain.read_from(1, lo, hi - lo)
+    with READING:
+        view = chain.read_from(1, lo, hi - lo)
 
     def below(o, ln):
         assert lo <= o and o + ln <= hi, (o, ln, lo, hi)
@@ -71,10 +72,11 @@ def _pull(chain, base_i, off, n):
         for s, ln, kind in _pending(chain, base_i, off, n):
             # _pending looked again under the lock: what the guest wrote meanwhile is
             # allocated now and left out (the guest wins)
-            if kind == DATA:
-                active.write(s, below(s, ln), below)
-            else:
-                active.write_zeroes(s, ln, below)
+            with WRITING:
+                if kind == DATA:
+                    active.write(s, below(s, ln), below)
+                else:
+                    active.write_zeroes(s, ln, below)
 
 
 def stream_steps(chain, base_path):
@@ -104,11 +106,12 @@ def stream_steps(chain, base_path):
             # copy-on-write of a neighbour already filled, is done all the same
             yield Copied(n if kind == DATA else 0)
     active = chain.active
-    active.flush()
-    if base_path is None:
-        return chain.drop_backing(active)
-    base = chain.layers[base_index()]
-    return chain.drop_layers(active, base, backing_name_for(active, base))
+    with WRITING:
+        active.flush()
+        if base_path is None:
+            return chain.drop_backing(active)
+        base = chain.layers[base_index()]
+        return chain.drop_layers(active, base, backing_name_for(active, base))
 
 
 def start_stream(chain, base=None, guard_dirs=(), force=False, delete=False):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from qcow.errors import JobError
 
-MODES = ("simple", "restartable")
+MODES = ("simple", "restartable")  # also block-commit's x-mode and the CLI's --mode
 
 
 @dataclass

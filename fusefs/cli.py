@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from commit.target import MODES
 from qcow.errors import QcowError
 from qcow.malloc import tune_malloc
 
@@ -93,16 +94,7 @@ def _guard(s):
     )
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog="qcowfs",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--version", action="version", version=f"qcowfs {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_mount(sub):
     s = _add(
         sub,
         "mount",
@@ -168,6 +160,8 @@ commit left behind (a leftover) is refused unless --force.""",
         "(default: the mount resumes it)",
     )
 
+
+def _add_unmount(sub):
     s = _add(
         sub,
         "unmount",
@@ -190,6 +184,8 @@ and while the flat file is open (a VM, dd, a loop device), naming who holds it, 
     )
     _socket(s)
 
+
+def _add_commit(sub):
     s = _add(
         sub,
         "commit",
@@ -222,7 +218,7 @@ like 'qemu-img commit'). Without --top, the active image's backing file is commi
     )
     s.add_argument(
         "--mode",
-        choices=("simple", "restartable"),
+        choices=MODES,
         default="simple",
         help="simple (default, as QEMU) or restartable (drains intermediates "
         "one by one; a restarted commit never copies a cluster twice)",
@@ -261,6 +257,8 @@ like 'qemu-img commit'). Without --top, the active image's backing file is commi
     )
     _socket(s)
 
+
+def _add_stream(sub):
     s = _add(
         sub,
         "stream",
@@ -293,6 +291,8 @@ chain. The guest view never changes, and a guest write always wins over the copy
     )
     _socket(s)
 
+
+def _add_snapshot(sub):
     s = _add(
         sub,
         "snapshot",
@@ -306,6 +306,8 @@ becomes read-only: it can be copied while the guest keeps writing.""",
     s.add_argument("new_image", metavar="NEW_IMAGE", help="the overlay to create (must not exist)")
     _socket(s)
 
+
+def _add_jobs(sub):
     s = _add(sub, "jobs", "list the jobs of a mount")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
     s.add_argument(
@@ -313,6 +315,8 @@ becomes read-only: it can be copied while the guest keeps writing.""",
     )
     _socket(s)
 
+
+def _add_wait(sub):
     s = _add(
         sub,
         "wait",
@@ -330,6 +334,8 @@ Attach to a job of a mount and follow it with the same progress bar and exit cod
     )
     _socket(s)
 
+
+def _add_set_speed(sub):
     s = _add(sub, "set-speed", "change a running job's speed limit")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
     s.add_argument("job_id", metavar="JOB_ID", help="the job (see 'qcowfs jobs')")
@@ -340,12 +346,16 @@ Attach to a job of a mount and follow it with the same progress bar and exit cod
     )
     _socket(s)
 
+
+def _add_job_verbs(sub):
     for verb, text in _VERBS.items():
         s = _add(sub, verb, text)
         s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
         s.add_argument("job_id", metavar="JOB_ID", help="the job (see 'qcowfs jobs')")
         _socket(s)
 
+
+def _add_info(sub):
     s = _add(
         sub,
         "info",
@@ -366,10 +376,14 @@ does, plus whether an image is a commit's leftover. Takes no locks.""",
     )
     _guard(s)
 
+
+def _add_map(sub):
     s = _add(sub, "map", "allocation through the chain, like qemu-img map")
     s.add_argument("image", metavar="IMAGE", help="the active (topmost) image of the chain")
     s.add_argument("--json", action="store_true", help="qemu-img map --output=json's list")
 
+
+def _add_check(sub):
     s = _add(
         sub,
         "check",
@@ -396,6 +410,29 @@ not check, 2: corruptions, 3: leaked clusters only.""",
         default="human",
         help="human (default) or json (qemu-img check --output=json's keys)",
     )
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="qcowfs",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"qcowfs {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_mount(sub)
+    _add_unmount(sub)
+    _add_commit(sub)
+    _add_stream(sub)
+    _add_snapshot(sub)
+    _add_jobs(sub)
+    _add_wait(sub)
+    _add_set_speed(sub)
+    _add_job_verbs(sub)
+    _add_info(sub)
+    _add_map(sub)
+    _add_check(sub)
     return p
 
 

@@ -34,7 +34,7 @@ import trio
 import qcow
 from commit.engine import make_commit_factory
 from commit.intent import resume_plan
-from commit.job import JobManager
+from commit.jobmanager import JobManager
 from commit.qapi import QMPError
 from commit.stream import make_stream_factory
 from commit.target import node_name  # node names block-commit's top/base accept
@@ -567,7 +567,7 @@ class Daemon:
             log.error("cannot resume the interrupted commit: %s", e)
 
     def _make_job_manager(self):
-        # The job commands (block-commit & co): the job machinery of commit/job.py with
+        # The job commands (block-commit & co): the job machinery of commit/jobmanager.py with
         # the commit engine's block-commit for this chain. Its command table is merged
         # into ours in commands(), its events go out through the control socket, and it
         # runs in _main's nursery.

@@ -192,27 +192,10 @@ def check_refcounts_and_tables(image, repair=False):
         return (refcounts.get(c) if c < rb_cover else 0) == 1
 
     copied_fixes = []
-    step = 2 if image.extended_l2 else 1
-    for i, l1e, l2off, table in w.active_l2:
-        ok = want(l2off >> image.cluster_bits)
-        if bool(l1e & QCOW_OFLAG_COPIED) != ok:
-            result.corruptions += 1
-            result.messages.append(
-                f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount mismatch"
-            )
-            copied_fixes.append(("l1", i, None, ok))
-        for j in range(0, len(table), step):
-            e = table[j]
-            host = e & L2E_OFFSET_MASK
-            if not host or e & QCOW_OFLAG_COMPRESSED:
-                continue
-            ok = want(host >> image.cluster_bits)
-            if bool(e & QCOW_OFLAG_COPIED) != ok:
-                result.corruptions += 1
-                result.messages.append(
-                    f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount mismatch"
-                )
-                copied_fixes.append(("l2", l2off, j, ok))
+    for fix, message in _copied_mismatches(image, w.active_l2, want):
+        result.corruptions += 1
+        result.messages.append(message)
+        copied_fixes.append(fix)
     result.total_clusters = -(-image.virtual_size // image.cluster_size)
     result.image_end_offset = (highest + 1) * image.cluster_size
     if repair and (fixes or copied_fixes):
@@ -233,6 +216,26 @@ def check_refcounts_and_tables(image, repair=False):
                 image.l2_cache.mark_dirty(a)
         image.flush()
     return result
+
+
+def _copied_mismatches(image, active_l2, want):
+    """Every L1 and L2 entry whose QCOW_OFLAG_COPIED disagrees with `want(cluster)`:
+    ((kind, where, index, want), qemu-img's message)."""
+    step = 2 if image.extended_l2 else 1
+    for i, l1e, l2off, table in active_l2:
+        ok = want(l2off >> image.cluster_bits)
+        if bool(l1e & QCOW_OFLAG_COPIED) != ok:
+            msg = f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount mismatch"
+            yield ("l1", i, None, ok), msg
+        for j in range(0, len(table), step):
+            e = table[j]
+            host = e & L2E_OFFSET_MASK
+            if not host or e & QCOW_OFLAG_COMPRESSED:
+                continue
+            ok = want(host >> image.cluster_bits)
+            if bool(e & QCOW_OFLAG_COPIED) != ok:
+                msg = f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount mismatch"
+                yield ("l2", l2off, j, ok), msg
 
 
 def format_report(result):

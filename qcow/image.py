@@ -627,14 +627,14 @@ class Qcow2Image:
                 new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)
                 if new_bitmap != bitmap:
                     table[2 * l2i + 1] = new_bitmap
-                    self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+                    self._l2_entry_dirty(cstart)
             elif entry & QCOW_OFLAG_ZERO:
                 # preallocated zero cluster: it becomes data, zeros around the write
                 buf = bytearray(cs)
                 buf[a:b] = chunk
                 in_place.add(host, [buf])
                 table[l2i] = entry & ~QCOW_OFLAG_ZERO
-                self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+                self._l2_entry_dirty(cstart)
             else:
                 in_place.add(host + a, [chunk])
             return None
@@ -657,6 +657,15 @@ class Qcow2Image:
     def _l2_table_offset(self, cstart):
         return self.l1[(cstart >> self.cluster_bits) // self.l2_entries] & L1E_OFFSET_MASK
 
+    def _l2_entry_pos(self, cstart):
+        """Byte position of the L2 entry of the cluster at guest offset cstart in its table
+        (the cache writes back only the slices holding changed entries)."""
+        entry_size = self.cluster_size // self.l2_entries
+        return (cstart >> self.cluster_bits) % self.l2_entries * entry_size
+
+    def _l2_entry_dirty(self, cstart):
+        self.l2_cache.mark_dirty(self._l2_table_offset(cstart), self._l2_entry_pos(cstart))
+
     def _flush_batch(self, batch):
         """Allocate fresh clusters for a run of consecutive clusters in one go, write
         their data in one request, then point the L2 entries at them (in the cache;
@@ -675,7 +684,6 @@ class Qcow2Image:
             for k, item in enumerate(batch):
                 self.io.pwritev(item[6], base + (k << cb) + item[5])
         self.file_size = max(self.file_size, base + (len(batch) << cb))
-        installed = None
         for k, (table, l2i, cstart, entry, new_bitmap, *_data) in enumerate(batch):
             host = base + (k << cb)
             if self.extended_l2:
@@ -685,10 +693,8 @@ class Qcow2Image:
                 table[l2i] = host | QCOW_OFLAG_COPIED
             if entry:
                 self._free_entry_clusters(entry)
-            if table is not installed:
-                # it may have been evicted since the batch took it: put it back
-                self.l2_cache.install(self._l2_table_offset(cstart), table)
-                installed = table
+            # the table may have been evicted since the batch took it: put it back
+            self.l2_cache.put_back(self._l2_table_offset(cstart), table, self._l2_entry_pos(cstart))
 
     def write_zeroes(self, off, n, below):
         """Make [off, off+n) read as zeros at this layer, whatever lies beneath.
@@ -742,7 +748,7 @@ class Qcow2Image:
             table[2 * l2i], table[2 * l2i + 1] = entry, bitmap
         else:
             table[l2i] = entry
-        self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+        self._l2_entry_dirty(cstart)
         self._free_entry_clusters(old)
 
     def _reads_zero(self, off, cend):
@@ -776,7 +782,7 @@ class Qcow2Image:
         table = self._l2_for_write(l1i)
         bits = ((1 << (sb >> scb)) - 1) ^ ((1 << (sa >> scb)) - 1)
         table[2 * l2i + 1] = (table[2 * l2i + 1] & ~bits) | (bits << SC_ZERO_SHIFT)
-        self.l2_cache.mark_dirty(self._l2_table_offset(cstart))
+        self._l2_entry_dirty(cstart)
 
     def mark_unallocated(self, off, n):
         """Drop whole clusters of [off, off+n) from this layer (they read through to the
@@ -915,8 +921,8 @@ class Qcow2Image:
         try:
             self.io.sync()
             if tables:
-                for offset, _version, raw in tables:
-                    self.io.pwrite(raw, offset)
+                for file_offset, raw, _table, _slices in tables:
+                    self.io.pwrite(raw, file_offset)
                 self.io.sync()
                 with self.lock:
                     self.l2_cache.written(tables)

@@ -106,7 +106,7 @@ class Refcounts:
         if value > self.max_refcount:
             raise CorruptImage(self.image.path, f"refcount of cluster {cluster} overflows")
         refblock_set(block, i, self.order, value)
-        self.cache.mark_dirty(off)
+        self.cache.mark_dirty(off, (i << self.order) >> 3)
         if value == 0 and cluster < self.free_hint:
             self.free_hint = cluster
         return value
@@ -160,7 +160,9 @@ class Refcounts:
         nbytes = (1 << self.order) >> 3
         if nbytes and not any(block[i * nbytes : (i + k) * nbytes]):
             block[i * nbytes : (i + k) * nbytes] = (1).to_bytes(nbytes, "big") * k
-            self.cache.mark_dirty(off)
+            step = self.cache.slice_size
+            for sl in range(i * nbytes // step, ((i + k) * nbytes - 1) // step + 1):
+                self.cache.mark_dirty(off, sl * step)
         else:
             for j in range(c, c + k):
                 self.add(j, 1)

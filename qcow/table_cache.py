@@ -7,6 +7,11 @@ the refcount cache, which gives QEMU's rule "refcount blocks before the table th
 to the clusters they count", and the same barrier makes guest data written into newly
 allocated clusters durable before the L2 entry that points at it.
 
+Dirtiness is tracked per slice of a table (4 KiB, as QEMU's l2-cache-entry-size): a
+write-back writes only the slices changed since the table was last written, so a flush
+after a few allocations costs a few KiB, not a whole table (2 MiB with 2 MiB clusters).
+A table that exists only in memory (a new allocation) is dirty as a whole.
+
 A dependent cache never evicts a dirty table: writing it would need that barrier while
 the image's lock is held. It grows past its capacity instead, until the image's flush
 (`take_dirty`, then `written`) writes the tables with the barrier outside the lock.
@@ -16,17 +21,20 @@ All of it runs under the owning image's lock.
 
 from collections import OrderedDict
 
+SLICE_SIZE = 4096  # bytes written back at a time: a file system block, a page
+
 
 class TableCache:
     def __init__(self, rawio, table_size, capacity, decode, encode, depends_on=None):
         self.io = rawio
         self.table_size = table_size
+        self.slice_size = min(table_size, SLICE_SIZE)
         self.capacity = max(2, capacity)
         self.decode = decode
         self.encode = encode
         self.depends_on = depends_on
         self._tables = OrderedDict()  # host offset -> table
-        self._dirty = {}  # host offset -> version of its last change
+        self._dirty = {}  # host offset -> {slice index: version of its last change}
         self._version = 0
 
     def get(self, offset):
@@ -43,13 +51,26 @@ class TableCache:
         return self._tables.get(offset)
 
     def install(self, offset, table):
-        """Put a table that exists only in memory so far (a new allocation): dirty."""
+        """Put a table that exists only in memory so far (a new allocation): all of it
+        dirty (its cluster on disk may hold anything)."""
         self._insert(offset, table)
         self.mark_dirty(offset)
 
-    def mark_dirty(self, offset):
+    def put_back(self, offset, table, pos):
+        """Mark byte `pos` of a table dirty, caching it again if it was evicted since
+        the caller took it (it was clean then: only `pos` differs from the disk)."""
+        if offset not in self._tables:
+            self._insert(offset, table)
+        self.mark_dirty(offset, pos)
+
+    def mark_dirty(self, offset, pos=None):
+        """Byte `pos` of the table at `offset` changed (None: all of it)."""
         self._version += 1
-        self._dirty[offset] = self._version
+        slices = self._dirty.setdefault(offset, {})
+        if pos is None:
+            slices.update(dict.fromkeys(range(self.table_size // self.slice_size), self._version))
+        else:
+            slices[pos // self.slice_size] = self._version
 
     def has_dirty(self):
         return bool(self._dirty)
@@ -78,25 +99,45 @@ class TableCache:
             if self.depends_on.has_dirty():
                 self.depends_on.flush()
             self.io.sync()
-        for off in sorted(self._dirty):
-            self.io.pwrite(self.encode(self._tables[off]), off)
+        for file_offset, raw, _offset, _slices in self.take_dirty():
+            self.io.pwrite(raw, file_offset)
         self._dirty.clear()
 
     def flush(self):
-        """Write every dirty table (dependencies first, with a barrier), holding the
+        """Write every dirty slice (dependencies first, with a barrier), holding the
         image's lock throughout: for rare structural changes and refcount blocks."""
         if self._dirty:
             self._write_back()
 
     def take_dirty(self):
-        """[(offset, version, encoded table)] of every dirty table, still dirty (and so
-        still cached) until `written` says that version reached the file."""
-        return [
-            (off, version, self.encode(self._tables[off]))
-            for off, version in sorted(self._dirty.items())
-        ]
+        """[(file offset, encoded bytes, table offset, {slice: version})] for every run
+        of consecutive dirty slices of a table, still dirty (and so the table still
+        cached) until `written` says those versions reached the file."""
+        out = []
+        for offset, slices in sorted(self._dirty.items()):
+            table = self._tables[offset]
+            per_slice = self.slice_size // getattr(table, "itemsize", 1)  # table items
+            run = {}
+            for s in sorted(slices):
+                if run and s - 1 not in run:
+                    out.append(self._encode_run(offset, table, per_slice, run))
+                    run = {}
+                run[s] = slices[s]
+            out.append(self._encode_run(offset, table, per_slice, run))
+        return out
 
-    def written(self, tables):
-        for off, version, _raw in tables:
-            if self._dirty.get(off) == version:
-                del self._dirty[off]
+    def _encode_run(self, offset, table, per_slice, run):
+        first, end = min(run), max(run) + 1
+        raw = self.encode(table[first * per_slice : end * per_slice])
+        return offset + first * self.slice_size, raw, offset, run
+
+    def written(self, runs):
+        for _file_offset, _raw, offset, run in runs:
+            slices = self._dirty.get(offset)
+            if slices is None:
+                continue
+            for s, version in run.items():
+                if slices.get(s) == version:
+                    del slices[s]
+            if not slices:
+                del self._dirty[offset]

@@ -98,11 +98,15 @@ class Mount:
     def is_mounted(self) -> bool:
         return mounted_fstype(self.mountpoint) is not None
 
+    def cli(self, verb, *args, timeout=120) -> subprocess.CompletedProcess:
+        """`qcowfs VERB MOUNTPOINT --control-socket SOCKET ARGS` (output captured)."""
+        return qemu_helpers.run_qcowfs(
+            verb, str(self.mountpoint), "--control-socket", str(self.socket), *args, timeout=timeout
+        )
+
     def unmount(self, *extra) -> subprocess.CompletedProcess:
         """`qcowfs unmount`; asserts it worked and the daemon is gone."""
-        cp = qemu_helpers.run_qcowfs(
-            "unmount", str(self.mountpoint), "--control-socket", str(self.socket), *extra
-        )
+        cp = self.cli("unmount", *extra)
         assert cp.returncode == 0, (cp.stderr, self.log())
         assert not self.is_mounted()
         assert not daemons_for(self.mountpoint), self.log()

@@ -1,4 +1,4 @@
-"""Active commit with pivot (issue 6), driven with the real `qemu.qmp` client.
+"""Active commit with pivot, driven with the real `qemu.qmp` client.
 
 `block-commit` with top = the active image mirrors (base, active] into base while a
 guest thread pwrite+fsyncs random blocks against a model; READY, then

@@ -1,5 +1,4 @@
-"""Refcount structures under growth, `qcowfs check [--repair]`, and dirty images
-(issue 3).
+"""Refcount structures under growth, `qcowfs check [--repair]`, and dirty images.
 
 - An image with 512-byte clusters and 1-bit refcounts, small at first, written by
   `chain.write` past what its first refcount block covers (4096 clusters = 2 MiB of

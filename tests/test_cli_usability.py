@@ -1,4 +1,4 @@
-"""The CLI people expect (issue 11), through the real CLI (and mount where it takes one):
+"""The CLI people expect, through the real CLI (and mount where it takes one):
 sizes with units and `set-speed`, help and `--version`, offline `commit --active`,
 `wait`, `check --output=json` / `-r` with qemu-img's counts, closed pipes, and one-line
 errors for common mistakes.

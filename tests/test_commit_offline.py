@@ -1,4 +1,4 @@
-"""Offline commit (issue 5): `commit.engine.run_offline` and `qcowfs commit IMAGE`.
+"""Offline commit: `commit.engine.run_offline` and `qcowfs commit IMAGE`.
 
 Every chain is built with qemu-img/qemu-io, and judged with qemu-img: the guest view
 (`qemu-img convert -O raw` of the active image) must be the same before, during (after
@@ -496,13 +496,16 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
             # kill at a random point of the copy (not during start-up)
             _wait_for_reports(progress_file, attempt + 1, proc)
             time.sleep(rnd.uniform(0.05, 0.8))
-        if proc.poll() is None and attempt < 3:
+        killed = proc.poll() is None and attempt < 3
+        if killed:
             proc.kill()
             kills += 1
         out, err = proc.communicate(timeout=120)
         runs = _progress_runs(progress_file)
-        if runs and runs[-1] and runs[-1][-1] == "done":
-            assert proc.returncode == 0, err
+        committed = [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+        if committed or (runs and runs[-1] and runs[-1][-1] == "done"):
+            # a kill may land after the commit's end (top dropped), before the process exits
+            assert proc.returncode == 0 or (killed and proc.returncode == -signal.SIGKILL), err
             break
         assert proc.returncode == -signal.SIGKILL, err
         # after every crash: same guest view, no corruption (leaks are allowed)
@@ -580,11 +583,12 @@ def test_kill9_in_base_flush_then_rerun_leaves_no_corruption(tmp_path):
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
 @pytest.mark.parametrize("case", ["scenario", "zeros_into_new_l2"])
 def test_crash_at_every_barrier(tmp_path, case, mode, how):
-    """The design-discussion chain, committed offline with a crash at the k-th flush
-    barrier (fdatasync) of any image, for every k: SIGKILL (everything written stays),
-    or a power cut (what each file got since its last barrier is lost, or a random part
-    of it kept). After the crash the chain the headers describe reads as before and
-    has no corruption; the same command run again finishes, with the same view."""
+    """The scenario chain (base <- mid <- top with all four allocation cases), committed
+    offline with a crash at the k-th flush barrier (fdatasync) of any image, for every
+    k: SIGKILL (everything written stays), or a power cut (what each file got since its
+    last barrier is lost, or a random part of it kept). After the crash the chain the
+    headers describe reads as before and has no corruption; the same command run again
+    finishes, with the same view."""
     import shutil
 
     pristine = build(case, tmp_path / "pristine")

@@ -1,4 +1,4 @@
-"""Crash consistency of the qcow2 writer, CrashMonkey / dm-log-writes style (issue 3).
+"""Crash consistency of the qcow2 writer, CrashMonkey / dm-log-writes style.
 
 The image is opened through a recording RawIO (tests/recording_io.py) and driven with
 random writes, zero writes, discards and flushes. A "crash" after the first k recorded

@@ -1,4 +1,4 @@
-"""A full file system (issue 15, item 7): the active overlay lives on a small
+"""A full file system: the active overlay lives on a small
 loop-mounted ext4 and the guest writes until ENOSPC. Space for new metadata (L2
 tables, refcount blocks) is reserved when it is allocated, so the write that cannot
 get its space fails at once, and everything acknowledged before it survives: it can

@@ -1,4 +1,4 @@
-"""The stranding guard (issue 7): who else reads through what a commit changes.
+"""The stranding guard: who else reads through what a commit changes.
 
 Every image here is made by qemu-img (`create -b ... -F ...`, `rebase -u`), and where a
 test relies on how a backing name resolves (symlinks, `..`), QEMU's own

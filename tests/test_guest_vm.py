@@ -1,4 +1,4 @@
-"""A real guest on the mount while the chain is committed live (issue 10).
+"""A real guest on the mount while the chain is committed live.
 
 A Linux VM (QEMU TCG, Debian's cloud kernel, a busybox initramfs: tests/guest_vm.py,
 scripts/guest/) boots with MNT/disk.raw as its virtio disk and runs ext4 on it: rounds of

@@ -1,4 +1,4 @@
-"""Hostile and careless folders (issue 15): the files the root daemon writes (pid, log,
+"""Hostile and careless folders: the files the root daemon writes (pid, log,
 control socket) are never reached through a symlink or taken from someone else, and
 the stranding guard's scan never blocks on a FIFO or a file of /proc and never leaves
 the file systems it was asked to search. Plus the flat file's own small faults:
@@ -18,6 +18,7 @@ import pytest
 from mount_fixtures import daemons_for, make_chain3, read_file, wait_until
 from qemu_helpers import convert_raw, create, qemu_info_chain, run_qcowfs
 from test_commit_support import SyncQMP
+from test_qmp_support import Raw
 
 from fusefs.daemonfiles import LogHandler, RepeatFilter
 
@@ -193,7 +194,6 @@ def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):
     (another FUSE mount, its daemon stopped): the command stays cancellable, so
     `qcowfs unmount` still ends the mount cleanly, without waiting for the scan."""
     import signal
-    import socket
 
     top = make_chain3(tmp_path)
     m = mounter(top)
@@ -202,17 +202,18 @@ def test_unmount_while_block_commit_scans_a_hung_folder(tmp_path, mounter):
     hung = mounter(other)
     pid = hung.daemon_pid()
     os.kill(pid, signal.SIGSTOP)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        client.connect(str(m.socket))
-        client.sendall(
-            b'{"execute":"qmp_capabilities"}\n{"execute":"block-commit","arguments":'
-            b'{"top":"mid.qcow2","x-guard-dirs":["' + str(hung.mountpoint).encode() + b'"]}}\n'
-        )
-        time.sleep(1.0)
-        m.unmount()  # asserts: exit 0, unmounted, daemon gone
+        client = Raw(m.socket)
+        try:
+            client.send(
+                b'{"execute":"qmp_capabilities"}\n{"execute":"block-commit","arguments":'
+                b'{"top":"mid.qcow2","x-guard-dirs":["' + str(hung.mountpoint).encode() + b'"]}}\n'
+            )
+            time.sleep(1.0)
+            m.unmount()  # asserts: exit 0, unmounted, daemon gone
+        finally:
+            client.close()
     finally:
-        client.close()
         os.kill(pid, signal.SIGCONT)
     # The stopped daemon's own clean exit is not what this test is about (after a
     # SIGSTOP with a request pending it sometimes stays silent for a while): end it.

@@ -1,4 +1,4 @@
-"""Hostile and careless clients on a live mount's control socket (issue 15).
+"""Hostile and careless clients on a live mount's control socket.
 
 Nothing a client sends may kill the daemon, change an image, or make a reply that is
 not JSON: every argument of every command is checked against one schema
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from mount_fixtures import make_chain3, pid_alive, read_file
 from qemu_helpers import convert_raw, qemu_img, qemu_io, sha256_tree
 from test_commit_support import SyncQMP
+from test_qmp_support import Raw
 
 from commit.qapi import ENUMS, SCHEMA
 
@@ -39,30 +40,14 @@ def strict_json(line):
 
 def exchange(sock_path, payload, negotiate=True, timeout=30.0):
     """Connect, (negotiate), send `payload`, close our side, and return every line the
-    daemon sent until it closed the connection."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(sock_path))
+    daemon sent (the greeting first) until it closed the connection."""
+    client = Raw(sock_path, timeout=timeout)
     try:
         if negotiate:
             payload = b'{"execute":"qmp_capabilities"}\n' + payload
-        try:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # dropped as abusive: what it got is checked
-        data = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
+        return [client.greeting_line, *client.drain(payload, timeout)]
     finally:
-        s.close()
-    return [line for line in data.split(b"\n") if line.strip()]
+        client.close()
 
 
 def check_replies(lines):
@@ -479,16 +464,21 @@ class Flooder(threading.Thread):
 @pytest.mark.parametrize("pattern", [b" ", b"1", b"[1,"])
 def test_flooding_client_does_not_starve_the_others(single, pattern):
     """While one client streams blanks, digits or an endless array, another client's
-    replies and 1000 guest 4 KiB reads stay within a generous bound (a few seconds;
-    the flood once brought the reads down to 28-64 per second, 15-35 s for these); a
-    value past the parser's limits gets its sender disconnected."""
+    replies and 1000 guest 4 KiB reads are not starved: the reads take at most 50 times
+    (plus 2 s) what they take without the flood, measured just before on the same
+    machine (the parser shares the daemon's CPU with them; the flood once brought them
+    down to 28-64 per second, hundreds of times slower); a value past the parser's limits
+    gets its sender disconnected."""
     m, img, want = single
+    quiet_reads = _guest_reads_seconds(m.disk)
+    quiet_query = _query_latency(m.socket)
     flood = Flooder(m.socket, pattern * 65536)
     flood.start()
     try:
         time.sleep(0.5)
-        assert _query_latency(m.socket) < 5.0
-        assert _guest_reads_seconds(m.disk) < 10.0
+        assert _query_latency(m.socket) < 5.0 + 10 * quiet_query
+        flooded = _guest_reads_seconds(m.disk)
+        assert flooded < 2.0 + 50 * quiet_reads, (flooded, quiet_reads)
     finally:
         flood.finish()
     if pattern != b" ":  # a number or an array that never ends is cut off

@@ -1,7 +1,7 @@
 """The job state machine and the rate limiter, sans-I/O (fast: no trio, no clock).
 
-The expected event orders are those recorded from qemu-storage-daemon 7.2 (see
-commit/job.py's docstring and /work/shared/qcow2-notes.md §6).
+The expected event orders and the transition table below are those recorded from
+qemu-storage-daemon 7.2.
 """
 
 import pytest
@@ -14,11 +14,11 @@ from commit.job import (
     Job,
     JobCommandError,
     JobStateError,
-    RateLimiter,
     error_message,
     id_wellformed,
-    io_error,
 )
+from commit.ratelimit import RateLimiter
+from commit.steps import io_error
 
 
 class Recorder:

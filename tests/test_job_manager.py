@@ -8,8 +8,8 @@ import trio
 import trio.testing
 from test_qmp_support import TEST_SCHEMA, FakeJobs, MiB
 
-from commit.job import JobContext, JobManager
-from fusefs.qmp import QMPError, check_arguments
+from commit.jobmanager import JobContext, JobManager
+from commit.qapi import QMPError, check_arguments
 from qcow.errors import JobError, QcowError
 
 
@@ -326,7 +326,7 @@ def test_errors_end_the_job(fail, error, io_event):
 
 
 def test_error_inside_an_exception_group_and_tagged_operation():
-    from commit.job import io_error
+    from commit.steps import io_error
 
     async def factory(args):
         async def run(ctx):
@@ -497,11 +497,12 @@ def test_start_job_directly_and_query_order():
 
             async def quick(ctx):
                 assert isinstance(ctx, JobContext)
-                assert ctx.job_id == "first" and ctx.speed == 7 and not ctx.paused and not ctx.ready
-                ctx.set_len(10)
-                ctx.add_len(5)
+                job = ctx.job
+                assert job.id == "first" and job.speed == 7 and not job.should_pause
+                assert not job.paused and not ctx.ready
+                ctx.set_len(15)
                 await ctx.progress(15)
-                assert (ctx.len, ctx.offset) == (15, 15)
+                assert (job.len, job.offset) == (15, 15)
                 await ctx.checkpoint()
                 assert ctx.poll_completion_request() is None
 

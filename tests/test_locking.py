@@ -1,5 +1,5 @@
 """QEMU-compatible image locking, shown with the real qemu-img, qemu-io and
-qemu-storage-daemon (issue 3, "Must show").
+qemu-storage-daemon.
 
 While a chain is open for writing, the active image refuses other users that do not
 pass -U, and its backing files admit readers but refuse writers; a chain that QEMU is

@@ -175,13 +175,13 @@ def test_shutdown_while_io_is_in_flight(tmp_path, mounter, how):
         time.sleep(1.5)
         assert writer.poll() is None
         if how == "unmount":
-            # `qcowfs unmount` refuses while the file is open (issue 11) ...
+            # `qcowfs unmount` refuses while the file is open ...
             cp = run_qcowfs("unmount", m.mountpoint, "--control-socket", m.socket)
             assert cp.returncode != 0 and "busy" in cp.stderr, (cp.stderr, m.log())
             assert "(fio)" in cp.stderr, cp.stderr  # its worker process
             assert m.is_mounted()
             # ... QMP quit, what it sends otherwise, still stops the daemon mid-I/O
-            from fusefs.qmp import qmp_call
+            from test_qmp_support import qmp_call
 
             qmp_call(str(m.socket), "quit")
         else:

@@ -1,4 +1,4 @@
-"""Operating a mount safely (issue 11), through the real CLI and mount:
+"""Operating a mount safely, through the real CLI and mount:
 
 - every MOUNTPOINT command finds the mount's control socket by itself (relative and
   symlinked paths too), whatever --control-socket the mount used; a daemon is called

@@ -9,28 +9,35 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_qmp_support import TEST_SCHEMA, Raw, ServerThread, qmp_session
+from test_qmp_support import (
+    TEST_SCHEMA,
+    Raw,
+    ServerThread,
+    qmp_call,
+    qmp_execute_and_follow,
+    qmp_session,
+)
 
+from commit.qapi import QMPError, check_arguments
 from fusefs import qmp
 from fusefs.qmp import (
     JSONStreamer,
     QMPCallError,
     QMPConnection,
-    QMPError,
     QMPProtocol,
     QMPServer,
     Request,
-    check_arguments,
     default_socket_path,
-    qmp_call,
-    qmp_execute_and_follow,
 )
 from qcow.errors import QcowError
 
@@ -192,6 +199,25 @@ def test_commands_refused_before_negotiation_as_qemu():
     ]
     assert p.negotiated
     assert p.event("X", None) is not None
+
+
+def test_block_commit_arguments_are_checked_before_its_handler():
+    """block-commit's arguments pass the one schema (commit.qapi.SCHEMA) in the protocol:
+    a wrong-typed x-guard-dirs never reaches the command table, and gets QEMU's words."""
+    p = QMPProtocol({"block-commit": None})
+    _replies(p, b'{"execute":"qmp_capabilities"}')
+    for dirs, desc in (
+        (b'"/tmp"', "Invalid parameter type for 'x-guard-dirs', expected: array"),
+        (b'{"d":"/tmp"}', "Invalid parameter type for 'x-guard-dirs', expected: array"),
+        (b"null", "Invalid parameter type for 'x-guard-dirs', expected: array"),
+        (b"[1]", "Invalid parameter type for 'x-guard-dirs[0]', expected: string"),
+        (b'["/tmp",["/x"]]', "Invalid parameter type for 'x-guard-dirs[1]', expected: string"),
+    ):
+        request = b'{"execute":"block-commit","id":7,"arguments":{"top":"mid.qcow2","x-guard-dirs":'
+        # _replies fails on any Request other than x-none's: none may come out here
+        assert _replies(p, request + dirs + b"}}") == [err(GE, desc, id=7)], dirs
+    (ok,) = p.feed(request + b'["/tmp"]}}')
+    assert isinstance(ok, Request) and ok.arguments["x-guard-dirs"] == ["/tmp"]
 
 
 @pytest.mark.parametrize("data,expected", QEMU_CASES, ids=[repr(c[0])[:40] for c in QEMU_CASES])
@@ -606,6 +632,23 @@ def test_blocking_client_keeps_events_sent_before_a_reply(server):
         assert [e["event"] for e in conn.events(timeout=0.2)] == ["LATER"]
 
 
+def test_cli_talks_to_a_mount_without_loading_trio(server, tmp_path):
+    """`qcowfs jobs` (as `commit --wait` and the other job commands) loads the blocking
+    client only: neither trio nor the server, whose import is most of a CLI command's
+    start-up time."""
+    cp = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fusefs", "jobs", str(tmp_path)]
+        + ["--control-socket", server.socket_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 0 and cp.stdout == "No jobs.\n", cp.stderr[-2000:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in cp.stderr.splitlines()}
+    assert "fusefs.qmp.client" in loaded
+    assert not loaded & {"trio", "fusefs.qmp.server", "fusefs.qmp.protocol"}, loaded
+
+
 def test_blocking_client_errors(tmp_path):
     missing = tmp_path / "nothing.sock"
     with pytest.raises(
@@ -614,45 +657,44 @@ def test_blocking_client_errors(tmp_path):
         qmp_call(missing, "x-none", label="/mnt/x")
     # a server that closes the connection
     path = tmp_path / "closing.sock"
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(str(path))
-    srv.listen(1)
-
-    def serve_once():
-        c, _ = srv.accept()
-        c.sendall(
-            b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, '
-            b'"package": ""}, "capabilities": []}}\r\n'
-        )
-        c.recv(1000)
-        c.close()
-
-    t = threading.Thread(target=serve_once)
-    t.start()
-    with pytest.raises(QcowError, match="the control socket closed the connection"):
-        qmp_call(path, "x-none")
-    t.join()
-    srv.close()
+    greeting = (
+        b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, '
+        b'"package": ""}, "capabilities": []}}\r\n'
+    )
+    with _serving_once(path, lambda c: (c.sendall(greeting), c.recv(1000))):
+        with pytest.raises(QcowError, match="the control socket closed the connection"):
+            qmp_call(path, "x-none")
 
 
 def test_blocking_client_against_garbage_server(tmp_path):
     path = tmp_path / "junk.sock"
+    with _serving_once(path, lambda c: (c.sendall(b'{"hello": 1}\n'), time.sleep(0.2))):
+        with pytest.raises(QcowError, match="does not speak QMP"):
+            QMPConnection(path).connect()
+
+
+@contextmanager
+def _serving_once(path, serve):
+    """A Unix socket at `path` whose first connection `serve(connection)` handles in a
+    thread before it is closed."""
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
     srv.listen(1)
 
-    def serve_once():
-        c, _ = srv.accept()
-        c.sendall(b'{"hello": 1}\n')
-        time.sleep(0.2)
-        c.close()
+    def run():
+        conn, _ = srv.accept()
+        try:
+            serve(conn)
+        finally:
+            conn.close()
 
-    t = threading.Thread(target=serve_once)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
-    with pytest.raises(QcowError, match="does not speak QMP"):
-        QMPConnection(path).connect()
-    t.join()
-    srv.close()
+    try:
+        yield
+    finally:
+        t.join(10)
+        srv.close()
 
 
 # ------------------------------------------------------------------ trio-level API

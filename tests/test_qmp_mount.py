@@ -4,7 +4,6 @@ order, quit (with and without a running job), and the default socket path.
 
 Every mount is torn down by its fixture (`fusermount3 -u -z` as the last resort)."""
 
-import asyncio
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ import time
 
 import pytest
 from qemu_helpers import convert_raw, qemu_check, qemu_img, qemu_info_chain, qemu_io, run_qcowfs
-from test_qmp_support import events_until, status_null, summarize
+from test_qmp_support import events_until, qmp_session, status_null, summarize
 
 from fusefs.qmp import default_socket_path
 
@@ -86,18 +85,8 @@ def mount(tmp_path, chain):
         m.teardown()
 
 
-def qmp(m, body, timeout=60):
-    from qemu.qmp import QMPClient
-
-    async def main():
-        q = QMPClient("test")
-        await q.connect(m.sock)
-        try:
-            return await asyncio.wait_for(body(q), timeout)
-        finally:
-            await q.disconnect()
-
-    return asyncio.run(main())
+def qmp(m, body):
+    return qmp_session(m.sock, body, timeout=60)
 
 
 def sha(data):

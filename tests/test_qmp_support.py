@@ -6,6 +6,8 @@ test_job*.py), plus a few tests of the helpers themselves.
   steps (the real JobContext, rate limiter, pause, cancel and ready machinery).
 - `Raw`: a raw-socket client, to see the bytes QEMU's clients would see.
 - `qmp_session()`: run an async function against the server with the real `qemu.qmp`.
+- `qmp_call()`, `qmp_execute_and_follow()`: one command through the product's blocking
+  client (`fusefs.qmp.QMPConnection`).
 """
 
 import asyncio
@@ -18,8 +20,9 @@ import time
 
 import trio
 
-from commit.job import JobManager
-from fusefs.qmp import SCHEMA, QMPError, QMPServer
+from commit.jobmanager import JobManager
+from commit.qapi import SCHEMA, QMPError
+from fusefs.qmp import QMPConnection, QMPServer
 from qcow.errors import QcowError
 
 MiB = 1 << 20
@@ -217,11 +220,12 @@ class ServerThread:
 class Raw:
     """A raw-socket QMP client: send bytes, read reply lines (dicts)."""
 
-    def __init__(self, path, *, negotiate=False):
+    def __init__(self, path, *, negotiate=False, timeout=5.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(path))
         self.buf = b""
-        self.greeting = self.line()
+        self.greeting_line = self.raw_line(timeout)
+        self.greeting = json.loads(self.greeting_line)
         if negotiate:
             self.send(b'{"execute": "qmp_capabilities"}\n')
             assert self.line() == {"return": {}}
@@ -262,6 +266,27 @@ class Raw:
                 return out
             out.append(msg)
 
+    def drain(self, payload, timeout=30.0):
+        """Send `payload`, close our sending side, and return every raw line the server
+        sends until it closes the connection (a dropped client gets what it got)."""
+        try:
+            self.sock.sendall(payload)
+            self.sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.sock.settimeout(timeout)
+        data = self.buf
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        self.buf = b""
+        return [line for line in data.split(b"\n") if line.strip()]
+
     def execute(self, command, arguments=None, id=None):
         msg = {"execute": command}
         if arguments is not None:
@@ -274,6 +299,25 @@ class Raw:
             assert reply is not None, f"no reply to {command}"
             if "event" not in reply:
                 return reply
+
+
+def qmp_call(socket_path, command, arguments=None, *, label=None, timeout=60.0):
+    """Connect, negotiate, run one command, return its value (raises QcowError)."""
+    with QMPConnection(socket_path, label=label, timeout=timeout) as conn:
+        return conn.execute(command, arguments)
+
+
+def qmp_execute_and_follow(socket_path, command, arguments=None, *, label=None, timeout=60.0):
+    """Run a command and return `(value, connection)`; iterate `connection.events()`
+    to follow what it started (events sent before the reply are kept). Close the
+    connection when done."""
+    conn = QMPConnection(socket_path, label=label, timeout=timeout)
+    conn.connect()
+    try:
+        return conn.execute(command, arguments), conn
+    except BaseException:
+        conn.close()
+        raise
 
 
 def qmp_session(path, body, timeout=30.0):

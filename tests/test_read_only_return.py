@@ -1,7 +1,7 @@
-"""Every image a commit job reopened read-write goes back to read-only, with its locks
-as before, however the job ends (issue 15, item 6; QEMU's iotest 249 checks it for
-base): after a restartable commit is cancelled, and after it fails on an I/O error,
-`qemu-img info` (without -U) opens base and the intermediates of the live mount.
+"""Every image a commit job reopened read-write goes back to read-only, with its locks as before,
+however the job ends (QEMU's iotest 249 checks it for base): after a restartable commit is
+cancelled, and after it fails on an I/O error, `qemu-img info` (without -U) opens base and the
+intermediates of the live mount.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reader's memory bound and O(1) open (issue 2, "Speed"); the timings themselves
+"""The reader's memory bound and O(1) open; the timings themselves
 are measured beside QEMU by scripts/bench.py, never asserted here.
 
 - Opening a chain reads no table in full: a 1 TiB image opens and reads at both ends.

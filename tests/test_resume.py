@@ -1,4 +1,4 @@
-"""Interrupted commits resume themselves on the next mount (issue 14).
+"""Interrupted commits resume themselves on the next mount.
 
 A commit records its intent in the overlay of its top before its first write; after a
 kill -9 (or a power cut at any flush barrier) the next `qcowfs mount` says so in one

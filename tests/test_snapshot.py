@@ -1,13 +1,11 @@
 """Live external snapshot (QMP `blockdev-snapshot-sync`, `qcowfs snapshot`) and the
-backup cycle through a real mount (issue 14): snapshot, copy the frozen image with
+backup cycle through a real mount: snapshot, copy the frozen image with
 `qemu-img convert` while the guest writes, active commit with pivot back into it.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 from mount_fixtures import read_file
@@ -18,25 +16,6 @@ from test_commit_support import M, SyncQMP, Writer, chain_names, check_images, f
 
 def _files(nodes):
     return [os.path.basename(n["file"]) for n in nodes]
-
-
-def _cli(verb, m, *args):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fusefs",
-            verb,
-            str(m.mountpoint),
-            "--control-socket",
-            str(m.socket),
-            *map(str, args),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def _commit_back(qmp, base, job_id, **extra):
@@ -73,7 +52,7 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):
         w = Writer(m.disk, model, seed=14).start()
         time.sleep(0.3)
         with w.quiesce():  # the snapshot moment, as the guest saw it
-            cp = _cli("snapshot", m, new)
+            cp = m.cli("snapshot", new)
             at_snapshot = bytes(model)
         assert cp.returncode == 0 and cp.stderr == "", (cp.stderr, m.log())
         nodes = qmp.execute("query-named-block-nodes")
@@ -162,7 +141,7 @@ def test_snapshot_refusals(tmp_path, mounter):
         assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp
         assert len(cp.stderr.strip().splitlines()) == 1 and word in cp.stderr, cp.stderr
 
-    refused(_cli("snapshot", m, taken), "exists")
+    refused(m.cli("snapshot", taken), "exists")
     assert taken.read_bytes() == b"precious"
     with SyncQMP(m.socket) as qmp:
         assert (
@@ -181,7 +160,7 @@ def test_snapshot_refusals(tmp_path, mounter):
         assert "raw" in desc
         assert qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": 5})[0] == "GenericError"
         qmp.execute("block-commit", {"job-id": "slow", "top": nodes[1]["file"], "speed": 1 * M})
-        refused(_cli("snapshot", m, new), "slow")
+        refused(m.cli("snapshot", new), "slow")
         qmp.execute("block-job-cancel", {"device": "slow", "force": True})
         qmp.wait_event("BLOCK_JOB_CANCELLED")
         assert _files(qmp.execute("query-named-block-nodes")) == [
@@ -194,13 +173,13 @@ def test_snapshot_refusals(tmp_path, mounter):
     # another folder: the new image names the active image by its absolute path
     other = tmp_path / "elsewhere" / "o.qcow2"
     other.parent.mkdir()
-    cp = _cli("snapshot", m, other)
+    cp = m.cli("snapshot", other)
     assert cp.returncode == 0, (cp.stderr, m.log())
     assert qemu_info_chain(str(other), share=True)[0]["backing-filename"] == c.active
     m.unmount()
     check_images([str(other)])
     m = mounter(c.active, "--read-only")
-    refused(_cli("snapshot", m, new), "read-only")
+    refused(m.cli("snapshot", new), "read-only")
     assert not new.exists()
     m.unmount()
     check_images(c.images)

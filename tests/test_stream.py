@@ -1,4 +1,4 @@
-"""Stream (pull, QMP `block-stream`, `qcowfs stream`) through a real mount (issue 14).
+"""Stream (pull, QMP `block-stream`, `qcowfs stream`) through a real mount.
 
 The reference is QEMU's offline pull: `qemu-img rebase` in safe mode of a copy of the
 chain onto the same base (or onto nothing). The flat view never changes, the active
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import time
 
 import pytest
@@ -46,25 +44,6 @@ def _qemu_rebase(active, base):
             "rebase", "-q", "-b", os.path.relpath(base, os.path.dirname(active)), "-F", fmt, active
         )
     return flat(active)
-
-
-def _stream_cli(m, *args):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fusefs",
-            "stream",
-            str(m.mountpoint),
-            "--control-socket",
-            str(m.socket),
-            *map(str, args),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 # four-layer chains (base <- mid <- top <- active) are also streamed down to mid
@@ -249,7 +228,7 @@ def test_stream_kill9_then_again(tmp_path, mounter, seed):
     assert lens[1][0] < lens[0][0], lens
     qemu_img("check", "-q", "-r", "leaks", c.active)
     m = mounter(c.active)
-    cp = _stream_cli(m, "--wait", "--base", c.base)
+    cp = m.cli("stream", "--wait", "--base", c.base)
     assert cp.returncode == 0, (cp.stderr, m.log())
     assert read_file(m.disk, direct=True) == model
     m.unmount()
@@ -266,15 +245,15 @@ def test_stream_cli_delete_and_guard(tmp_path, mounter):
     other = create(str(tmp_path / "img" / "other.qcow2"), 16 * M, backing="mid.qcow2")
     apply_ops(other, [("w", 0, 64 * K, 0x77)])
     m = mounter(active)
-    cp = _stream_cli(m, "--wait", "--delete")
+    cp = m.cli("stream", "--wait", "--delete")
     assert cp.returncode != 0 and "Traceback" not in cp.stderr
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 2 and "other.qcow2" in lines[1] and "mid.qcow2" in lines[1], lines
-    cp = _stream_cli(m, "--wait", "--delete", "--base", "nosuch.qcow2")
+    cp = m.cli("stream", "--wait", "--delete", "--base", "nosuch.qcow2")
     assert cp.returncode != 0 and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
     assert "nosuch.qcow2" in cp.stderr
     os.unlink(other)
-    cp = _stream_cli(m, "--wait", "--delete", "--base", "base.qcow2")
+    cp = m.cli("stream", "--wait", "--delete", "--base", "base.qcow2")
     assert cp.returncode == 0, (cp.stderr, m.log())
     assert not os.path.exists(mid) and not os.path.exists(top)
     assert read_file(m.disk, direct=True) == model
@@ -289,13 +268,13 @@ def test_stream_nothing_to_do_and_read_only(tmp_path, mounter):
     c = build_live_chain(tmp_path / "img", size=16 * M)
     before = {p: open(p, "rb").read() for p in c.images}
     m = mounter(c.active, "--read-only")
-    cp = _stream_cli(m, "--wait")
+    cp = m.cli("stream", "--wait")
     assert cp.returncode != 0 and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
     assert "read-only" in cp.stderr
     m.unmount()
     assert {p: open(p, "rb").read() for p in c.images} == before
     m = mounter(c.active)
-    cp = _stream_cli(m, "--wait", "--base", c.images[2])
+    cp = m.cli("stream", "--wait", "--base", c.images[2])
     assert cp.returncode == 0, (cp.stderr, m.log())
     m.unmount()
     assert [n for n, _b, _s in chain_names(c.active)] == [
@@ -320,7 +299,7 @@ def test_stream_keeps_a_large_disk_sparse(tmp_path, mounter):
     active = create(str(d / "active.qcow2"), 64 << 30, backing="mid.qcow2")
     head = flat(mid)
     m = mounter(active)
-    cp = _stream_cli(m, "--wait")
+    cp = m.cli("stream", "--wait")
     assert cp.returncode == 0, (cp.stderr, m.log())
     with open(m.disk, "rb") as f:
         assert f.read(4 * M) == head

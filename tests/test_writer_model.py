@@ -1,4 +1,4 @@
-"""Model-based test of the qcow2 writer (issue 3, "Must show" 1).
+"""Model-based test of the qcow2 writer.
 
 One hypothesis state machine per configuration of the coverage matrix (cluster size,
 refcount width, compat, extended L2, backing file with data or none, internal snapshot

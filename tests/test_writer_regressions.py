@@ -1,4 +1,4 @@
-"""Minimal reproductions of writer bugs found while testing issue 3 (one test each).
+"""Minimal reproductions of writer bugs found while testing the writer (one test each).
 
 Each test names the fault it pins down; the full model-based and crash tests
 (test_writer_model.py, test_crash.py) find them too, but less directly.
