@@ -2,13 +2,12 @@
 
 The root directory holds exactly one regular file (``disk.raw`` or ``--name``) whose
 contents are the flat view of a qcow2 chain (`qcow.open_chain`). Every handler is a thin
-delegation to the chain; the chain is thread-safe, so bulk data I/O (requests over
-`INLINE_MAX`, flushes, discards) runs in worker threads (`trio.to_thread.run_sync`
-under a `CapacityLimiter`) and several requests are in flight at once; small requests
-are served inline, where a thread hop would cost more than the request (see
-`INLINE_MAX`). An `OSError` from the chain becomes `pyfuse3.FUSEError(errno)`; any
-other exception is logged and answered with EIO, so one bad request never takes the
-mount down.
+delegation to the chain; the chain is thread-safe, so what may wait long (flushes,
+discards) runs in worker threads (`trio.to_thread.run_sync` under a `CapacityLimiter`)
+while other requests go on; reads and writes are served inline, where a thread hop
+would cost more than it overlaps (see `INLINE_MAX`). An `OSError` from the chain
+becomes `pyfuse3.FUSEError(errno)`; any other exception is logged and answered with
+EIO, so one bad request never takes the mount down.
 
 Page cache: files are opened with ``keep_cache`` and without ``direct_io``. Measured
 with fio (psync, buffered, 4 KiB, 1 GiB 4-layer chain, 2-vCPU VM, two rounds):
@@ -57,17 +56,18 @@ FALLOC_FL_ZERO_RANGE = 0x10
 DIRECT_IO = False
 KEEP_CACHE = True
 
-# Requests up to this size are served on the trio thread itself; larger ones go to a
-# worker thread. Measured on the 2-vCPU VM (1 GiB 4-layer chain, fio psync, O_DIRECT),
-# as daemon CPU time per request, which other load on the machine does not skew:
-#                      inline    worker thread   (qemu-storage-daemon)
-#   4 KiB rand read     47 us       189 us           48 us
-#   128 KiB seq read    92 us       290 us          166 us
-#   1 MiB seq read     895 us       330 us          385 us
-#   4 KiB rand write    98 us       281 us           51 us
-# A thread hop costs ~140 us of CPU, more than a whole small request; big requests
-# are cheaper in threads (and overlap there). The chain never calls back into trio, so
-# an inline call cannot deadlock.
+# Requests up to this size are served on the trio thread itself; larger ones (the kernel
+# sends none: 1 MiB is its largest request) would go to a worker thread. Measured on the
+# 2-vCPU VM (0.5 GiB 4-layer chain, fio psync QD1, O_DIRECT), as the daemon's CPU time
+# per request, which other load on the machine skews less than throughput (medians of
+# two to six runs; the machine was busy, so only the columns' ratios count):
+#                                      inline    worker thread   (qemu-storage-daemon)
+#   1 MiB seq read                      920 us      1,200 us          1,170 us
+#   1 MiB seq write, empty overlay    1,190 us      1,410 us            840 us
+#   1 MiB seq write, allocated          850 us      1,180 us            625 us
+# A thread hop costs CPU (wake-ups, hand-offs) that a request served one at a time never
+# wins back; QEMU too serves FUSE requests one at a time on one thread. The chain never
+# calls back into trio, so an inline call cannot deadlock.
 #
 # What an inline request may wait for, per kind (the trio thread must never wait for a
 # lock that another thread holds across unbounded I/O, such as a fdatasync):
@@ -82,7 +82,7 @@ KEEP_CACHE = True
 #   that leaves the L2 cache over capacity with dirty tables writes them back itself,
 #   after releasing every lock (Chain.write).
 # - fsync, flush, fallocate and requests over INLINE_MAX: always in a worker thread.
-INLINE_MAX = 128 << 10
+INLINE_MAX = 1 << 20
 
 _to_thread = trio.to_thread.run_sync
 
@@ -127,8 +127,8 @@ class MountFS(pyfuse3.Operations):
         token = self.watch.begin("read", off, n)
         try:
             if n <= INLINE_MAX:
-                return self.chain.read(off, n)
-            return await _to_thread(self.chain.read, off, n, limiter=self.limiter)
+                return self.chain.read_buffer(off, n)
+            return await _to_thread(self.chain.read_buffer, off, n, limiter=self.limiter)
         except Exception as e:
             raise _fuse_error(e, "read", off, n) from None
         finally:

@@ -29,6 +29,7 @@ from .header import QCOW_MAGIC
 from .image import Qcow2Image
 from .image_locking import READER, WRITER, drop_image_locks, take_image_locks
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
+from .layer import UNMAPPED
 from .leftover import refuse_leftovers
 from .lockdep import make_lock
 from .raw import RawImage
@@ -221,33 +222,47 @@ class Chain:
 
     def read(self, offset, length):
         """The guest's bytes at [offset, offset+length)."""
+        data = self.read_buffer(offset, length)
+        return data if type(data) is bytes else bytes(data)
+
+    def read_buffer(self, offset, length):
+        """`read`, as the buffer the read filled (bytes, or a bytearray when assembled
+        from several pieces): the mount hands it to the kernel without a copy."""
         self._check_range(offset, length)
-        with self._lock:
-            layer = self.layers[0]
+        return self.read_from(0, offset, length)
+
+    def _fast_read_host(self, depth, offset, length):
+        """(layer, host offset) of a read inside one cluster that is plain data at the
+        first layer from layers[depth] down that maps it, as the layers' cached tables
+        say; else (None, None): the read is planned in full (the lock is held)."""
+        layers = self.layers
+        end = offset + length
+        for d in range(depth, len(layers)):
+            layer = layers[d]
+            if end > layer.virtual_size:
+                break  # zeros past a short backing file: the general path
             host = layer.fast_host(offset, length)
-            if host is not None:
-                self._inflight += 1
-        if host is None:
-            return self.read_from(0, offset, length)
-        try:
-            data = layer.io.pread(length, host)
-        finally:
-            self._read_done()
-        return data if len(data) == length else data + bytes(length - len(data))
+            if host != UNMAPPED:
+                return layer, host
+        return None, None
 
     def read_from(self, depth, offset, length):
         """The view of the chain from layers[depth] down: what layers[depth-1] sees of
-        its backing file. Past layers[depth]'s end it is zeros (a short backing file)."""
+        its backing file. Past layers[depth]'s end it is zeros (a short backing file).
+        Bytes, or a bytearray when assembled from several pieces."""
         ops = ()
         with self._lock:
             layers = self.layers
-            if depth < len(layers):
+            layer, host = self._fast_read_host(depth, offset, length)
+            if host is not None:
+                ops = ((0, length, DATA, layer, host),)
+            elif depth < len(layers):
                 lim = min(offset + length, layers[depth].virtual_size)
                 if lim > offset:
                     ops = self._plan(layers, depth, offset, lim - offset)
             self._inflight += 1
         try:
-            return bytes(_read_ops(ops, length))
+            return _read_ops(ops, length)
         finally:
             self._read_done()
 

@@ -55,6 +55,7 @@ from .l2_table import (
     table_from_bytes,
     table_to_bytes,
 )
+from .layer import UNMAPPED
 from .lockdep import make_lock
 from .rawio import RawIO
 from .refcount import Refcounts
@@ -86,7 +87,14 @@ class _Fill:
                 self.got[(s, ln)] = below(s, ln) if below is not None else bytes(ln)
 
     def read(self, s, ln):
-        return self.got[(s, ln)]
+        """[s, s+ln) out of the fetched range holding it (no copy)."""
+        data = self.got.get((s, ln))
+        if data is not None:
+            return data
+        for (fs, fln), data in self.got.items():
+            if fs <= s and s + ln <= fs + fln:
+                return memoryview(data)[s - fs : s - fs + ln]
+        raise KeyError((s, ln))
 
 
 class _HostRun:
@@ -97,13 +105,14 @@ class _HostRun:
         self.bufs = []
         self.start = self.end = 0
 
-    def add(self, host, data):
+    def add(self, host, bufs):
+        """Buffers to write one after the other from host."""
         if self.bufs and host != self.end:
             self.flush()
         if not self.bufs:
             self.start = host
-        self.bufs.append(data)
-        self.end = host + len(data)
+        self.bufs += bufs
+        self.end = host + sum(len(b) for b in bufs)
 
     def flush(self):
         if self.bufs:
@@ -244,8 +253,9 @@ class Qcow2Image:
     def fast_host(self, off, n, for_write=False):
         """Host offset of [off, off+n) when it lies in one plain data cluster whose L2
         table is cached (for writes: owned, QCOW_OFLAG_COPIED, in an image already
-        prepared for writing); else None, and the caller takes the general path. The
-        per-request fast path of the mount."""
+        prepared for writing); for reads UNMAPPED when this layer maps nothing there
+        (the read goes on to the backing file); else None, and the caller takes the
+        general path. The per-request fast path of the mount."""
         cb = self.cluster_bits
         ci = off >> cb
         if (
@@ -257,10 +267,15 @@ class Qcow2Image:
         l1i, l2i = divmod(ci, self.l2_entries)
         if l1i >= len(self.l1):
             return None
-        table = self.l2_cache.peek(self.l1[l1i] & L1E_OFFSET_MASK)
+        l2off = self.l1[l1i] & L1E_OFFSET_MASK
+        if not l2off:
+            return None if for_write else UNMAPPED
+        table = self.l2_cache.peek(l2off)
         if table is None:
             return None
         entry = table[l2i]
+        if not entry:
+            return None if for_write else UNMAPPED
         if entry & _NOT_PLAIN or (for_write and not entry & QCOW_OFLAG_COPIED):
             return None
         host = entry & L2E_OFFSET_MASK
@@ -463,8 +478,11 @@ class Qcow2Image:
         """This layer's current content of guest [cstart+a, cstart+b) (for COW)."""
         if entry & QCOW_OFLAG_COMPRESSED:
             return self.read_compressed(entry)[a:b]
+        runs = self._cluster_extents(entry, bitmap, cstart, a, b)
+        if below is not None and len(runs) == 1 and runs[0][2] == UNALLOCATED:
+            return below(cstart + a, b - a)  # all of it from beneath, as it came
         out = bytearray(b - a)
-        for s, ln, kind, aux in self._cluster_extents(entry, bitmap, cstart, a, b):
+        for s, ln, kind, aux in runs:
             rel = s - cstart - a
             if kind == DATA:
                 self.io.preadinto(memoryview(out)[rel : rel + ln], aux)
@@ -501,16 +519,24 @@ class Qcow2Image:
             fill.fetch(below, need)
 
     def _below_ranges(self, off, n):
-        """The guest ranges a write of [off, off+n) would read from `below` now."""
+        """The guest ranges a write of [off, off+n) would read from `below` now. A
+        cluster this layer maps nothing of (standard L2) needs its bytes around the
+        write: one read of the span [sa, sb) the fresh cluster gets, not two. Only the
+        first and the last cluster can be partly written: a whole one keeps nothing."""
         out = []
         end = off + n
         cb, cs = self.cluster_bits, self.cluster_size
-        while off < end:
-            cstart = off >> cb << cb
-            a, b = off - cstart, min(cs, end - cstart)
+        first, last = off >> cb << cb, (end - 1) >> cb << cb
+        for cstart in (first,) if first == last else (first, last):
+            a, b = max(off, cstart) - cstart, min(cs, end - cstart)
+            if a == 0 and b == cs:
+                continue
             entry, bitmap = self._entry_at(cstart)
             _owned, sa, sb, _bits = self._write_span(entry, bitmap, a, b)
-            if not entry & QCOW_OFLAG_COMPRESSED:
+            if not entry and not self.extended_l2:
+                if sa < a or b < sb:
+                    out.append((cstart + sa, sb - sa))
+            elif not entry & QCOW_OFLAG_COMPRESSED:
                 for lo, hi in ((sa, a), (b, sb)):
                     if hi > lo:
                         out += [
@@ -520,7 +546,6 @@ class Qcow2Image:
                             )
                             if kind == UNALLOCATED
                         ]
-            off = cstart + b
         return out
 
     def _entry_at(self, cstart):
@@ -562,13 +587,15 @@ class Qcow2Image:
         batch = []  # consecutive fresh clusters allocated together
         in_place = _HostRun(self.io)
         pos = 0
+        table_l1i = table = None
         while off < end:
             ci = off >> cb
             l1i, l2i = divmod(ci, self.l2_entries)
             cstart = ci << cb
             a, b = off - cstart, min(cs, end - cstart)
             chunk = mv[pos : pos + b - a]
-            table = self._l2_for_write(l1i)
+            if l1i != table_l1i:  # once per L2 table the write spans
+                table_l1i, table = l1i, self._l2_for_write(l1i)
             fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below, in_place)
             if fresh is None:
                 self._flush_batch(batch)
@@ -594,8 +621,9 @@ class Qcow2Image:
         owned, sa, sb, sc_bits = self._write_span(entry, bitmap, a, b)
         if owned:
             if ext:
-                buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
-                in_place.add(host + sa, buf)
+                in_place.add(
+                    host + sa, self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
+                )
                 new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)
                 if new_bitmap != bitmap:
                     table[2 * l2i + 1] = new_bitmap
@@ -604,27 +632,27 @@ class Qcow2Image:
                 # preallocated zero cluster: it becomes data, zeros around the write
                 buf = bytearray(cs)
                 buf[a:b] = chunk
-                in_place.add(host, buf)
+                in_place.add(host, [buf])
                 table[l2i] = entry & ~QCOW_OFLAG_ZERO
                 self._l2_entry_dirty(cstart)
             else:
-                in_place.add(host + a, chunk)
+                in_place.add(host + a, [chunk])
             return None
-        buf = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
+        bufs = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
         new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT) if ext else 0
-        return (table, l2i, cstart, entry, new_bitmap, sa, buf)
+        return (table, l2i, cstart, entry, new_bitmap, sa, bufs, sb - sa)
 
     def _compose(self, entry, bitmap, cstart, sa, sb, a, b, chunk, below):
-        """Bytes for [sa, sb) of a cluster: the write in [a, b), the current view around."""
-        if sa == a and sb == b:
-            return chunk
-        buf = bytearray(sb - sa)
+        """Buffers that make [sa, sb) of a cluster, in order: the current view before
+        the write, the write's [a, b), the current view after it (written as one
+        pwritev; nothing copied together)."""
+        bufs = []
         if a > sa:
-            buf[: a - sa] = self._view(entry, bitmap, cstart, sa, a, below)
-        buf[a - sa : b - sa] = chunk
+            bufs.append(self._view(entry, bitmap, cstart, sa, a, below))
+        bufs.append(chunk)
         if sb > b:
-            buf[b - sa :] = self._view(entry, bitmap, cstart, b, sb, below)
-        return buf
+            bufs.append(self._view(entry, bitmap, cstart, b, sb, below))
+        return bufs
 
     def _l2_table_offset(self, cstart):
         return self.l1[(cstart >> self.cluster_bits) // self.l2_entries] & L1E_OFFSET_MASK
@@ -646,25 +674,27 @@ class Qcow2Image:
             return
         cb, cs = self.cluster_bits, self.cluster_size
         base = self.refcounts.alloc(len(batch))
-        contiguous = all(item[5] == 0 and len(item[6]) == cs for item in batch[:-1]) and all(
-            item[5] == 0 for item in batch
-        )
-        if contiguous:
-            self.io.pwritev([item[6] for item in batch], base)
+        if (
+            len(batch) > 1
+            and all(item[7] == cs for item in batch[:-1])
+            and all(item[5] == 0 for item in batch)
+        ):  # one request for them all
+            self.io.pwritev([buf for item in batch for buf in item[6]], base)
         else:
             for k, item in enumerate(batch):
-                self.io.pwrite(item[6], base + (k << cb) + item[5])
+                self.io.pwritev(item[6], base + (k << cb) + item[5])
         self.file_size = max(self.file_size, base + (len(batch) << cb))
-        for k, (table, l2i, cstart, entry, new_bitmap, _sa, _buf) in enumerate(batch):
+        for k, (table, l2i, cstart, entry, new_bitmap, *_data) in enumerate(batch):
             host = base + (k << cb)
             if self.extended_l2:
                 table[2 * l2i] = host | QCOW_OFLAG_COPIED
                 table[2 * l2i + 1] = new_bitmap
             else:
                 table[l2i] = host | QCOW_OFLAG_COPIED
+            if entry:
+                self._free_entry_clusters(entry)
             # the table may have been evicted since the batch took it: put it back
             self.l2_cache.put_back(self._l2_table_offset(cstart), table, self._l2_entry_pos(cstart))
-            self._free_entry_clusters(entry)
 
     def write_zeroes(self, off, n, below):
         """Make [off, off+n) read as zeros at this layer, whatever lies beneath.
@@ -942,5 +972,7 @@ class Qcow2Image:
             try:
                 if not self.read_only and self.io.fd >= 0:
                     self._flush()
+                    with self.lock:
+                        self.refcounts.trim()  # the file clean: its unused tail goes
             finally:
                 self.io.close()

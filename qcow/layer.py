@@ -14,6 +14,7 @@ from typing import Protocol
 # COMPRESSED; aux the host offset (DATA, preallocated ZERO) or the L2 entry (COMPRESSED)
 Run = tuple[int, int, int, object]
 Below = Callable[[int, int], bytes]  # the chain's view beneath a layer (copy-on-write)
+UNMAPPED = -1  # fast_host for a read: nothing at this layer, the backing file answers
 
 
 class Layer(Protocol):

@@ -13,9 +13,13 @@ Ordering rules enforced here:
 - space past the file's end is reserved (fallocated) before a cluster there is counted
   (`_reserve`): a new L2 table or refcount block first written at a later flush has its
   space already, so a full file system fails the write that needs space, at once and
-  with nothing changed, never the flush of what was acknowledged before.
+  with nothing changed, never the flush of what was acknowledged before. The file grows
+  RESERVE_AHEAD at a time (exactly what is needed when that much does not fit); a clean
+  close cuts the unused tail (`trim`), and a tail a crash leaves is only zeros past the
+  last cluster, which QEMU accepts and a later allocation reuses.
 """
 
+import errno
 import struct
 from array import array
 
@@ -24,6 +28,9 @@ from .l2_table import table_from_bytes, table_to_bytes
 from .table_cache import TableCache
 
 REFT_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
+# bytes reserved past what an allocation that grows the file needs: one fallocate per
+# step instead of one per allocated cluster
+RESERVE_AHEAD = 1 << 20
 
 
 def refblock_get(block, index, order):
@@ -132,25 +139,60 @@ class Refcounts:
         start = self._find_free(n)
         self._reserve(start + n)
         self.end = max(self.end, start + n)
-        counted = []
+        done = start
         try:
-            for c in range(start, start + n):
-                self.add(c, 1)  # may need a new refcount block, hence space
-                counted.append(c)
+            while done < start + n:
+                done = self._count_run(done, start + n)  # may need a new refcount block
         except BaseException:
-            for c in counted:  # nothing half-allocated stays counted
+            for c in range(start, done):  # nothing half-allocated stays counted
                 self.add(c, -1)
             raise
         self.free_hint = start + n
         return start << self.cluster_bits
 
+    def _count_run(self, c, stop):
+        """Raise the refcounts of clusters [c, stop) by one, as far as c's refcount block
+        reaches; returns where it stopped. Free clusters (all zero) in a block of whole
+        bytes per entry are set in one slice assignment."""
+        block, off = self._block(c, True)
+        i = c % self.rb_entries
+        k = min(stop - c, self.rb_entries - i)
+        nbytes = (1 << self.order) >> 3
+        if nbytes and not any(block[i * nbytes : (i + k) * nbytes]):
+            block[i * nbytes : (i + k) * nbytes] = (1).to_bytes(nbytes, "big") * k
+            step = self.cache.slice_size
+            for sl in range(i * nbytes // step, ((i + k) * nbytes - 1) // step + 1):
+                self.cache.mark_dirty(off, sl * step)
+        else:
+            for j in range(c, c + k):
+                self.add(j, 1)
+        return c + k
+
     def _reserve(self, end):
-        """Disk space for every cluster below `end` (a cluster index) now."""
-        if end > self.reserved:
-            self.io.reserve(
-                self.reserved << self.cluster_bits, (end - self.reserved) << self.cluster_bits
-            )
-            self.reserved = end
+        """Disk space for every cluster below `end` (a cluster index) now: RESERVE_AHEAD
+        more when it fits, else exactly that (ENOSPC only when even that lacks)."""
+        if end <= self.reserved:
+            return
+        cb = self.cluster_bits
+        ahead = end + (RESERVE_AHEAD >> cb)
+        if ahead > end:
+            try:
+                self.io.reserve(self.reserved << cb, (ahead - self.reserved) << cb)
+                self.reserved = ahead
+                return
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+        self.io.reserve(self.reserved << cb, (end - self.reserved) << cb)
+        self.reserved = end
+
+    def trim(self):
+        """Cut the reserved tail no cluster uses: the file ends after the last cluster
+        ever allocated, as without reserving ahead. Only after a successful final flush
+        (nothing in a cache still to be written, nothing counted past `end`)."""
+        if self.reserved > self.end:
+            self.io.truncate(self.end << self.cluster_bits)
+            self.reserved = self.end
 
     def _find_free(self, n):
         c = self.free_hint

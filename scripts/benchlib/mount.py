@@ -1,8 +1,10 @@
 """Section mount: `qcowfs mount` vs qemu-storage-daemon's FUSE export of the same chain:
 fio (psync, one job, O_DIRECT) sequential 1 MiB read, 4 KiB random read, sequential
-1 MiB write and 4 KiB random write into an empty overlay; time to mount (until the first
-4 KiB read returns) and unmount; time to a usable `qcowfs info` beside `qemu-img info`;
-the daemon's peak RSS after random reads of a 1 TiB chain."""
+1 MiB write and 4 KiB random write, each into an empty overlay and into allocated
+clusters; the server's CPU time per request beside each (steadier than throughput on
+a busy machine); time to mount (until the first 4 KiB read returns) and unmount; time
+to a usable `qcowfs info` beside `qemu-img info`; the daemon's peak RSS after random
+reads of a 1 TiB chain."""
 
 import json
 import os
@@ -30,15 +32,35 @@ MOUNT_GOAL_MS = 250  # or, on a slow machine, the bare imports of a mount plus M
 MOUNT_SLACK_MS = 80
 INFO_GOAL_MS = 150
 
-# name: (fio --rw, --bs, time-based (else one pass over the file), the figure kept)
+# name: (fio --rw, --bs, time-based (else one pass over the file), the figure kept, row)
 FIO_TESTS = {
-    "seqread": ("read", "1M", True, "bw"),
-    "randread": ("randread", "4k", True, "iops"),
-    "seqwrite": ("write", "1M", False, "bw"),
-    "randwrite": ("randwrite", "4k", True, "iops"),
+    "seqread": ("read", "1M", True, "bw", "O_DIRECT sequential read, 1 MiB"),
+    "randread": ("randread", "4k", True, "iops", "4 KiB random read, QD1"),
+    "seqwrite": ("write", "1M", False, "bw", "sequential write 1 MiB into an empty overlay"),
+    "seqwrite_alloc": (
+        "write",
+        "1M",
+        False,
+        "bw",
+        "sequential write 1 MiB into allocated clusters",
+    ),
+    "randwrite": ("randwrite", "4k", True, "iops", "4 KiB random write into an empty overlay, QD1"),
+    "randwrite_alloc": (
+        "randwrite",
+        "4k",
+        True,
+        "iops",
+        "4 KiB random write into allocated clusters, QD1",
+    ),
 }
-# the tests sharing one mount (reads, then each write test on a fresh overlay)
-MOUNTS = (("seqread", "randread"), ("seqwrite",), ("randwrite",))
+# the tests sharing one mount, in order: reads; a pass of sequential writes into the
+# empty overlay, after which every cluster of it is allocated for the next two; random
+# writes into another empty overlay
+MOUNTS = (
+    ("seqread", "randread"),
+    ("seqwrite", "seqwrite_alloc", "randwrite_alloc"),
+    ("randwrite",),
+)
 
 
 def fio(ctx, path, rw, bs, size, *, runtime=None, number_ios=None, direct=True):
@@ -89,8 +111,10 @@ def section_mount(ctx, sec):
         f"fio psync, one job, O_DIRECT; servers on CPU {ctx.server_cpu}, fio on "
         f"CPU {ctx.client_cpu}; {ctx.rounds} rounds alternating who goes first; "
         f"random tests and sequential reads run {ctx.runtime} s; sequential write one "
-        f"pass over {ctx.size // M} MiB; every write test on a fresh empty active "
-        "layer over the same read-only chain"
+        f"pass over {ctx.size // M} MiB; the write tests into an empty overlay each on a "
+        "fresh empty active layer over the same read-only chain, those into allocated "
+        "clusters after the sequential pass over it; server CPU per request: its "
+        "user + system time over the run / fio's requests"
     )
 
 
@@ -102,6 +126,7 @@ class _Samples:
         self.s = {k: {OURS: [], QSD: []} for k in keys}
         self.na = {OURS: {}, QSD: {}}
         self.clat_max = {OURS: [], QSD: []}  # of randwrite, ms
+        self.cpu = {k: {OURS: [], QSD: []} for k in FIO_TESTS}  # server CPU us/request
 
     def val(self, key, kind):
         if key in self.na[kind]:
@@ -118,7 +143,8 @@ def _one_mount(ctx, kind, tests, top, notes, smp):
     with mount(ctx, kind, active, work, notes) as m:
         smp.s["mount"][kind].append(m.mount_time)
         for name in tests:
-            rw, bs, time_based, figure = FIO_TESTS[name]
+            rw, bs, time_based, figure, _row = FIO_TESTS[name]
+            cpu0 = _cpu_seconds(m.pid)
             try:
                 r = fio(ctx, m.file, rw, bs, ctx.size, runtime=ctx.runtime if time_based else None)
             except NA as e:
@@ -126,6 +152,9 @@ def _one_mount(ctx, kind, tests, top, notes, smp):
                 say(f"  {kind} {name}: n/a: {e}")
                 continue
             smp.s[name][kind].append(r[figure])
+            cpu1 = _cpu_seconds(m.pid)
+            if cpu0 is not None and cpu1 is not None and r["ios"]:
+                smp.cpu[name][kind].append((cpu1 - cpu0) / r["ios"] * 1e6)
             if name == "randwrite":
                 smp.clat_max[kind].append(r["clat_max_ms"])
         t_unmount = time.perf_counter()
@@ -194,41 +223,32 @@ def _fio_rows(ctx, sec, notes, top, floor):
         f"4 KiB. Goal: {MOUNT_GOAL_MS} ms, or the bare imports plus {MOUNT_SLACK_MS} ms",
         samples=s["mount"],
     )
-    sec.row(
-        "O_DIRECT sequential read, 1 MiB",
-        "MiB/s",
-        val("seqread", OURS),
-        val("seqread", QSD),
-        goal=("rel", 1),
-        samples=s["seqread"],
-    )
-    sec.row(
-        "4 KiB random read, QD1",
-        "IOPS",
-        val("randread", OURS),
-        val("randread", QSD),
-        goal=("rel", 1),
-        samples=s["randread"],
-    )
-    sec.row(
-        "sequential write 1 MiB into an empty overlay",
-        "MiB/s",
-        val("seqwrite", OURS),
-        val("seqwrite", QSD),
-        goal=("rel", 1),
-        samples=s["seqwrite"],
-    )
-    sec.row(
-        "4 KiB random write into an empty overlay, QD1",
-        "IOPS",
-        val("randwrite", OURS),
-        val("randwrite", QSD),
-        goal=("rel", 1),
-        samples=s["randwrite"],
-        note="fio clat max (ms), median of rounds: ours "
-        f"{fmt_num(median(smp.clat_max[OURS]))}, QSD "
-        f"{fmt_num(median(smp.clat_max[QSD]))}",
-    )
+    for name, (*_, figure, title) in FIO_TESTS.items():
+        note = ""
+        if name == "randwrite":
+            note = (
+                "fio clat max (ms), median of rounds: ours "
+                f"{fmt_num(median(smp.clat_max[OURS]))}, QSD "
+                f"{fmt_num(median(smp.clat_max[QSD]))}"
+            )
+        sec.row(
+            title,
+            "MiB/s" if figure == "bw" else "IOPS",
+            val(name, OURS),
+            val(name, QSD),
+            goal=("rel", 1),
+            samples=s[name],
+            note=note,
+        )
+        sec.row(
+            "  server CPU per request",
+            "us",
+            median(smp.cpu[name][OURS]),
+            median(smp.cpu[name][QSD]),
+            better="lower",
+            goal=(),
+            samples=smp.cpu[name],
+        )
     sec.row(
         "time to unmount (after the last request)",
         "ms",
@@ -238,6 +258,16 @@ def _fio_rows(ctx, sec, notes, top, floor):
         goal=(),
         samples=s["unmount"],
     )
+
+
+def _cpu_seconds(pid):
+    """User + system CPU time of a process and all its threads so far, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _daemon_memory(ctx, sec, notes):
