@@ -488,6 +488,29 @@ def _probe_format(path):
         return "raw"
 
 
+def _chain_order(chain_paths):
+    """[(inode key or None, path)] of the chain, top first, for the wording."""
+    order = []
+    for p in chain_paths:
+        try:
+            order.append((_key(os.stat(p)), p))
+        except OSError:
+            order.append((None, p))
+    return order
+
+
+def _broken_cases(kind, is_top, active, mode):
+    """The allocation cases (module doc) that change what a dependant of a `kind` image
+    reads."""
+    if kind == "base":
+        return (1, 2, 3, 4) if active else (2, 3, 4)
+    if is_top:
+        return (1,) if active else ()
+    if active:
+        return (1, 4)
+    return (3, 4) if mode == "restartable" else (4,)
+
+
 def find_dependants(
     chain_paths,
     changed,
@@ -521,13 +544,7 @@ def find_dependants(
     if not hits:
         return []
 
-    # the chain's order, by inode, for the wording
-    order = []
-    for p in chain_paths:
-        try:
-            order.append((_key(os.stat(p)), p))
-        except OSError:
-            order.append((None, p))
+    order = _chain_order(chain_paths)
     index = {k: i for i, (k, _) in enumerate(order) if k is not None}
     range_keys = [k for k in targets if k in index]
     top_key = next(iter(_target_keys([top])), None) if top is not None else None
@@ -547,17 +564,9 @@ def find_dependants(
         is_top = kind == "intermediate" and i == top_i
         if kind == "base":
             above = tuple(p for _, p in order[top_i:base_i])
-            cases = (1, 2, 3, 4) if active else (2, 3, 4)
         else:
             above = tuple(p for _, p in order[top_i:i]) if i is not None else ()
-            if is_top:
-                cases = (1,) if active else ()
-            elif active:
-                cases = (1, 4)
-            elif mode == "restartable":
-                cases = (3, 4)
-            else:
-                cases = (4,)
+        cases = _broken_cases(kind, is_top, active, mode)
         if dep not in fmt_cache:
             fmt_cache[dep] = _probe_format(dep)
         via = route[-2] if len(route) >= 2 else path

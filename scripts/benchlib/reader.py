@@ -91,6 +91,12 @@ def _sequential(ctx, sec):
             if name not in na:
                 attempt(tests[name], na, name)
 
+    _sequential_rows(ctx, sec, s, na)
+
+
+def _sequential_rows(ctx, sec, s, na):
+    size = ctx.size
+
     def mibs(key):
         if key in na:
             return na_text(na[key])
