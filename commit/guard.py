@@ -66,29 +66,11 @@ SCAN_SECONDS = 120.0
 # file systems whose files are never images: reading them can block (trace_pipe,
 # /proc/kmsg) or do things; our own flat views are raw by definition
 _PSEUDO_FS = frozenset(
-    (
-        "proc",
-        "sysfs",
-        "debugfs",
-        "tracefs",
-        "securityfs",
-        "configfs",
-        "cgroup",
-        "cgroup2",
-        "pstore",
-        "bpf",
-        "fusectl",
-        "efivarfs",
-        "devtmpfs",
-        "devpts",
-        "mqueue",
-        "binfmt_misc",
-        "autofs",
-        "rpc_pipefs",
-        "nsfs",
-        "hugetlbfs",
-        "fuse.qcowfs",
-    )
+    """
+    proc sysfs debugfs tracefs securityfs configfs cgroup cgroup2
+    pstore bpf fusectl efivarfs devtmpfs devpts mqueue binfmt_misc
+    autofs rpc_pipefs nsfs hugetlbfs fuse.qcowfs
+    """.split()
 )
 
 
