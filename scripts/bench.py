@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""qcowfs beside QEMU, measured in one run: the "Speed" figures of issues 2 to 7.
+"""qcowfs beside QEMU, measured in one run: every speed figure the README reports.
 
     python scripts/bench.py [--size 1G] [--only SECTION]... [--quick] [--json]
 

@@ -38,20 +38,20 @@ from .writer import section_writer
 
 SECTIONS = ("reader", "writer", "mount", "commit", "active", "guard")
 SECTION_INFO = {
-    "reader": (section_reader, "1. reader (issue 2)", "qemu-img"),
-    "writer": (section_writer, "2. writer (issue 3)", "qemu-img bench"),
+    "reader": (section_reader, "1. reader", "qemu-img"),
+    "writer": (section_writer, "2. writer", "qemu-img bench"),
     "mount": (
         section_mount,
-        "3. mount (issue 4): qcowfs mount vs qemu-storage-daemon FUSE export",
+        "3. mount: qcowfs mount vs qemu-storage-daemon FUSE export",
         "QSD",
     ),
     "commit": (
         section_commit,
-        "4. commit (issue 5): offline and live commit of (base, top]",
+        "4. commit: offline and live commit of (base, top]",
         "QEMU (qemu-img / QSD)",
     ),
-    "active": (section_active, "5. active commit with pivot (issue 6)", "QSD"),
-    "guard": (section_guard, "6. stranding guard (issue 7)", "-"),
+    "active": (section_active, "5. active commit with pivot", "QSD"),
+    "guard": (section_guard, "6. stranding guard", "-"),
 }
 
 
