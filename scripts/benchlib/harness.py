@@ -152,6 +152,13 @@ def qemu_io(img, cmds, fmt="qcow2"):
         run(argv + [str(img)], timeout=1800)
 
 
+def qemu_img_bench(ctx, image, *options, cpu=None):
+    """`qemu-img bench -f qcow2 OPTIONS IMAGE`: (wall seconds, its own loop seconds)."""
+    argv = ["qemu-img", "bench", "-f", "qcow2", *options, image]
+    wall, _, so, _ = timed(ctx, argv, cpu=cpu)
+    return wall, bench_seconds(so)
+
+
 def bench_seconds(text):
     """The loop time `qemu-img bench` prints ("Run completed in N seconds.")."""
     for line in text.splitlines():

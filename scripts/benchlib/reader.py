@@ -12,12 +12,12 @@ from .harness import (
     M,
     T,
     attempt,
-    bench_seconds,
     fs_type,
     median,
     ms,
     na_text,
     py_json,
+    qemu_img_bench,
     say,
     timed,
 )
@@ -53,25 +53,9 @@ def _sequential(ctx, sec):
         s["unsafe" if unsafe else "convert"].append(wall)
 
     def bench():
-        wall, _, so, _ = timed(
-            ctx,
-            [
-                "qemu-img",
-                "bench",
-                "-f",
-                "qcow2",
-                "-d",
-                "1",
-                "-s",
-                "1M",
-                "-c",
-                str(size // M),
-                active,
-            ],
-            cpu=cpu,
-        )
+        wall, own = qemu_img_bench(ctx, active, "-d", "1", "-s", "1M", "-c", size // M, cpu=cpu)
         s["bench"].append(wall)
-        s["bench_self"].append(bench_seconds(so))
+        s["bench_self"].append(own)
 
     tests = {
         "ours": ours,

@@ -4,7 +4,7 @@
 import os
 
 from .chains import new_overlay, pristine
-from .harness import M, attempt, bench_seconds, median, na_text, py_json, say, timed
+from .harness import M, attempt, median, na_text, py_json, qemu_img_bench, say
 
 
 def section_writer(ctx, sec):
@@ -25,27 +25,10 @@ def section_writer(ctx, sec):
     def qemu():
         img = new_overlay(work / "w-qemu.qcow2", top)
         os.sync()
-        wall, _, so, _ = timed(
-            ctx,
-            [
-                "qemu-img",
-                "bench",
-                "-f",
-                "qcow2",
-                "-w",
-                "-s",
-                "1M",
-                "-c",
-                str(total // M),
-                "-t",
-                "writeback",
-                "--pattern=0x5a",
-                img,
-            ],
-            cpu=cpu,
-        )
+        opts = ("-w", "-s", "1M", "-c", total // M, "-t", "writeback", "--pattern=0x5a")
+        wall, own = qemu_img_bench(ctx, img, *opts, cpu=cpu)
         s["qemu"].append(wall)
-        s["qemu_self"].append(bench_seconds(so))
+        s["qemu_self"].append(own)
 
     tests = {"ours": ours, "qemu": qemu}
     for r in range(ctx.rounds + 1):  # round 0: warm-up, not counted
