@@ -234,6 +234,23 @@ def _ready_note(label, job_id):
     )
 
 
+def _job_updates(conn, job_id, label, timeout):
+    """What happens to one job: (event name, data) for each of its events, or (None,
+    its query-block-jobs entry, None once it is gone) when none came for `timeout`
+    seconds. The mount shutting down raises."""
+    while True:
+        ev = conn.next_event(timeout=timeout)
+        if ev is None:
+            info = _find_job(conn, job_id)
+            if not conn.has_pending_events:  # events that came before the reply say more
+                yield None, info
+            continue
+        if ev.get("event") == "SHUTDOWN":
+            raise QcowError(label, f"the mount shut down before job '{job_id}' ended")
+        if _event_job(ev) == job_id:
+            yield ev.get("event"), ev.get("data") or {}
+
+
 def _follow_commit(conn, job_id, *, pivot, label, detach=False):
     """Follow a job's events to its end: "done", or "ready" (an active commit without
     pivot); a failure raises. Ctrl-C cancels the job, or with `detach` leaves it
@@ -241,12 +258,9 @@ def _follow_commit(conn, job_id, *, pivot, label, detach=False):
     bar = _Progress(job_id)
     completing = False
     try:
-        while True:
-            ev = conn.next_event(timeout=POLL_INTERVAL)
-            if ev is None:
-                info = _find_job(conn, job_id)
-                if conn.has_pending_events:
-                    continue  # events that came before the reply say more
+        for name, data in _job_updates(conn, job_id, label, POLL_INTERVAL):
+            if name is None:
+                info = data
                 if info is None:
                     raise QcowError(label, f"job '{job_id}' disappeared before it finished")
                 bar.update(info.get("offset", 0), info.get("len", 0))
@@ -255,12 +269,6 @@ def _follow_commit(conn, job_id, *, pivot, label, detach=False):
                         raise QcowError(label, f"job '{job_id}' failed: {info['error']}")
                     return "done"
                 continue
-            name = ev.get("event")
-            if name == "SHUTDOWN":
-                raise QcowError(label, f"the mount shut down before job '{job_id}' finished")
-            if _event_job(ev) != job_id:
-                continue
-            data = ev.get("data") or {}
             if name == "BLOCK_JOB_READY":
                 bar.update(data.get("offset", 0), data.get("len", 0))
                 if pivot:
@@ -508,12 +516,9 @@ def cmd_job_verb(args):
 
 def _wait_end(conn, job_id, verb, label):
     """After cancel/complete: wait until the job ends; 0 if it ended as asked."""
-    while True:
-        ev = conn.next_event(timeout=1.0)
-        if ev is None:
-            info = _find_job(conn, job_id)
-            if conn.has_pending_events:
-                continue  # its end may be among the events received meanwhile
+    for name, data in _job_updates(conn, job_id, label, 1.0):
+        if name is None:
+            info = data
             if info is None:
                 return 0  # gone without an event we saw (should not happen on one connection)
             if info.get("status") == "concluded":
@@ -523,12 +528,6 @@ def _wait_end(conn, job_id, verb, label):
                     raise QcowError(label, f"job '{job_id}' failed: {info['error']}")
                 return 0
             continue
-        name = ev.get("event")
-        if name == "SHUTDOWN":
-            raise QcowError(label, f"the mount shut down before job '{job_id}' ended")
-        if _event_job(ev) != job_id:
-            continue
-        data = ev.get("data") or {}
         if name == "BLOCK_JOB_CANCELLED":
             if verb == "cancel":
                 return 0
