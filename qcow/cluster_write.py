@@ -27,10 +27,12 @@ from .l2_table import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
+    SC_ALL_ZERO,
     SC_ALLOC_MASK,
-    SC_ZERO_SHIFT,
     UNALLOCATED,
     compressed_host_clusters,
+    sc_allocated,
+    sc_zeroed,
 )
 
 
@@ -292,7 +294,7 @@ class ClusterWriter:
                 in_place.add(
                     host + sa, self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
                 )
-                new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)
+                new_bitmap = sc_allocated(bitmap, sc_bits)
                 if new_bitmap != bitmap:
                     table[2 * l2i + 1] = new_bitmap
                     self._l2_entry_dirty(cstart)
@@ -307,7 +309,7 @@ class ClusterWriter:
                 in_place.add(host + a, [chunk])
             return None
         bufs = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
-        new_bitmap = (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT) if ext else 0
+        new_bitmap = sc_allocated(bitmap, sc_bits) if ext else 0
         return (table, l2i, cstart, entry, new_bitmap, sa, bufs, sb - sa)
 
     def _compose(self, entry, bitmap, cstart, sa, sb, a, b, chunk, below):
@@ -400,7 +402,7 @@ class ClusterWriter:
                     l2i,
                     cstart,
                     0 if not v3 or self.extended_l2 else QCOW_OFLAG_ZERO,
-                    SC_ALLOC_MASK << SC_ZERO_SHIFT if self.extended_l2 else 0,
+                    SC_ALL_ZERO if self.extended_l2 else 0,
                 )
             elif self.extended_l2:
                 writes, zero_bits = self._zero_subclusters(cstart, off, cend)
@@ -449,7 +451,7 @@ class ClusterWriter:
         l1i, l2i = divmod(cstart >> self.cluster_bits, self.l2_entries)
         table = self._l2_for_write(l1i)
         bits = ((1 << (sb >> scb)) - 1) ^ ((1 << (sa >> scb)) - 1)
-        table[2 * l2i + 1] = (table[2 * l2i + 1] & ~bits) | (bits << SC_ZERO_SHIFT)
+        table[2 * l2i + 1] = sc_zeroed(table[2 * l2i + 1], bits)
         self._l2_entry_dirty(cstart)
 
     def mark_unallocated(self, off, n):

@@ -23,6 +23,19 @@ L2E_STD_RESERVED_MASK = 0x3F00_0000_0000_01FE
 SUBCLUSTERS = 32
 SC_ALLOC_MASK = 0xFFFF_FFFF
 SC_ZERO_SHIFT = 32
+# an extended L2 bitmap whose every subcluster reads as zeros
+SC_ALL_ZERO = SC_ALLOC_MASK << SC_ZERO_SHIFT
+
+
+def sc_allocated(bitmap, sc_bits):
+    """An extended L2 bitmap with the subclusters `sc_bits` allocated (no longer zero)."""
+    return (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)
+
+
+def sc_zeroed(bitmap, sc_bits):
+    """An extended L2 bitmap with the subclusters `sc_bits` reading as zeros."""
+    return (bitmap & ~sc_bits) | (sc_bits << SC_ZERO_SHIFT)
+
 
 _SWAP = sys.byteorder == "little"
 
