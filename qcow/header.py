@@ -196,35 +196,17 @@ class Header:
 
     # --- serialisation --------------------------------------------------
 
+    def _fields_of(self, struct):
+        """This header's values for the named fields of `struct` (the layout is the
+        Struct's; the magic is a Const)."""
+        return {sc.name: getattr(self, sc.name) for sc in struct.subcons if sc.name != "magic"}
+
     def pack_fixed(self):
         """The fixed part of the header (72, or header_length bytes for v3)."""
-        raw = header_v2.build(
-            dict(
-                version=self.version,
-                backing_file_offset=self.backing_file_offset,
-                backing_file_size=self.backing_file_size,
-                cluster_bits=self.cluster_bits,
-                size=self.size,
-                crypt_method=self.crypt_method,
-                l1_size=self.l1_size,
-                l1_table_offset=self.l1_table_offset,
-                refcount_table_offset=self.refcount_table_offset,
-                refcount_table_clusters=self.refcount_table_clusters,
-                nb_snapshots=self.nb_snapshots,
-                snapshots_offset=self.snapshots_offset,
-            )
-        )
+        raw = header_v2.build(self._fields_of(header_v2))
         if self.version < 3:
             return raw
-        raw += header_v3_tail.build(
-            dict(
-                incompatible_features=self.incompatible_features,
-                compatible_features=self.compatible_features,
-                autoclear_features=self.autoclear_features,
-                refcount_order=self.refcount_order,
-                header_length=self.header_length,
-            )
-        )
+        raw += header_v3_tail.build(self._fields_of(header_v3_tail))
         if self.header_length > V3_HEADER_LEN:
             tail = compression_type_field.build(dict(compression_type=self.compression_type))
             raw += tail + bytes(max(0, self.header_length - V3_HEADER_LEN - len(tail)))
