@@ -63,6 +63,45 @@ _VERBS = {
 }
 
 
+# the long description of a sub-command (--help); others use their one-line help
+_DESCRIPTIONS = {
+    "mount": """\
+Mount the backing chain of IMAGE (its active, topmost qcow2 image) on MOUNTPOINT as
+one regular file, MOUNTPOINT/disk.raw, that reads and writes like the raw disk. The
+command returns once the file answers; a daemon keeps serving it until 'qcowfs
+unmount'. Images are locked as QEMU locks them. A chain containing an image that a
+commit left behind (a leftover) is refused unless --force.""",
+    "unmount": """\
+Unmount a qcowfs mount cleanly: flush everything, mark the images clean, release the
+locks and wait for the daemon to exit. Refuses while a job runs (unless --cancel-jobs)
+and while the flat file is open (a VM, dd, a loop device), naming who holds it, unless
+--lazy. After an active commit pivoted, says which image now holds the disk.""",
+    "commit": """\
+Copy the data of the images in (base, top] into base and drop them from the chain.
+TARGET is a mountpoint (live, while the disk is in use) or an image file (offline,
+like 'qemu-img commit'). Without --top, the active image's backing file is committed
+(as virsh does); --active commits the active image itself.""",
+    "stream": """\
+Copy into the active image of a mounted chain every cluster it reads through from the
+layers above base (QEMU's block-stream, virsh blockpull); then the active image names
+base as its backing file (or none without --base) and the layers in between leave the
+chain. The guest view never changes, and a guest write always wins over the copy.""",
+    "snapshot": """\
+Create NEW_IMAGE, a qcow2 overlay of the mount's active image, and make it the active
+image between two guest requests (QEMU's blockdev-snapshot-sync). The old active image
+becomes read-only: it can be copied while the guest keeps writing.""",
+    "wait": """\
+Attach to a job of a mount and follow it with the same progress bar and exit codes as
+'commit --wait'. Ctrl-C detaches and leaves the job running.""",
+    "info": """\
+Show every image of IMAGE's chain, top first, as 'qemu-img info --backing-chain'
+does, plus whether an image is a commit's leftover. Takes no locks.""",
+    "check": """\
+Check one qcow2 image's metadata as 'qemu-img check' does. Exit 0: clean, 1: could
+not check, 2: corruptions, 3: leaked clusters only.""",
+}
+
+
 def _version():
     try:
         from importlib.metadata import version
@@ -81,13 +120,17 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def _add(sub, name, help, description=None):
+def _add(sub, name, help):
     return sub.add_parser(
         name,
         help=help,
-        description=description or help[:1].upper() + help[1:] + ".",
+        description=_DESCRIPTIONS.get(name) or help[:1].upper() + help[1:] + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _flag(s, name, help):
+    s.add_argument(name, action="store_true", help=help)
 
 
 def _socket(s):
@@ -106,28 +149,16 @@ def _guard(s):
 
 
 def _add_mount(sub):
-    s = _add(
-        sub,
-        "mount",
-        "mount a chain as one flat raw file",
-        """\
-Mount the backing chain of IMAGE (its active, topmost qcow2 image) on MOUNTPOINT as
-one regular file, MOUNTPOINT/disk.raw, that reads and writes like the raw disk. The
-command returns once the file answers; a daemon keeps serving it until 'qcowfs
-unmount'. Images are locked as QEMU locks them. A chain containing an image that a
-commit left behind (a leftover) is refused unless --force.""",
-    )
+    s = _add(sub, "mount", "mount a chain as one flat raw file")
     s.add_argument("image", metavar="IMAGE", help="the active (topmost) qcow2 image of the chain")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
-    s.add_argument(
-        "--read-only",
-        action="store_true",
-        help="never write any image (no repair, no commit); the flat file is read-only",
+    _flag(
+        s, "--read-only", "never write any image (no repair, no commit); the flat file is read-only"
     )
-    s.add_argument(
+    _flag(
+        s,
         "--foreground",
-        action="store_true",
-        help="run the daemon in this process (logs warnings to the terminal) "
+        "run the daemon in this process (logs warnings to the terminal) "
         "until unmounted or interrupted",
     )
     s.add_argument(
@@ -136,10 +167,10 @@ commit left behind (a leftover) is refused unless --force.""",
         help="the flat file's name in the mountpoint (default: disk.raw)",
     )
     _socket(s)
-    s.add_argument(
+    _flag(
+        s,
         "--allow-other",
-        action="store_true",
-        help="let other users open the flat file (needs user_allow_other in "
+        "let other users open the flat file (needs user_allow_other in "
         "/etc/fuse.conf for non-root)",
     )
     s.add_argument(
@@ -148,15 +179,11 @@ commit left behind (a leftover) is refused unless --force.""",
         metavar="SIZE",
         help="metadata cache per image: MiB, or a size with a unit (256M, 1G); default 32",
     )
-    s.add_argument(
-        "--nonempty",
-        action="store_true",
-        help="mount even if MOUNTPOINT is not empty (hiding its files)",
-    )
-    s.add_argument(
+    _flag(s, "--nonempty", "mount even if MOUNTPOINT is not empty (hiding its files)")
+    _flag(
+        s,
         "--force",
-        action="store_true",
-        help="mount even a chain containing a commit's leftover image (it may "
+        "mount even a chain containing a commit's leftover image (it may "
         "show a disk without later writes)",
     )
     s.add_argument(
@@ -164,49 +191,29 @@ commit left behind (a leftover) is refused unless --force.""",
         metavar="PATH",
         help="the daemon's log (default: next to the control socket, <socket>.log)",
     )
-    s.add_argument(
+    _flag(
+        s,
         "--no-resume",
-        action="store_true",
-        help="leave an interrupted commit recorded in the chain as it is "
+        "leave an interrupted commit recorded in the chain as it is "
         "(default: the mount resumes it)",
     )
 
 
 def _add_unmount(sub):
-    s = _add(
-        sub,
-        "unmount",
-        "flush, release locks and unmount",
-        """\
-Unmount a qcowfs mount cleanly: flush everything, mark the images clean, release the
-locks and wait for the daemon to exit. Refuses while a job runs (unless --cancel-jobs)
-and while the flat file is open (a VM, dd, a loop device), naming who holds it, unless
---lazy. After an active commit pivoted, says which image now holds the disk.""",
-    )
+    s = _add(sub, "unmount", "flush, release locks and unmount")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
-    s.add_argument(
-        "--cancel-jobs", action="store_true", help="cancel running jobs instead of refusing"
-    )
-    s.add_argument(
+    _flag(s, "--cancel-jobs", "cancel running jobs instead of refusing")
+    _flag(
+        s,
         "--lazy",
-        action="store_true",
-        help="detach even while the flat file is open (as umount -l): the "
+        "detach even while the flat file is open (as umount -l): the "
         "daemon serves the open files and finishes once they are closed",
     )
     _socket(s)
 
 
 def _add_commit(sub):
-    s = _add(
-        sub,
-        "commit",
-        "commit (base, top] into base, live or offline",
-        """\
-Copy the data of the images in (base, top] into base and drop them from the chain.
-TARGET is a mountpoint (live, while the disk is in use) or an image file (offline,
-like 'qemu-img commit'). Without --top, the active image's backing file is committed
-(as virsh does); --active commits the active image itself.""",
-    )
+    s = _add(sub, "commit", "commit (base, top] into base, live or offline")
     s.add_argument(
         "target",
         metavar="TARGET",
@@ -220,10 +227,10 @@ like 'qemu-img commit'). Without --top, the active image's backing file is commi
     s.add_argument(
         "--base", metavar="IMG", help="the image to commit into (default: the bottom of the chain)"
     )
-    s.add_argument(
+    _flag(
+        s,
         "--active",
-        action="store_true",
-        help="commit the active image too: live, the job keeps base in sync "
+        "commit the active image too: live, the job keeps base in sync "
         "until 'complete' pivots the mount onto base; offline, base "
         "becomes the image to use",
     )
@@ -238,31 +245,25 @@ like 'qemu-img commit'). Without --top, the active image's backing file is commi
         "--speed", metavar="RATE", help="limit copying into base to RATE bytes/s (512K, 10M, 1G)"
     )
     s.add_argument("--job-id", metavar="ID", help="the job's name (default: commit)")
-    s.add_argument(
+    _flag(
+        s,
         "--wait",
-        action="store_true",
-        help="follow the job to its end with a progress bar; exit 0 only on "
+        "follow the job to its end with a progress bar; exit 0 only on "
         "success (an active commit: until ready)",
     )
-    s.add_argument(
-        "--pivot",
-        action="store_true",
-        help="with --active: wait for ready, then pivot onto base (implies --wait)",
-    )
-    s.add_argument(
+    _flag(s, "--pivot", "with --active: wait for ready, then pivot onto base (implies --wait)")
+    _flag(
+        s,
         "--delete",
-        action="store_true",
-        help="delete the images the commit dropped (after a pivot: the old "
+        "delete the images the commit dropped (after a pivot: the old "
         "active image and the intermediates)",
     )
-    s.add_argument(
-        "--quiet", action="store_true", help="do not print what the disk is served from at the end"
-    )
+    _flag(s, "--quiet", "do not print what the disk is served from at the end")
     _guard(s)
-    s.add_argument(
+    _flag(
+        s,
         "--force",
-        action="store_true",
-        help="commit even if the stranding guard finds images depending on "
+        "commit even if the stranding guard finds images depending on "
         "ones the commit changes (they are listed), or offline, a chain "
         "holding a leftover",
     )
@@ -271,14 +272,7 @@ like 'qemu-img commit'). Without --top, the active image's backing file is commi
 
 def _add_stream(sub):
     s = _add(
-        sub,
-        "stream",
-        "pull the backing chain (down to base) into the active image of a mount",
-        """\
-Copy into the active image of a mounted chain every cluster it reads through from the
-layers above base (QEMU's block-stream, virsh blockpull); then the active image names
-base as its backing file (or none without --base) and the layers in between leave the
-chain. The guest view never changes, and a guest write always wins over the copy.""",
+        sub, "stream", "pull the backing chain (down to base) into the active image of a mount"
     )
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
     s.add_argument(
@@ -288,30 +282,16 @@ chain. The guest view never changes, and a guest write always wins over the copy
     )
     s.add_argument("--speed", metavar="RATE", help="limit copying to RATE bytes/s (512K, 10M, 1G)")
     s.add_argument("--job-id", metavar="ID", help="the job's name (default: stream)")
-    s.add_argument(
-        "--wait",
-        action="store_true",
-        help="follow the job to its end with a progress bar; exit 0 only on success",
-    )
-    s.add_argument("--delete", action="store_true", help="delete the images that left the chain")
+    _flag(s, "--wait", "follow the job to its end with a progress bar; exit 0 only on success")
+    _flag(s, "--delete", "delete the images that left the chain")
     _guard(s)
-    s.add_argument(
-        "--force",
-        action="store_true",
-        help="with --delete: delete even images other chains depend on",
-    )
+    _flag(s, "--force", "with --delete: delete even images other chains depend on")
     _socket(s)
 
 
 def _add_snapshot(sub):
     s = _add(
-        sub,
-        "snapshot",
-        "live external snapshot: NEW_IMAGE becomes the active image of a mount",
-        """\
-Create NEW_IMAGE, a qcow2 overlay of the mount's active image, and make it the active
-image between two guest requests (QEMU's blockdev-snapshot-sync). The old active image
-becomes read-only: it can be copied while the guest keeps writing.""",
+        sub, "snapshot", "live external snapshot: NEW_IMAGE becomes the active image of a mount"
     )
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
     s.add_argument("new_image", metavar="NEW_IMAGE", help="the overlay to create (must not exist)")
@@ -321,28 +301,17 @@ becomes read-only: it can be copied while the guest keeps writing.""",
 def _add_jobs(sub):
     s = _add(sub, "jobs", "list the jobs of a mount")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
-    s.add_argument(
-        "--json", action="store_true", help="print query-block-jobs' return value as JSON"
-    )
+    _flag(s, "--json", "print query-block-jobs' return value as JSON")
     _socket(s)
 
 
 def _add_wait(sub):
-    s = _add(
-        sub,
-        "wait",
-        "follow a running job to its end",
-        """\
-Attach to a job of a mount and follow it with the same progress bar and exit codes as
-'commit --wait'. Ctrl-C detaches and leaves the job running.""",
-    )
+    s = _add(sub, "wait", "follow a running job to its end")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
     s.add_argument(
         "job_id", nargs="?", metavar="JOB_ID", help="the job (default: the mount's only job)"
     )
-    s.add_argument(
-        "--quiet", action="store_true", help="do not print what the disk is served from at the end"
-    )
+    _flag(s, "--quiet", "do not print what the disk is served from at the end")
     _socket(s)
 
 
@@ -367,22 +336,13 @@ def _add_job_verbs(sub):
 
 
 def _add_info(sub):
-    s = _add(
-        sub,
-        "info",
-        "the chain, like qemu-img info --backing-chain",
-        """\
-Show every image of IMAGE's chain, top first, as 'qemu-img info --backing-chain'
-does, plus whether an image is a commit's leftover. Takes no locks.""",
-    )
+    s = _add(sub, "info", "the chain, like qemu-img info --backing-chain")
     s.add_argument("image", metavar="IMAGE", help="the active (topmost) image of the chain")
-    s.add_argument(
-        "--json", action="store_true", help="a JSON list with qemu-img info --output=json's keys"
-    )
-    s.add_argument(
+    _flag(s, "--json", "a JSON list with qemu-img info --output=json's keys")
+    _flag(
+        s,
         "--dependants",
-        action="store_true",
-        help="instead, list the images in the chain's directories (and "
+        "instead, list the images in the chain's directories (and "
         "--guard-dir) that depend on each image of the chain",
     )
     _guard(s)
@@ -391,24 +351,13 @@ does, plus whether an image is a commit's leftover. Takes no locks.""",
 def _add_map(sub):
     s = _add(sub, "map", "allocation through the chain, like qemu-img map")
     s.add_argument("image", metavar="IMAGE", help="the active (topmost) image of the chain")
-    s.add_argument("--json", action="store_true", help="qemu-img map --output=json's list")
+    _flag(s, "--json", "qemu-img map --output=json's list")
 
 
 def _add_check(sub):
-    s = _add(
-        sub,
-        "check",
-        "consistency check, like qemu-img check",
-        """\
-Check one qcow2 image's metadata as 'qemu-img check' does. Exit 0: clean, 1: could
-not check, 2: corruptions, 3: leaked clusters only.""",
-    )
+    s = _add(sub, "check", "consistency check, like qemu-img check")
     s.add_argument("image", metavar="IMAGE", help="the qcow2 image to check")
-    s.add_argument(
-        "--repair",
-        action="store_true",
-        help="fix leaks and refcount errors (as qemu-img check -r all)",
-    )
+    _flag(s, "--repair", "fix leaks and refcount errors (as qemu-img check -r all)")
     s.add_argument(
         "-r",
         dest="repair_mode",
