@@ -140,6 +140,8 @@ def _one_mount(ctx, kind, tests, top, notes, smp):
     """Mount a fresh overlay over top with `kind`, run the fio tests on it, unmount."""
     work = ctx.tmp / "mount" / kind
     active = new_overlay(work / "active.qcow2", top)
+    # no write-back of an earlier test's writes (up to 1 GiB) may run during this one
+    os.sync()
     with mount(ctx, kind, active, work, notes) as m:
         smp.s["mount"][kind].append(m.mount_time)
         for name in tests:
