@@ -57,6 +57,11 @@ qcowfs_setup_venv() {
             --config-settings editable_mode=compat -e '.[test]')
         touch "$stamp"
     fi
+    # byte-compile the project as an installed package would be (pip compiles what it
+    # installs, not an editable tree): only stale files, so it is quick; even where
+    # PYTHONDONTWRITEBYTECODE is set, so commands do not compile their modules each start
+    (cd "$QCOWFS_ROOT" && PYTHONDONTWRITEBYTECODE= "$venv/bin/python" -m compileall -q \
+        qcow commit fusefs scripts >/dev/null)
 }
 
 qcowfs_load_fuse() {
