@@ -27,7 +27,13 @@ from typing import NamedTuple
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
 from .header import QCOW_MAGIC
 from .image import Qcow2Image
-from .image_locking import READER, WRITER, drop_image_locks, take_image_locks
+from .image_locking import (
+    READER,
+    WRITER,
+    drop_image_locks,
+    take_image_locks,
+    take_image_locks_waiting,
+)
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .layer import UNMAPPED
 from .leftover import refuse_leftovers
@@ -36,6 +42,9 @@ from .raw import RawImage
 from .runs import append_run
 
 MAX_CHAIN = 256
+# seconds a job's reopen waits for a short-lived reader's image locks to go (outside
+# the chain's lock: guest requests never wait for it)
+REOPEN_LOCK_PATIENCE = 1.0
 
 
 class Extent(NamedTuple):
@@ -440,7 +449,8 @@ class Chain:
                 reuse_ok=self._reuse_ok,
             )
             if self.image_locking:
-                take_image_locks(new.io.fd, new.path, WRITER if writable else READER)
+                role = WRITER if writable else READER
+                take_image_locks_waiting(new.io.fd, new.path, role, REOPEN_LOCK_PATIENCE)
             if writable:
                 new.repair_if_dirty()
         except BaseException:

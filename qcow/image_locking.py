@@ -9,6 +9,7 @@ our locks and we see theirs: `qemu-img info` of an image we write fails, `-U` wo
 import errno
 import fcntl
 import struct
+import time
 
 from .errors import ImageLockConflict
 
@@ -65,6 +66,21 @@ def take_image_locks(fd, path, role):
     except ImageLockConflict:
         drop_image_locks(fd)
         raise
+
+
+def take_image_locks_waiting(fd, path, role, patience):
+    """take_image_locks, retried for up to `patience` seconds. A job reopening a layer
+    read-write waits out a short-lived reader, such as a `qemu-img info` without -U that
+    holds its locks for a few milliseconds; a holder that stays (another QEMU) still
+    gives the conflict, only later."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return take_image_locks(fd, path, role)
+        except ImageLockConflict:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def drop_image_locks(fd):

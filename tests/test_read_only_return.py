@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
 import pytest
 from mount_fixtures import read_file, wait_until
@@ -38,6 +39,10 @@ def qemu_info_ok(path):
     return cp.returncode == 0, cp.stderr
 
 
+def node(qmp, path):
+    return next(n for n in qmp.execute("query-named-block-nodes") if n["file"] == path)
+
+
 def assert_back_to_read_only(qmp, images):
     nodes = qmp.execute("query-named-block-nodes")
     assert [n["ro"] for n in nodes[1:]] == [True] * (len(nodes) - 1), nodes
@@ -56,14 +61,12 @@ def test_cancelled_restartable_commit_reopens_read_only(tmp_path, mounter):
             "block-commit",
             {"job-id": "r", "top": mid2, "base": base, "x-mode": "restartable", "speed": 2 * M},
         )
-        qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "running")
-        # its first step (after recording its intent) reopens the range for writing;
-        # mid1 is drained first and may already have left the chain (and unlocked)
-        wait_until(
-            lambda: any("lock" in qemu_info_ok(p)[1] for p in (mid1, mid2)),
-            30,
-            "the job's write lock on the range",
-        )
+        # its first step (after recording its intent) reopens the range for writing; mid2
+        # stays in the chain until the end. Asked over QMP, not by probing with qemu-img:
+        # a probe holds locks that the reopen has to wait out.
+        wait_until(lambda: not node(qmp, mid2)["ro"], 30, "mid2 reopened read-write")
+        ok, err = qemu_info_ok(mid2)
+        assert not ok and "lock" in err, err
         qmp.execute("block-job-cancel", {"device": "r"})
         qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
         assert_back_to_read_only(qmp, [base, mid1, mid2])
@@ -90,6 +93,41 @@ def test_failed_restartable_commit_reopens_read_only(tmp_path, mounter):
         assert_back_to_read_only(qmp, [base, mid1, mid2])
     m.unmount()
     check_images([base, mid2, top])
+
+
+def test_reopen_waits_out_a_qemu_img_info(tmp_path, mounter):
+    """`qemu-img info` without -U, run over and over on the range while the job starts
+    (a monitoring tool would): the job's reopen for writing waits for the probe's locks
+    to go instead of failing, and the commit completes."""
+    base, mid1, mid2, top = build(tmp_path / "img")
+    want = flat(top)
+    m = mounter(top)
+    stop = threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            for p in (mid1, mid2):
+                qemu_info_ok(p)
+
+    probers = [threading.Thread(target=probe) for _ in range(3)]
+    for t in probers:
+        t.start()
+    try:
+        with SyncQMP(m.socket) as qmp:
+            qmp.execute(
+                "block-commit",
+                {"job-id": "r", "top": mid2, "base": base, "x-mode": "restartable"},
+            )
+            done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)["data"]
+            assert not done.get("error"), done
+            assert done["offset"] == done["len"] > 0, done
+    finally:
+        stop.set()
+        for t in probers:
+            t.join()
+    assert read_file(m.disk) == want
+    m.unmount()
+    assert flat(top) == want
 
 
 @pytest.mark.parametrize("how", ["cancel", "complete"])
