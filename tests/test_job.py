@@ -1,10 +1,11 @@
 """The job state machine and the rate limiter, sans-I/O (fast: no trio, no clock).
 
-The expected event orders and the transition table below are those recorded from
-qemu-storage-daemon 7.2.
+The expected event orders (test_qmp_support) and the transition table below are those
+recorded from qemu-storage-daemon 7.2.
 """
 
 import pytest
+from test_qmp_support import BLOCK_JOB_INFO_FIELDS, END_CANCELLED, END_COMPLETED, READY, START
 
 from commit.job import (
     FINISHED,
@@ -92,15 +93,7 @@ def test_non_active_success_sequence():
     job.len = 100
     job.offset = 100
     job.finished()
-    assert rec.summary() == [
-        "created",
-        "running",
-        "waiting",
-        "pending",
-        "BLOCK_JOB_COMPLETED",
-        "concluded",
-        "null",
-    ]
+    assert rec.summary() == START + END_COMPLETED
     assert rec.events[0] == ("JOB_STATUS_CHANGE", {"status": "created", "id": "j1"})
     assert rec.events[4][1] == {
         "device": "j1",
@@ -120,17 +113,7 @@ def test_active_complete_sequence():
     job.user_complete()
     assert job.completion_requested
     job.finished()
-    assert rec.summary() == [
-        "created",
-        "running",
-        "ready",
-        "BLOCK_JOB_READY",
-        "waiting",
-        "pending",
-        "BLOCK_JOB_COMPLETED",
-        "concluded",
-        "null",
-    ]
+    assert rec.summary() == START + READY + END_COMPLETED
 
 
 def test_soft_cancel_after_ready_completes_without_error():
@@ -140,7 +123,7 @@ def test_soft_cancel_after_ready_completes_without_error():
     job.user_cancel(force=False)
     assert job.cancelled and not job.force_cancel
     job.finished()  # the algorithm returns normally (no pivot)
-    assert rec.summary()[-5:] == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert rec.summary()[-5:] == END_COMPLETED
     assert "error" not in rec.events[-3][1]
 
 
@@ -150,14 +133,7 @@ def test_cancel_before_ready_is_forced():
     job.user_cancel(force=False)
     assert job.force_cancel
     job.finished(cancelled=True)
-    assert rec.summary() == [
-        "created",
-        "running",
-        "aborting",
-        "BLOCK_JOB_CANCELLED",
-        "concluded",
-        "null",
-    ]
+    assert rec.summary() == START + END_CANCELLED
     assert "error" not in rec.events[3][1]
 
 
@@ -167,7 +143,7 @@ def test_force_cancel_after_ready():
     job.transition_to_ready()
     job.user_cancel(force=True)
     job.finished(cancelled=True)
-    assert rec.summary()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert rec.summary()[-4:] == END_CANCELLED
 
 
 def test_io_error_sequence():
@@ -177,8 +153,7 @@ def test_io_error_sequence():
     job.report_io_error("write")
     job.finished(error="Input/output error")
     assert rec.summary() == [
-        "created",
-        "running",
+        *START,
         "BLOCK_JOB_ERROR",
         "aborting",
         "BLOCK_JOB_COMPLETED",
@@ -244,19 +219,13 @@ def test_pause_resume_and_standby():
     assert job.status == "ready"
     job.finished()
     assert rec.summary() == [
-        "created",
-        "running",
+        *START,
         "paused",
         "running",
-        "ready",
-        "BLOCK_JOB_READY",
+        *READY,
         "standby",
         "ready",
-        "waiting",
-        "pending",
-        "BLOCK_JOB_COMPLETED",
-        "concluded",
-        "null",
+        *END_COMPLETED,
     ]
 
 
@@ -269,16 +238,7 @@ def test_force_cancel_of_a_paused_job_resumes_it_first():
     assert not job.user_paused and job.pause_count == 0 and not job.should_pause
     job.leave_pause()
     job.finished(cancelled=True)
-    assert rec.summary() == [
-        "created",
-        "running",
-        "paused",
-        "running",
-        "aborting",
-        "BLOCK_JOB_CANCELLED",
-        "concluded",
-        "null",
-    ]
+    assert rec.summary() == [*START, "paused", "running", *END_CANCELLED]
 
 
 def test_finished_while_parked_in_pause():
@@ -287,16 +247,7 @@ def test_finished_while_parked_in_pause():
     job.user_pause()
     job.enter_pause()
     job.finished(cancelled=True)  # e.g. the manager was torn down
-    assert rec.summary() == [
-        "created",
-        "running",
-        "paused",
-        "running",
-        "aborting",
-        "BLOCK_JOB_CANCELLED",
-        "concluded",
-        "null",
-    ]
+    assert rec.summary() == [*START, "paused", "running", *END_CANCELLED]
     assert job.status == "null"
 
 
@@ -325,20 +276,7 @@ def test_set_speed():
 def test_info_fields_are_qemus():
     job, _ = new_job()
     job.start()
-    assert list(job.info()) == [
-        "type",
-        "device",
-        "len",
-        "offset",
-        "busy",
-        "paused",
-        "speed",
-        "io-status",
-        "ready",
-        "status",
-        "auto-finalize",
-        "auto-dismiss",
-    ]
+    assert list(job.info()) == BLOCK_JOB_INFO_FIELDS
     assert job.job_info() == {
         "id": "j1",
         "type": "commit",

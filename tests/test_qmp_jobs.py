@@ -7,6 +7,11 @@ import asyncio
 
 import pytest
 from test_qmp_support import (
+    BLOCK_JOB_INFO_FIELDS,
+    END_CANCELLED,
+    END_COMPLETED,
+    READY,
+    START,
     FakeJobs,
     MiB,
     Raw,
@@ -52,20 +57,7 @@ def test_non_active_commit_sequence_and_query(server):
         info = await q.execute("query-block-jobs")
         assert len(info) == 1
         j = info[0]
-        assert set(j) == {
-            "type",
-            "device",
-            "len",
-            "offset",
-            "busy",
-            "paused",
-            "speed",
-            "io-status",
-            "ready",
-            "status",
-            "auto-finalize",
-            "auto-dismiss",
-        }
+        assert set(j) == set(BLOCK_JOB_INFO_FIELDS)
         assert (j["type"], j["device"], j["len"], j["speed"], j["status"]) == (
             "commit",
             "j1",
@@ -81,15 +73,7 @@ def test_non_active_commit_sequence_and_query(server):
             True,
         )
         evs = await events_until(q, status_null("j1"))
-        assert summarize(evs) == [
-            "created",
-            "running",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null",
-        ]
+        assert summarize(evs) == START + END_COMPLETED
         done = [e for e in evs if e["event"] == "BLOCK_JOB_COMPLETED"][0]
         assert done["data"] == {
             "device": "j1",
@@ -138,14 +122,7 @@ def test_pause_resume_set_speed(server, fake):
             await q.execute("block-job-resume", {"device": "j1"})
         assert str(e.value) == "Can't resume a job that was not paused"
         evs = await events_until(q, status_null("j1"))
-        assert summarize(evs) == [
-            "running",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null",
-        ]
+        assert summarize(evs) == ["running", *END_COMPLETED]
         assert evs[3]["data"]["speed"] == 64 * MiB
         return True
 
@@ -158,14 +135,7 @@ def test_cancel_before_ready_and_force_cancel_of_paused(server, fake):
         await asyncio.sleep(0.2)
         await q.execute("block-job-cancel", {"device": "c1"})
         evs = await events_until(q, status_null("c1"))
-        assert summarize(evs) == [
-            "created",
-            "running",
-            "aborting",
-            "BLOCK_JOB_CANCELLED",
-            "concluded",
-            "null",
-        ]
+        assert summarize(evs) == START + END_CANCELLED
         assert "error" not in evs[3]["data"] and evs[3]["data"]["device"] == "c1"
         assert fake.outcomes["c1"]["cancelled"]
 
@@ -174,7 +144,7 @@ def test_cancel_before_ready_and_force_cancel_of_paused(server, fake):
         await wait_status(q, "c2", "paused")
         await q.execute("block-job-cancel", {"device": "c2", "force": True})
         evs = await events_until(q, status_null("c2"))
-        assert summarize(evs) == ["running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+        assert summarize(evs) == ["running", *END_CANCELLED]
         return True
 
     assert run(server, body)
@@ -184,7 +154,7 @@ def test_active_commit_complete(server, fake):
     async def body(q):
         await q.execute("block-commit", {"job-id": "a1", "x-steps": 4, "x-active": True})
         evs = await events_until(q, lambda e: e["event"] == "BLOCK_JOB_READY")
-        assert summarize(evs) == ["created", "running", "ready", "BLOCK_JOB_READY"]
+        assert summarize(evs) == START + READY
         assert evs[-1]["data"] == {
             "device": "a1",
             "len": 4 * MiB,
@@ -202,7 +172,7 @@ def test_active_commit_complete(server, fake):
         await wait_status(q, "a1", "ready")
         await q.execute("block-job-complete", {"device": "a1"})
         evs = await events_until(q, status_null("a1"))
-        assert summarize(evs) == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert summarize(evs) == END_COMPLETED
         assert fake.outcomes["a1"]["decision"] == "complete"
         return True
 
@@ -216,7 +186,7 @@ def test_active_commit_soft_and_force_cancel_after_ready(server, fake):
         await q.execute("block-job-cancel", {"device": "k1"})
         evs = await events_until(q, status_null("k1"))
         # QEMU: a soft cancel after READY completes without a pivot
-        assert summarize(evs) == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert summarize(evs) == END_COMPLETED
         assert "error" not in evs[2]["data"]
         assert fake.outcomes["k1"]["decision"] == "cancel"
 
@@ -224,7 +194,7 @@ def test_active_commit_soft_and_force_cancel_after_ready(server, fake):
         await events_until(q, lambda e: e["event"] == "BLOCK_JOB_READY")
         await q.execute("block-job-cancel", {"device": "k2", "force": True})
         evs = await events_until(q, status_null("k2"))
-        assert summarize(evs) == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+        assert summarize(evs) == END_CANCELLED
         assert fake.outcomes["k2"]["cancelled"] and fake.outcomes["k2"]["decision"] is None
         return True
 
@@ -238,8 +208,7 @@ def test_io_error_and_manual_dismiss(server):
         )
         evs = await wait_status(q, "e1", "concluded")
         assert summarize(evs) == [
-            "created",
-            "running",
+            *START,
             "BLOCK_JOB_ERROR",
             "aborting",
             "BLOCK_JOB_COMPLETED",
@@ -339,19 +308,7 @@ def test_job_events_reach_every_client(server):
             await a.execute("block-commit", {"job-id": "m", "x-steps": 3})
             ea = await events_until(a, status_null("m"))
             eb = await events_until(b, status_null("m"))
-            assert (
-                summarize(ea)
-                == summarize(eb)
-                == [
-                    "created",
-                    "running",
-                    "waiting",
-                    "pending",
-                    "BLOCK_JOB_COMPLETED",
-                    "concluded",
-                    "null",
-                ]
-            )
+            assert summarize(ea) == summarize(eb) == START + END_COMPLETED
             assert [e["timestamp"] for e in ea] == [e["timestamp"] for e in eb]
         finally:
             await a.disconnect()
@@ -359,15 +316,7 @@ def test_job_events_reach_every_client(server):
 
     asyncio.run(main())
     got = [m for m in raw.lines(0.3) if "event" in m]
-    assert summarize(got) == [
-        "created",
-        "running",
-        "waiting",
-        "pending",
-        "BLOCK_JOB_COMPLETED",
-        "concluded",
-        "null",
-    ]
+    assert summarize(got) == START + END_COMPLETED
     raw.close()
 
 
@@ -393,10 +342,5 @@ def test_status_changes_precede_the_reply_like_qemu(server):
     r.send(b'{"execute":"block-job-cancel","arguments":{"device":"o"},"id":4}\n')
     rest = r.lines(0.5)
     assert {"return": {}, "id": 4} in rest
-    assert summarize([m for m in rest if "event" in m]) == [
-        "aborting",
-        "BLOCK_JOB_CANCELLED",
-        "concluded",
-        "null",
-    ]
+    assert summarize([m for m in rest if "event" in m]) == END_CANCELLED
     r.close()

@@ -54,6 +54,30 @@ TEST_SCHEMA = dict(
 )
 
 
+# QEMU's job event orders (recorded from qemu-storage-daemon 7.2) in the summaries the
+# tests take: a JOB_STATUS_CHANGE as its status, any other event as its name.
+START = ["created", "running"]
+READY = ["ready", "BLOCK_JOB_READY"]
+END_COMPLETED = ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+END_CANCELLED = ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+# query-block-jobs' BlockJobInfo members, in QEMU's order.
+BLOCK_JOB_INFO_FIELDS = [
+    "type",
+    "device",
+    "len",
+    "offset",
+    "busy",
+    "paused",
+    "speed",
+    "io-status",
+    "ready",
+    "status",
+    "auto-finalize",
+    "auto-dismiss",
+]
+
+
 class FakeJobs:
     """A block-commit factory for fake-but-real jobs.
 
