@@ -9,7 +9,6 @@ remounting whichever chain the on-disk headers describe reads back every fsync'd
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
@@ -21,17 +20,16 @@ from test_commit_support import (
     M,
     SyncQMP,
     Writer,
+    chain_files,
     chain_names,
     check_images,
     compare_with_pending,
     flat,
+    node_files,
 )
+from test_qmp_support import END_COMPLETED, READY, START, statuses_only
 
 SIZE = 64 * M
-
-
-def _files(nodes):
-    return [os.path.basename(n["file"]) for n in nodes]
 
 
 def _active_commit(qmp, job_id="ac", speed=0, **extra):
@@ -53,7 +51,7 @@ def test_active_commit_pivot_under_guest_writes(tmp_path, mounter):
         w = Writer(m.disk, model, seed=1).start()
         time.sleep(0.3)  # before
         before = _active_commit(qmp, speed=32 * M)
-        assert _files(before) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+        assert node_files(before) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
         ready = qmp.wait_event("BLOCK_JOB_READY", timeout=60)["data"]  # during
         assert ready["device"] == "ac" and ready["type"] == "commit"
         assert qmp.statuses("ac") == ["created", "running", "ready"]
@@ -68,17 +66,9 @@ def test_active_commit_pivot_under_guest_writes(tmp_path, mounter):
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)["data"]
         assert "error" not in done, done
         qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "null")
-        assert qmp.statuses("ac") == [
-            "created",
-            "running",
-            "ready",
-            "waiting",
-            "pending",
-            "concluded",
-            "null",
-        ]
+        assert qmp.statuses("ac") == statuses_only(START + READY + END_COMPLETED)
         after = qmp.execute("query-named-block-nodes")
-        assert _files(after) == ["base.qcow2"]
+        assert node_files(after) == ["base.qcow2"]
         assert after[0]["virtual-size"] == SIZE
         assert qmp.execute("query-block-jobs") == []
         writes_at_pivot = w.writes
@@ -89,7 +79,7 @@ def test_active_commit_pivot_under_guest_writes(tmp_path, mounter):
     m.unmount()
     # base alone is the disk now (the pivot rewrites no header, as in QEMU)
     assert convert_raw(base) == model
-    assert [n for n, _b, _s in chain_names(base)] == ["base.qcow2"]
+    assert chain_files(base) == ["base.qcow2"]
     check_images([base])
     # the old active image is left intact: still names top, still a valid image
     assert chain_names(active)[0][1] == "top.qcow2"
@@ -115,7 +105,7 @@ def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter):
             names = qmp.names()[n:]
             # a soft cancel of a ready job completes without a pivot (QEMU)
             assert "BLOCK_JOB_COMPLETED" in names and "BLOCK_JOB_CANCELLED" not in names, names
-            assert _files(qmp.execute("query-named-block-nodes")) == _files(before)
+            assert node_files(qmp.execute("query-named-block-nodes")) == node_files(before)
             # base holds what the flat view held at the cancel
             base_view = convert_raw(base, share=True)
             assert len(base_view) == SIZE
@@ -128,7 +118,7 @@ def test_active_commit_cancel_after_ready_then_commit_again(tmp_path, mounter):
         qmp.wait_event("BLOCK_JOB_READY", timeout=60, pred=lambda d: d["device"] == "ac2")
         qmp.execute("block-job-complete", {"device": "ac2"})
         qmp.wait_event("BLOCK_JOB_COMPLETED", pred=lambda d: d["device"] == "ac2")
-        assert _files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
         time.sleep(0.2)
         w.stop()
     assert read_file(m.disk, direct=True) == model
@@ -153,7 +143,7 @@ def test_active_commit_events_and_errors(tmp_path, mounter):
         qmp.wait_event("BLOCK_JOB_READY", timeout=60)
         qmp.execute("block-job-complete", {"device": "ac"})
         qmp.wait_event("BLOCK_JOB_COMPLETED")
-        assert _files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
     m.unmount()
     check_images([c.base])
 
@@ -198,7 +188,7 @@ def test_active_commit_kill9(tmp_path, mounter, phase, seed):
     assert read_file(m2.disk, direct=True) == got
     m2.unmount()
     if pivoted:
-        assert [n for n, _b, _s in chain_names(base)] == ["base.qcow2"]
+        assert chain_files(base) == ["base.qcow2"]
     else:
         assert len(qemu_info_chain(active)) == 4
 
@@ -228,7 +218,7 @@ def test_active_commit_into_short_intermediate_iotest274(tmp_path, mounter):
         qmp.execute("block-job-complete", {"device": "ac"})
         qmp.wait_event("BLOCK_JOB_COMPLETED")
         after = qmp.execute("query-named-block-nodes")
-        assert _files(after) == ["mid.qcow2", "base.qcow2"]
+        assert node_files(after) == ["mid.qcow2", "base.qcow2"]
         assert after[0]["virtual-size"] == 2 * M
         assert read_file(m.disk, direct=True) == v0
     m.unmount()
@@ -257,7 +247,7 @@ def test_active_commit_of_the_design_discussion_chain(tmp_path, mounter):
         qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
         time.sleep(0.2)
         w.stop()
-        assert _files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert convert_raw(base) == model
@@ -275,7 +265,7 @@ def test_active_commit_cancel_before_ready(tmp_path, mounter):
         qmp.execute("block-job-cancel", {"device": "ac"})
         qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
         assert "BLOCK_JOB_READY" not in qmp.names()
-        assert _files(qmp.execute("query-named-block-nodes")) == _files(before)
+        assert node_files(qmp.execute("query-named-block-nodes")) == node_files(before)
         time.sleep(0.2)
         w.stop()
     assert read_file(m.disk, direct=True) == model

@@ -239,27 +239,22 @@ def _b_header_truncated(d):
 # --- faults found only when a cluster is read: EIO for that read -----------------------
 
 
-@case("l2_entry_outside_file", kind="eio")
-def _b_l2_outside(d):
-    p = _img(d, "l2_entry_outside_file")
-    pristine = convert_raw(p)
-    lay = qcow2_layout(p)
-    where, guest, v = lay["data_entries"][0]
-    good = lay["data_entries"][-1][1]
-    assert good != guest
-    patch(p, where, "Q", (v & ~L2_OFFSET_MASK) | (_beyond_eof(lay) & L2_OFFSET_MASK))
-    return Built(p, bad_offset=guest, good_offset=good, pristine=pristine)
+def _entry_patch(name, image, entries, bad, good, value):
+    """An "eio" case: entry number `bad` of qcow2_layout's `entries` (data_entries or
+    compressed_entries) of image(d, name) set to value(entry, layout); the guest cluster
+    of entry number `good` must still read fine."""
 
+    def build(d):
+        p = image(d, name)
+        pristine = convert_raw(p)
+        lay = qcow2_layout(p)
+        where, guest, v = lay[entries][bad]
+        good_offset = lay[entries][good][1]
+        assert good_offset != guest
+        patch(p, where, "Q", value(v, lay))
+        return Built(p, bad_offset=guest, good_offset=good_offset, pristine=pristine)
 
-@case("l2_entry_misaligned", kind="eio")
-def _b_l2_misaligned(d):
-    p = _img(d, "l2_entry_misaligned")
-    pristine = convert_raw(p)
-    lay = qcow2_layout(p)
-    where, guest, v = lay["data_entries"][0]
-    good = lay["data_entries"][-1][1]
-    patch(p, where, "Q", v + 512)  # host offset not cluster-aligned
-    return Built(p, bad_offset=guest, good_offset=good, pristine=pristine)
+    case(name, kind="eio", builder=build)
 
 
 def _compressed(d, name):
@@ -270,31 +265,41 @@ def _compressed(d, name):
     return p
 
 
-@case("compressed_past_eof", kind="eio")
-def _b_comp_eof(d):
-    p = _compressed(d, "compressed_past_eof")
-    pristine = convert_raw(p)
-    lay = qcow2_layout(p)
+def _compressed_entry(lay, nsect, host):
+    """A compressed cluster descriptor: host offset `host`, and `nsect` in the field of
+    additional 512-byte sectors (bits x to 61, x = 62 - (cluster_bits - 8))."""
     x = 62 - (lay["cluster_bits"] - 8)
-    where, guest, v = lay["compressed_entries"][3]
-    good = lay["compressed_entries"][0][1]
-    host = lay["file_size"] - 100
-    nsect = 10  # runs ~5 KiB past the end of the file
-    patch(p, where, "Q", COMPRESSED | (nsect << x) | host)
-    return Built(p, bad_offset=guest, good_offset=good, pristine=pristine)
+    return COMPRESSED | (nsect << x) | host
 
 
-@case("compressed_garbage", kind="eio")
-def _b_comp_garbage(d):
-    p = _compressed(d, "compressed_garbage")
-    pristine = convert_raw(p)
-    lay = qcow2_layout(p)
-    x = 62 - (lay["cluster_bits"] - 8)
-    where, guest, v = lay["compressed_entries"][2]
-    good = lay["compressed_entries"][0][1]
-    # point it at the refcount table: not a deflate stream of one cluster
-    patch(p, where, "Q", COMPRESSED | (1 << x) | lay["refcount_table_offset"])
-    return Built(p, bad_offset=guest, good_offset=good, pristine=pristine)
+_entry_patch(
+    "l2_entry_outside_file",
+    _img,
+    "data_entries",
+    0,
+    -1,
+    lambda v, lay: (v & ~L2_OFFSET_MASK) | (_beyond_eof(lay) & L2_OFFSET_MASK),
+)
+# host offset not cluster-aligned
+_entry_patch("l2_entry_misaligned", _img, "data_entries", 0, -1, lambda v, lay: v + 512)
+# runs ~5 KiB past the end of the file
+_entry_patch(
+    "compressed_past_eof",
+    _compressed,
+    "compressed_entries",
+    3,
+    0,
+    lambda v, lay: _compressed_entry(lay, 10, lay["file_size"] - 100),
+)
+# points at the refcount table: not a deflate stream of one cluster
+_entry_patch(
+    "compressed_garbage",
+    _compressed,
+    "compressed_entries",
+    2,
+    0,
+    lambda v, lay: _compressed_entry(lay, 1, lay["refcount_table_offset"]),
+)
 
 
 @case("l2_table_beyond_eof", kind="either")

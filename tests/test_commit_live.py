@@ -23,11 +23,13 @@ from test_commit_support import (
     M,
     SyncQMP,
     Writer,
-    chain_names,
+    chain_files,
     check_images,
-    compare_with_pending,
     flat,
+    node_files,
+    settle_pending_write,
 )
+from test_qmp_support import END_COMPLETED, START, statuses_only
 
 CHUNK = 1 << 20  # the engine's copy chunk (commit.steps.CHUNK)
 
@@ -80,10 +82,6 @@ def _commit_args(nodes, mode, speed, job_id="c1", **extra):
     return args
 
 
-def _files(nodes):
-    return [os.path.basename(n["file"]) for n in nodes]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["simple", "restartable"])
 def test_live_commit_under_guest_writes(tmp_path, mounter, mode):
@@ -92,7 +90,7 @@ def test_live_commit_under_guest_writes(tmp_path, mounter, mode):
     m = mounter(c.active)
     with SyncQMP(m.socket) as qmp:
         nodes = qmp.execute("query-named-block-nodes")
-        assert _files(nodes) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+        assert node_files(nodes) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
         w = Writer(m.disk, model, seed=hash(mode) & 0xFFFF).start()
         time.sleep(0.3)
         qmp.execute("block-commit", _commit_args(nodes, mode, speed=48 * M))
@@ -110,25 +108,18 @@ def test_live_commit_under_guest_writes(tmp_path, mounter, mode):
         qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
         done = qmp.wait_event("BLOCK_JOB_COMPLETED")["data"]
         assert "error" not in done, done
-        assert qmp.statuses("c1") == [
-            "created",
-            "running",
-            "waiting",
-            "pending",
-            "concluded",
-            "null",
-        ]
+        assert qmp.statuses("c1") == statuses_only(START + END_COMPLETED)
         assert done["offset"] == done["len"] > 32 * M
         offsets = [o for o, _n in progress]
         assert offsets == sorted(offsets) and len(progress) > 5, progress
         time.sleep(0.3)  # the guest goes on after the commit
         w.stop()
         assert w.writes > 50 and w.samples > 50, (w.writes, w.samples)
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(c.active) == model
-    assert [n for n, _b, _s in chain_names(c.active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(c.active) == ["active.qcow2", "base.qcow2"]
     check_images(c.images)
 
 
@@ -154,7 +145,7 @@ def test_live_commit_cli_wait_and_second_client(tmp_path, mounter):
         assert cp.returncode == 0, (cp.stdout, cp.stderr, m.log())
         assert "Traceback" not in cp.stderr
         qmp.wait_event("BLOCK_JOB_COMPLETED")
-        assert _files(qmp.execute("query-named-block-nodes")) == [
+        assert node_files(qmp.execute("query-named-block-nodes")) == [
             "active.qcow2",
             "top.qcow2",
             "base.qcow2",
@@ -163,7 +154,7 @@ def test_live_commit_cli_wait_and_second_client(tmp_path, mounter):
         cp = m.cli("commit", "--wait", "--delete", timeout=120)
         assert cp.returncode == 0, (cp.stdout, cp.stderr, m.log())
         w.stop()
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     assert not os.path.exists(c.images[2]), "--delete left top.qcow2"
     m.unmount()
@@ -228,16 +219,12 @@ def test_live_restartable_kill9_and_restart(tmp_path, mounter, seed):
             break
         w.stop(expect_error=True)
         m.cleanup()
-        got = flat(c.active)
-        compare_with_pending(got, model, w.pending)
-        if w.pending is not None:  # whatever of it landed is the new truth
-            off, _old, new = w.pending
-            model[off : off + len(new)] = got[off : off + len(new)]
+        settle_pending_write(flat(c.active), model, w.pending)
         check_images(c.existing(), allow_leaks=True)
     assert finished, "the commit never finished"
     assert kills >= 1
     assert flat(c.active) == model
-    assert [n for n, _b, _s in chain_names(c.active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(c.active) == ["active.qcow2", "base.qcow2"]
     check_images([c.base, c.active], allow_leaks=True)
     data = runs[0][0]
     assert data > 16 * M, runs
@@ -263,7 +250,7 @@ def test_live_commit_short_mid_iotest274(tmp_path, mounter, mode):
         qmp.execute("block-commit", _commit_args(nodes, mode, speed=0))
         done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)["data"]
         assert "error" not in done, done
-        assert _files(qmp.execute("query-named-block-nodes")) == ["top.qcow2", "base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["top.qcow2", "base.qcow2"]
         assert read_file(m.disk, direct=True) == v0
     m.unmount()
     assert flat(top) == v0
@@ -316,12 +303,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):
         w = Writer(m.disk, model, seed=5).start()
         nodes = qmp.execute("query-named-block-nodes")
         qmp.execute("block-commit", _commit_args(nodes, mode, speed=12 * M))
-        time.sleep(1.0)
-        qmp.execute("block-job-pause", {"device": "c1"})
-        qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "paused")
-        (job,) = qmp.execute("query-block-jobs")
-        first_len, first_offset = job["len"], job["offset"]
-        assert 0 < first_offset < first_len, job
+        first_len, first_offset = qmp.pause_midway("c1")
         qmp.execute("block-job-cancel", {"device": "c1", "force": True})
         ev = qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)["data"]
         assert ev["device"] == "c1"
@@ -330,7 +312,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):
             assert read_file(m.disk, direct=True) == model
         nodes = qmp.execute("query-named-block-nodes")
         if mode == "simple":
-            assert _files(nodes) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
+            assert node_files(nodes) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
         w.stop()
     assert read_file(m.disk, direct=True) == model
     m.unmount()
@@ -349,7 +331,7 @@ def test_live_cancel_then_commit_again(tmp_path, mounter, mode):
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(c.active) == model
-    assert [n for n, _b, _s in chain_names(c.active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(c.active) == ["active.qcow2", "base.qcow2"]
     check_images(c.images)
 
 
@@ -369,12 +351,7 @@ def test_unmount_during_a_job(tmp_path, mounter):
         assert qmp.execute("query-block-jobs"), "the refused unmount ended the job"
     m.unmount("--cancel-jobs")
     assert flat(c.active) == v0
-    assert [n for n, _b, _s in chain_names(c.active)] == [
-        "active.qcow2",
-        "top.qcow2",
-        "mid.qcow2",
-        "base.qcow2",
-    ]
+    assert chain_files(c.active) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
     check_images(c.images)
 
 
@@ -446,7 +423,7 @@ def test_live_commit_io_error_stops_the_job(tmp_path, mounter):
         assert done.get("error"), done
         error = qmp.wait_event("BLOCK_JOB_ERROR", timeout=1)["data"]
         assert error == {"device": "c1", "operation": "read", "action": "report"}
-        assert _files(qmp.execute("query-named-block-nodes")) == _files(nodes)
+        assert node_files(qmp.execute("query-named-block-nodes")) == node_files(nodes)
         fd = os.open(m.disk, os.O_RDONLY | os.O_DIRECT)
         try:
             import mmap

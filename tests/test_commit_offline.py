@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from test_commit_support import (
     M,
     assert_clean,
     build,
+    chain_files,
     chain_names,
     check_images,
     commit_cli,
@@ -47,6 +49,38 @@ def _env():
     """The environment of the child processes: the repository importable."""
     extra = os.environ.get("PYTHONPATH")
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + ([extra] if extra else [])))
+
+
+def _run_script(script, expect_kill):
+    """Run an offline_script or crash_script in a child process; it must die of SIGKILL
+    (expect_kill True) or exit 0 (False), or either (None)."""
+    cp = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=str(REPO),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if expect_kill is None:
+        pass
+    elif expect_kill:
+        assert cp.returncode == -signal.SIGKILL, (cp.returncode, cp.stderr[-2000:])
+    else:
+        assert cp.returncode == 0, cp.stderr[-2000:]
+    return cp
+
+
+def _count_barriers(pristine, tmp_path, count_file, how, mode):
+    """The number of flush barriers a commit of a copy of `pristine` passes (crash_script's
+    counting run: crash_at 0 never crashes)."""
+    probe = tmp_path / "probe"
+    shutil.copytree(pristine.directory, probe)
+    _run_script(
+        crash_script(probe / "active.qcow2", tmp_path / "p0", 0, how, 0, count_file, mode=mode),
+        expect_kill=False,
+    )
+    return int(count_file.read_text())
 
 
 class Interrupt(Exception):
@@ -83,7 +117,7 @@ def test_design_discussion_scenario(tmp_path, mode):
     def after_step(expected_chain):
         assert flat(active) == v0
         assert_clean(c)
-        assert [n for n, _b, _s in chain_names(active)] == expected_chain
+        assert chain_files(active) == expected_chain
 
     # 1. top into base, stopped early: the chain is unchanged, base has grown to 3M
     with pytest.raises(Interrupt):
@@ -178,7 +212,7 @@ def test_design_discussion_scenario_cli_interrupted(tmp_path):
     cp = commit_cli(active)
     assert cp.returncode == 0, cp.stderr
     assert flat(active) == v0
-    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(active) == ["active.qcow2", "base.qcow2"]
     check_images([base, active, top])
 
 
@@ -257,7 +291,7 @@ def test_iotest274_commit_short_mid(tmp_path, mode):
     run_offline(top, top=mid, base=base, mode=mode)
     assert flat(top) == v0
     assert convert_raw(base) == v0
-    assert [n for n, _b, _s in chain_names(top)] == ["top.qcow2", "base.qcow2"]
+    assert chain_files(top) == ["top.qcow2", "base.qcow2"]
     assert_clean(c)
     # QEMU's whole-chain commit of a copy agrees with us
     ref = _chain_274(tmp_path / "qemu", with_active=False)
@@ -279,7 +313,7 @@ def test_iotest274_commit_top_over_short_mid(tmp_path, mode):
     run_offline(active, top=top, base=base, mode=mode)
     assert flat(active) == v0
     assert convert_raw(base) == v0
-    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(active) == ["active.qcow2", "base.qcow2"]
     assert_clean(c)
 
 
@@ -356,34 +390,17 @@ def test_restartable_kill9_loses_only_the_chunk_in_flight(tmp_path):
     base, mid, top, active = c.images
     v0 = flat(active)
     progress_file = tmp_path / "progress"
-    env = _env()
     script = offline_script(
         active, progress_file, kill_after=3 * M, top=top, base=base, mode="restartable"
     )
-    cp = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=str(REPO),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cp.returncode == -signal.SIGKILL, cp.stderr
+    _run_script(script, expect_kill=True)
     assert flat(active) == v0
     check_images(c.existing(), allow_leaks=True)
     first = _progress_runs(progress_file)[0]
     data, copied = first[0][1], first[-1][0]
     assert copied >= 3 * M
     script = offline_script(active, progress_file, top=top, base=base, mode="restartable")
-    cp = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=str(REPO),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cp.returncode == 0, cp.stderr
+    _run_script(script, expect_kill=False)
     second = _progress_runs(progress_file)[1]
     assert second[-1] == "done"
     left = second[0][1]
@@ -401,34 +418,15 @@ def test_simple_kill9_then_restart_starts_over(tmp_path):
     c = _restartable_chain(tmp_path / "img")
     v0 = flat(c.active)
     progress_file = tmp_path / "progress"
-    env = _env()
-    script = offline_script(c.active, progress_file, kill_after=3 * M)
-    cp = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=str(REPO),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cp.returncode == -signal.SIGKILL, cp.stderr
+    _run_script(offline_script(c.active, progress_file, kill_after=3 * M), expect_kill=True)
     assert flat(c.active) == v0
     assert len(chain_names(c.active)) == 4
     check_images(c.existing(), allow_leaks=True)
-    script = offline_script(c.active, progress_file)
-    cp = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=str(REPO),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cp.returncode == 0, cp.stderr
+    _run_script(offline_script(c.active, progress_file), expect_kill=False)
     first, second = _progress_runs(progress_file)
     assert second[-1] == "done" and second[0][1] == first[0][1]
     assert flat(c.active) == v0
-    assert [n for n, _b, _s in chain_names(c.active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(c.active) == ["active.qcow2", "base.qcow2"]
     check_images([c.base, c.active], allow_leaks=True)
 
 
@@ -439,23 +437,14 @@ def test_restartable_restart_after_drop_is_not_refused(tmp_path):
     c = _restartable_chain(tmp_path / "img")
     base, mid, top, active = c.images
     v0 = flat(active)
-    env = _env()
     script = offline_script(active, tmp_path / "progress", kill_after=10 * M, mode="restartable")
-    cp = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=str(REPO),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert cp.returncode == -signal.SIGKILL, cp.stderr
-    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "top.qcow2", "base.qcow2"]
+    _run_script(script, expect_kill=True)
+    assert chain_files(active) == ["active.qcow2", "top.qcow2", "base.qcow2"]
     assert flat(active) == v0
     cp = commit_cli(active, "--mode", "restartable")
     assert cp.returncode == 0, cp.stderr
     assert flat(active) == v0
-    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(active) == ["active.qcow2", "base.qcow2"]
 
 
 def _wait_for_reports(progress_file, nruns, proc, timeout=30):
@@ -479,7 +468,6 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
     progress_file = tmp_path / "progress"
     speed = 8 * M
     kills = 0
-    env = _env()
     for attempt in range(12):
         script = offline_script(
             active, progress_file, top=top, base=base, mode="restartable", speed=speed
@@ -487,7 +475,7 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
         proc = subprocess.Popen(
             [sys.executable, "-c", script],
             cwd=str(REPO),
-            env=env,
+            env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -502,7 +490,7 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
             kills += 1
         out, err = proc.communicate(timeout=120)
         runs = _progress_runs(progress_file)
-        committed = [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+        committed = chain_files(active) == ["active.qcow2", "base.qcow2"]
         if committed or (runs and runs[-1] and runs[-1][-1] == "done"):
             # a kill may land after the commit's end (top dropped), before the process exits
             assert proc.returncode == 0 or (killed and proc.returncode == -signal.SIGKILL), err
@@ -515,7 +503,7 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
         pytest.fail("the commit never finished")
     assert kills >= 1
     assert flat(active) == v0
-    assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(active) == ["active.qcow2", "base.qcow2"]
     check_images([base, active], allow_leaks=True)
     runs = _progress_runs(progress_file)
     data = runs[0][0][1]
@@ -540,24 +528,6 @@ def test_restartable_killed_and_restarted(tmp_path, seed):
 # ---- a crash at every flush barrier ---------------------------------------------------------
 
 
-def _run_script(script, env, expect_kill):
-    cp = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=str(REPO),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if expect_kill is None:
-        pass
-    elif expect_kill:
-        assert cp.returncode == -signal.SIGKILL, (cp.returncode, cp.stderr[-2000:])
-    else:
-        assert cp.returncode == 0, cp.stderr[-2000:]
-    return cp
-
-
 def test_kill9_in_base_flush_then_rerun_leaves_no_corruption(tmp_path):
     """Minimal repro: the commit's last write into base is a zero write that needs a new
     L2 table (allocated past the end of base's file). kill -9 at the first barrier of
@@ -567,13 +537,12 @@ def test_kill9_in_base_flush_then_rerun_leaves_no_corruption(tmp_path):
     QCOW_OFLAG_COPIED is a corruption for qemu-img check."""
     c = build("zeros_into_new_l2", tmp_path / "img")
     v0 = flat(c.active)
-    env = _env()
     _run_script(
-        crash_script(c.active, tmp_path / "p", 1, "kill", 1, tmp_path / "n"), env, expect_kill=True
+        crash_script(c.active, tmp_path / "p", 1, "kill", 1, tmp_path / "n"), expect_kill=True
     )
     check_images(c.images, allow_leaks=True)
     assert flat(c.active) == v0
-    _run_script(offline_script(c.active, tmp_path / "q"), env, expect_kill=False)
+    _run_script(offline_script(c.active, tmp_path / "q"), expect_kill=False)
     assert flat(c.active) == v0
     check_images(c.images, allow_leaks=True)
 
@@ -589,20 +558,10 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
     last barrier is lost, or a random part of it kept). After the crash the chain the
     headers describe reads as before and has no corruption; the same command run again
     finishes, with the same view."""
-    import shutil
-
     pristine = build(case, tmp_path / "pristine")
     v0 = flat(pristine.active)
-    env = _env()
     count_file = tmp_path / "count"
-    probe = tmp_path / "probe"
-    shutil.copytree(pristine.directory, probe)
-    _run_script(
-        crash_script(probe / "active.qcow2", tmp_path / "p0", 0, how, 0, count_file, mode=mode),
-        env,
-        expect_kill=False,
-    )
-    barriers = int(count_file.read_text())
+    barriers = _count_barriers(pristine, tmp_path, count_file, how, mode)
     assert barriers >= 5
     failures = []
     for k in range(1, barriers + 1):
@@ -611,7 +570,6 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
         active = d / "active.qcow2"
         _run_script(
             crash_script(active, tmp_path / f"p{k}", k, how, k, count_file, mode=mode),
-            env,
             expect_kill=True,
         )
         images = [str(p) for p in sorted(d.glob("*.qcow2"))]
@@ -622,11 +580,11 @@ def test_crash_at_every_barrier(tmp_path, case, mode, how):
             # rewritten (nothing left to commit)
             if len(chain_names(str(active))) > 2:
                 cp = _run_script(
-                    offline_script(active, tmp_path / f"q{k}", mode=mode), env, expect_kill=None
+                    offline_script(active, tmp_path / f"q{k}", mode=mode), expect_kill=None
                 )
                 assert cp.returncode == 0, cp.stderr.strip().splitlines()[-1]
             assert flat(str(active)) == v0, "the guest view changed after the restart"
-            assert [n for n, _b, _s in chain_names(str(active))] == ["active.qcow2", "base.qcow2"]
+            assert chain_files(str(active)) == ["active.qcow2", "base.qcow2"]
             check_images(images, allow_leaks=True)
         except AssertionError as e:
             failures.append(

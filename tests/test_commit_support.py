@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ __all__ = [
     "check_images",
     "assert_clean",
     "chain_names",
+    "chain_files",
+    "node_files",
     "qemu_reference_commit",
     "commit_cli",
     "offline_script",
@@ -43,6 +46,7 @@ __all__ = [
     "SyncQMP",
     "Writer",
     "compare_with_pending",
+    "settle_pending_write",
 ]
 
 
@@ -110,6 +114,16 @@ def chain_names(image, share=False):
         (os.path.basename(i["filename"]), i.get("backing-filename"), i["virtual-size"])
         for i in qemu_info_chain(image, share=share)
     ]
+
+
+def chain_files(image, share=False):
+    """The basenames of the chain's files, top first."""
+    return [n for n, _b, _s in chain_names(image, share=share)]
+
+
+def node_files(nodes):
+    """The basenames of query-named-block-nodes' files, top first."""
+    return [os.path.basename(n["file"]) for n in nodes]
 
 
 def qemu_reference_commit(chain: Chain, top=None, base=None):
@@ -472,6 +486,16 @@ class SyncQMP:
                     )
                 self._cond.wait(min(left, 0.5))
 
+    def pause_midway(self, job_id):
+        """Let the job copy for a second, pause it and wait until it is parked; return its
+        (len, offset) then, the offset strictly inside."""
+        time.sleep(1.0)
+        self.execute("block-job-pause", {"device": job_id})
+        self.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "paused")
+        (job,) = self.execute("query-block-jobs")
+        assert 0 < job["offset"] < job["len"], job
+        return job["len"], job["offset"]
+
     def statuses(self, job_id):
         """The JOB_STATUS_CHANGE statuses of a job, in order."""
         with self._cond:
@@ -643,6 +667,15 @@ def compare_with_pending(got: bytes, model: bytearray, pending, sector=512):
     for s in range(0, len(new), sector):
         part = got[off + s : off + s + sector]
         assert part in (old[s : s + sector], new[s : s + sector]), f"torn sector at {off + s}"
+
+
+def settle_pending_write(got: bytes, model: bytearray, pending):
+    """compare_with_pending, then whatever of the write in flight landed is the new truth:
+    the model takes it."""
+    compare_with_pending(got, model, pending)
+    if pending is not None:
+        off, _old, new = pending
+        model[off : off + len(new)] = got[off : off + len(new)]
 
 
 # ------------------------------------------------------------- crash-point sweeps

@@ -61,6 +61,12 @@ READY = ["ready", "BLOCK_JOB_READY"]
 END_COMPLETED = ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
 END_CANCELLED = ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
 
+
+def statuses_only(order):
+    """An event order without its events: the JOB_STATUS_CHANGE statuses alone."""
+    return [s for s in order if s.islower()]
+
+
 # query-block-jobs' BlockJobInfo members, in QEMU's order.
 BLOCK_JOB_INFO_FIELDS = [
     "type",

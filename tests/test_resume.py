@@ -22,18 +22,19 @@ import pytest
 from mount_fixtures import read_file, wait_until
 from qemu_helpers import K, apply_ops, create, run_qcowfs
 from test_commit_live import CHUNK, build_live_chain, kill9
-from test_commit_offline import _env, _run_script
+from test_commit_offline import _count_barriers, _run_script
 from test_commit_support import (
     Chain,
     M,
     SyncQMP,
     Writer,
-    chain_names,
+    chain_files,
     check_images,
-    compare_with_pending,
     crash_script,
     flat,
+    node_files,
     offline_script,
+    settle_pending_write,
 )
 
 import qcow
@@ -136,11 +137,7 @@ def test_kill9_then_mount_resumes(tmp_path, mounter, seed):
             w.stop(expect_error=True)
             qmp.close()
             m.cleanup()
-            got = flat(c.active)
-            compare_with_pending(got, model, w.pending)
-            if w.pending is not None:
-                off, _old, new = w.pending
-                model[off : off + len(new)] = got[off : off + len(new)]
+            settle_pending_write(flat(c.active), model, w.pending)
             check_images(c.existing(), allow_leaks=True)
             assert len(_pending(c.active)) == 1
             m, notes = _mount_noting(mounter, c.active)
@@ -155,7 +152,7 @@ def test_kill9_then_mount_resumes(tmp_path, mounter, seed):
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(c.active) == model
-    assert [n for n, _b, _s in chain_names(c.active)] == ["active.qcow2", "base.qcow2"]
+    assert chain_files(c.active) == ["active.qcow2", "base.qcow2"]
     assert _pending(c.active) == []
     check_images([c.base, c.active], allow_leaks=True)
     data = runs[0][0]
@@ -170,10 +167,8 @@ def test_no_resume_read_only_and_cancel(tmp_path, mounter):
     removes the record; `qemu-img check` is clean at every point."""
     c = build_live_chain(tmp_path / "img", size=32 * M)
     v0 = flat(c.active)
-    env = _env()
     _run_script(
         offline_script(c.active, tmp_path / "p", kill_after=2 * M, mode="restartable", speed=4 * M),
-        env,
         expect_kill=True,
     )
     check_images(c.images, allow_leaks=True)
@@ -237,24 +232,8 @@ def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):
     with the reduced chain, every image free of corruption."""
     pristine = _small_chain(tmp_path / "pristine")
     v0 = flat(pristine.active)
-    env = _env()
     count_file = tmp_path / "count"
-    probe = tmp_path / "probe"
-    shutil.copytree(pristine.directory, probe)
-    _run_script(
-        crash_script(
-            probe / "active.qcow2",
-            tmp_path / "p0",
-            0,
-            "powercut",
-            0,
-            count_file,
-            mode="restartable",
-        ),
-        env,
-        expect_kill=False,
-    )
-    barriers = int(count_file.read_text())
+    barriers = _count_barriers(pristine, tmp_path, count_file, "powercut", "restartable")
     assert barriers >= 5
     failures = []
     resumed = 0
@@ -267,7 +246,6 @@ def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):
             crash_script(
                 active, tmp_path / f"p{k}", k, "powercut", k, count_file, mode="restartable"
             ),
-            env,
             expect_kill=True,
         )
         try:
@@ -290,7 +268,7 @@ def test_power_cut_at_every_barrier_then_mount_resumes(tmp_path, mounter):
             m.unmount()
             assert flat(active) == v0
             if pending:
-                assert [n for n, _b, _s in chain_names(active)] == ["active.qcow2", "base.qcow2"]
+                assert chain_files(active) == ["active.qcow2", "base.qcow2"]
             assert _pending_fast(active) == []
             check_images([str(p) for p in d.glob("*.qcow2")], allow_leaks=True)
         except AssertionError as e:
@@ -321,7 +299,6 @@ def test_simple_commit_resumes_from_scratch(tmp_path, mounter):
     v0 = flat(c.active)
     _run_script(
         offline_script(c.active, tmp_path / "p", kill_after=2 * M, mode="simple", speed=8 * M),
-        _env(),
         expect_kill=True,
     )
     (rec,) = _pending(c.active)
@@ -331,14 +308,10 @@ def test_simple_commit_resumes_from_scratch(tmp_path, mounter):
     assert len(notes) == 1 and "resuming" in notes[0] and "simple" in notes[0], notes
     with SyncQMP(m.socket) as qmp:
         wait_until(lambda: _completed_in_log(m), 60, "the resumed commit")
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     done = _completed_in_log(m)
     assert done["device"] == "commit" and done["len"] == first_len, (done, first_len)
     assert read_file(m.disk, direct=True) == v0
     m.unmount()
     assert flat(c.active) == v0 and _pending(c.active) == []
     check_images([c.base, c.active], allow_leaks=True)
-
-
-def _files(nodes):
-    return [os.path.basename(n["file"]) for n in nodes]

@@ -11,11 +11,15 @@ import time
 from mount_fixtures import read_file
 from qemu_helpers import convert_raw, qemu_img, qemu_info_chain
 from test_commit_live import build_live_chain
-from test_commit_support import M, SyncQMP, Writer, chain_names, check_images, flat
-
-
-def _files(nodes):
-    return [os.path.basename(n["file"]) for n in nodes]
+from test_commit_support import (
+    M,
+    SyncQMP,
+    Writer,
+    chain_files,
+    check_images,
+    flat,
+    node_files,
+)
 
 
 def _commit_back(qmp, base, job_id, **extra):
@@ -56,7 +60,7 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):
             at_snapshot = bytes(model)
         assert cp.returncode == 0 and cp.stderr == "", (cp.stderr, m.log())
         nodes = qmp.execute("query-named-block-nodes")
-        assert _files(nodes) == [
+        assert node_files(nodes) == [
             "overlay.qcow2",
             "active.qcow2",
             "top.qcow2",
@@ -73,7 +77,7 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):
         assert w.writes > 0
         time.sleep(0.3)
         _commit_back(qmp, active, "pivot")
-        assert _files(qmp.execute("query-named-block-nodes")) == [
+        assert node_files(qmp.execute("query-named-block-nodes")) == [
             "active.qcow2",
             "top.qcow2",
             "mid.qcow2",
@@ -86,12 +90,7 @@ def test_backup_cycle_under_guest_writes(tmp_path, mounter):
     m.unmount()
     assert flat(active) == model
     assert convert_raw(str(backup)) == at_snapshot
-    assert [n for n, _b, _s in chain_names(active)] == [
-        "active.qcow2",
-        "top.qcow2",
-        "mid.qcow2",
-        "base.qcow2",
-    ]
+    assert chain_files(active) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
     check_images(c.images + [new])
     info = qemu_info_chain(new)
     assert info[0]["backing-filename"] == "active.qcow2"  # same folder: relative
@@ -111,12 +110,12 @@ def test_snapshot_and_commit_twenty_times(tmp_path, mounter):
                 "blockdev-snapshot-sync",
                 {"node-name": nodes[0]["node-name"], "snapshot-file": new, "format": "qcow2"},
             )
-            assert _files(qmp.execute("query-named-block-nodes"))[:2] == [
+            assert node_files(qmp.execute("query-named-block-nodes"))[:2] == [
                 f"snap{i}.qcow2",
                 "active.qcow2",
             ]
             _commit_back(qmp, active, f"c{i}", **{"x-delete": True})  # virsh --delete
-            assert _files(qmp.execute("query-named-block-nodes"))[0] == "active.qcow2"
+            assert node_files(qmp.execute("query-named-block-nodes"))[0] == "active.qcow2"
             assert not os.path.exists(new)
             assert w.error is None, w.error
         w.stop()
@@ -163,7 +162,7 @@ def test_snapshot_refusals(tmp_path, mounter):
         refused(m.cli("snapshot", new), "slow")
         qmp.execute("block-job-cancel", {"device": "slow", "force": True})
         qmp.wait_event("BLOCK_JOB_CANCELLED")
-        assert _files(qmp.execute("query-named-block-nodes")) == [
+        assert node_files(qmp.execute("query-named-block-nodes")) == [
             "active.qcow2",
             "top.qcow2",
             "mid.qcow2",

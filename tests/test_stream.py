@@ -23,15 +23,14 @@ from test_commit_support import (
     SyncQMP,
     Writer,
     build,
+    chain_files,
     chain_names,
     check_images,
-    compare_with_pending,
     flat,
+    node_files,
+    settle_pending_write,
 )
-
-
-def _files(nodes):
-    return [os.path.basename(n["file"]) for n in nodes]
+from test_qmp_support import END_COMPLETED, START, statuses_only
 
 
 def _qemu_rebase(active, base):
@@ -87,15 +86,8 @@ def test_stream_matches_qemu_img_rebase(tmp_path, mounter, case, to):
         assert "error" not in done, done
         assert done["type"] == "stream" and done["offset"] == done["len"], done
         qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "null")
-        assert qmp.statuses("s1") == [
-            "created",
-            "running",
-            "waiting",
-            "pending",
-            "concluded",
-            "null",
-        ]
-        after = _files(qmp.execute("query-named-block-nodes"))
+        assert qmp.statuses("s1") == statuses_only(START + END_COMPLETED)
+        after = node_files(qmp.execute("query-named-block-nodes"))
         kept = ours.images[: pick + 1][::-1] if pick is not None else []
         want = [os.path.basename(p) for p in [ours.active] + kept]
         assert after == want
@@ -134,7 +126,7 @@ def test_stream_under_guest_writes(tmp_path, mounter):
         time.sleep(0.2)
         w.stop()
         assert w.writes > 50 and w.samples > 50, (w.writes, w.samples)
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["active.qcow2", "base.qcow2"]
     assert read_file(m.disk, direct=True) == model
     m.unmount()
     assert flat(active) == model
@@ -156,16 +148,11 @@ def test_stream_cancel_then_again(tmp_path, mounter):
     with SyncQMP(m.socket) as qmp:
         w = Writer(m.disk, model, seed=4).start()
         qmp.execute("block-stream", {"job-id": "s1", "speed": 8 * M})
-        time.sleep(1.0)
-        qmp.execute("block-job-pause", {"device": "s1"})
-        qmp.wait_event("JOB_STATUS_CHANGE", pred=lambda d: d["status"] == "paused")
-        (job,) = qmp.execute("query-block-jobs")
-        first_len, first_offset = job["len"], job["offset"]
-        assert 0 < first_offset < first_len, job
+        first_len, first_offset = qmp.pause_midway("s1")
         qmp.execute("block-job-cancel", {"device": "s1", "force": True})
         qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
         assert "BLOCK_JOB_COMPLETED" not in qmp.names()
-        assert _files(qmp.execute("query-named-block-nodes")) == [
+        assert node_files(qmp.execute("query-named-block-nodes")) == [
             "active.qcow2",
             "top.qcow2",
             "mid.qcow2",
@@ -183,7 +170,7 @@ def test_stream_cancel_then_again(tmp_path, mounter):
         assert "error" not in done, done
         # what the cancelled run copied stayed copied
         assert done["len"] <= first_len - first_offset, (done, first_len, first_offset)
-        assert _files(qmp.execute("query-named-block-nodes")) == ["active.qcow2"]
+        assert node_files(qmp.execute("query-named-block-nodes")) == ["active.qcow2"]
     m.unmount()
     assert flat(c.active) == model
     assert chain_names(c.active) == [("active.qcow2", None, 64 * M)]
@@ -212,18 +199,9 @@ def test_stream_kill9_then_again(tmp_path, mounter, seed):
             kill9(m)
         w.stop(expect_error=True)
         m.cleanup()
-        got = flat(c.active)
-        compare_with_pending(got, model, w.pending)
-        if w.pending is not None:
-            off, _old, new = w.pending
-            model[off : off + len(new)] = got[off : off + len(new)]
+        settle_pending_write(flat(c.active), model, w.pending)
         check_images(c.images, allow_leaks=True)
-        assert [n for n, _b, _s in chain_names(c.active)] == [
-            "active.qcow2",
-            "top.qcow2",
-            "mid.qcow2",
-            "base.qcow2",
-        ]
+        assert chain_files(c.active) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
     # each run started with less to pull: what the killed runs copied stayed copied
     assert lens[1][0] < lens[0][0], lens
     qemu_img("check", "-q", "-r", "leaks", c.active)
@@ -277,12 +255,7 @@ def test_stream_nothing_to_do_and_read_only(tmp_path, mounter):
     cp = m.cli("stream", "--wait", "--base", c.images[2])
     assert cp.returncode == 0, (cp.stderr, m.log())
     m.unmount()
-    assert [n for n, _b, _s in chain_names(c.active)] == [
-        "active.qcow2",
-        "top.qcow2",
-        "mid.qcow2",
-        "base.qcow2",
-    ]
+    assert chain_files(c.active) == ["active.qcow2", "top.qcow2", "mid.qcow2", "base.qcow2"]
     check_images(c.images)
 
 
