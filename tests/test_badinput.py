@@ -239,7 +239,7 @@ def _b_header_truncated(d):
 # --- faults found only when a cluster is read: EIO for that read -----------------------
 
 
-def _entry_patch(name, image, entries, bad, good, value):
+def _entry_patch(name, image, entries, *, bad, good, value):
     """An "eio" case: entry number `bad` of qcow2_layout's `entries` (data_entries or
     compressed_entries) of image(d, name) set to value(entry, layout); the guest cluster
     of entry number `good` must still read fine."""
@@ -276,29 +276,35 @@ _entry_patch(
     "l2_entry_outside_file",
     _img,
     "data_entries",
-    0,
-    -1,
-    lambda v, lay: (v & ~L2_OFFSET_MASK) | (_beyond_eof(lay) & L2_OFFSET_MASK),
+    bad=0,
+    good=-1,
+    value=lambda v, lay: (v & ~L2_OFFSET_MASK) | (_beyond_eof(lay) & L2_OFFSET_MASK),
 )
-# host offset not cluster-aligned
-_entry_patch("l2_entry_misaligned", _img, "data_entries", 0, -1, lambda v, lay: v + 512)
-# runs ~5 KiB past the end of the file
+_entry_patch(
+    "l2_entry_misaligned",
+    _img,
+    "data_entries",
+    bad=0,
+    good=-1,
+    value=lambda v, lay: v + 512,  # host offset not cluster-aligned
+)
 _entry_patch(
     "compressed_past_eof",
     _compressed,
     "compressed_entries",
-    3,
-    0,
-    lambda v, lay: _compressed_entry(lay, 10, lay["file_size"] - 100),
+    bad=3,
+    good=0,
+    # runs ~5 KiB past the end of the file
+    value=lambda v, lay: _compressed_entry(lay, 10, lay["file_size"] - 100),
 )
-# points at the refcount table: not a deflate stream of one cluster
 _entry_patch(
     "compressed_garbage",
     _compressed,
     "compressed_entries",
-    2,
-    0,
-    lambda v, lay: _compressed_entry(lay, 1, lay["refcount_table_offset"]),
+    bad=2,
+    good=0,
+    # points at the refcount table: not a deflate stream of one cluster
+    value=lambda v, lay: _compressed_entry(lay, 1, lay["refcount_table_offset"]),
 )
 
 
