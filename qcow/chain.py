@@ -131,6 +131,7 @@ class Chain:
         # called under the lock after each guest write: observer(offset, length, data)
         # with data None for zero writes (an active commit mirrors through this)
         self.write_observers = []
+        self.guest_writes = 0  # counted under the lock: a job yields to a writing guest
         self.layers = []
         try:
             self._open_all(os.fspath(path), metadata_only)
@@ -381,6 +382,7 @@ class Chain:
                 layer.io.pwrite(data, host)  # owned cluster: overwrite in place
             else:
                 layer.write(offset, data, self._below(0))
+            self.guest_writes += 1
             for observer in self.write_observers:
                 observer(offset, len(data), data)
         layer.writeback_if_full()
@@ -390,6 +392,7 @@ class Chain:
         with self._lock:
             layer = self.layers[0]
             layer.write_zeroes(offset, length, self._below(0))
+            self.guest_writes += 1
             for observer in self.write_observers:
                 observer(offset, length, None)
         layer.writeback_if_full()

@@ -141,11 +141,15 @@ def test_kill9_then_mount_resumes(tmp_path, mounter, seed):
             check_images(c.existing(), allow_leaks=True)
             assert len(_pending(c.active)) == 1
             m, notes = _mount_noting(mounter, c.active)
-            assert len(notes) == 1 and "resuming" in notes[0] and "backup" in notes[0], notes
-            assert "resuming" in m.log()
+            assert len(notes) == 1 and "backup" in notes[0], notes
             assert read_file(m.disk, direct=True) == model
             qmp = SyncQMP(m.socket)
             w = Writer(m.disk, model, seed=seed + kills).start()
+            if "had finished; its record is removed" in notes[0]:
+                # killed after its top left the chain, before its record was removed
+                run[1] = run[0]
+                break
+            assert "resuming" in notes[0] and "resuming" in m.log(), notes
         w.stop()
         qmp.close()
     assert kills >= 1 and seen_resumed >= 1, (kills, seen_resumed)
