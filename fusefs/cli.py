@@ -9,6 +9,7 @@ leaves as one line on stderr with a non-zero exit; a traceback is a bug.
 """
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -53,6 +54,10 @@ _HANDLERS = {
     "resume": ("fusefs.jobcmds", "cmd_job_verb"),
     "complete": ("fusefs.jobcmds", "cmd_job_verb"),
 }
+
+# the commands that move guest data in large buffers in this process (the mount's
+# daemon is forked from it)
+_MOVES_DATA = {"mount", "commit", "stream"}
 
 _VERBS = {
     "cancel": "cancel a job and wait for it to end; on a ready active commit, end it "
@@ -327,12 +332,11 @@ def _add_set_speed(sub):
     _socket(s)
 
 
-def _add_job_verbs(sub):
-    for verb, text in _VERBS.items():
-        s = _add(sub, verb, text)
-        s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
-        s.add_argument("job_id", metavar="JOB_ID", help="the job (see 'qcowfs jobs')")
-        _socket(s)
+def _add_job_verb(sub, verb):
+    s = _add(sub, verb, _VERBS[verb])
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", help=MNT_HELP)
+    s.add_argument("job_id", metavar="JOB_ID", help="the job (see 'qcowfs jobs')")
+    _socket(s)
 
 
 def _add_info(sub):
@@ -372,7 +376,27 @@ def _add_check(sub):
     )
 
 
-def build_parser():
+# every command's sub-parser, in the order `qcowfs --help` lists them
+_ADDERS = {
+    "mount": _add_mount,
+    "unmount": _add_unmount,
+    "commit": _add_commit,
+    "stream": _add_stream,
+    "snapshot": _add_snapshot,
+    "jobs": _add_jobs,
+    "wait": _add_wait,
+    "set-speed": _add_set_speed,
+    **{verb: functools.partial(_add_job_verb, verb=verb) for verb in _VERBS},
+    "info": _add_info,
+    "map": _add_map,
+    "check": _add_check,
+}
+
+
+def build_parser(command=None):
+    """The whole parser, or with `command` one holding only that command's sub-parser:
+    it parses that command's arguments alike, and building every command's arguments
+    would cost a command's start more than the parsing itself."""
     p = argparse.ArgumentParser(
         prog="qcowfs",
         description=DESCRIPTION,
@@ -383,24 +407,18 @@ def build_parser():
         "--version", action=_Version, nargs=0, help="show program's version number and exit"
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_mount(sub)
-    _add_unmount(sub)
-    _add_commit(sub)
-    _add_stream(sub)
-    _add_snapshot(sub)
-    _add_jobs(sub)
-    _add_wait(sub)
-    _add_set_speed(sub)
-    _add_job_verbs(sub)
-    _add_info(sub)
-    _add_map(sub)
-    _add_check(sub)
+    for name, add in _ADDERS.items():
+        if command in (None, name):
+            add(sub)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    tune_malloc()  # large I/O buffers from the heap (see qcow/malloc.py)
+    argv = sys.argv[1:] if argv is None else argv
+    first = argv[0] if argv else None
+    args = build_parser(first if first in _ADDERS else None).parse_args(argv)
+    if args.command in _MOVES_DATA:
+        tune_malloc()  # large I/O buffers from the heap (see qcow/malloc.py)
     module, func = _HANDLERS[args.command]
     try:
         # the import too: a Ctrl-C while a slow machine still loads the command's module

@@ -8,8 +8,6 @@ process's allocator behind its back, so this is opt-in: the qcowfs CLI and mount
 daemon call it; other programs may.
 """
 
-import ctypes
-
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
@@ -17,6 +15,8 @@ M_MMAP_THRESHOLD = -3
 def tune_malloc(mmap_threshold=32 << 20, trim_threshold=128 << 20):
     """Serve buffers up to `mmap_threshold` from the heap and keep up to
     `trim_threshold` of freed heap mapped. No-op where glibc is not the allocator."""
+    import ctypes  # here: the commands that never call this do not pay for loading it
+
     try:
         # the symbols already loaded: libc's, without ctypes.util.find_library (which
         # runs `ldconfig -p`, a process of its own, on every command's start)
