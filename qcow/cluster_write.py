@@ -166,7 +166,7 @@ class ClusterWriter:
             tbl = array("Q", [entry, bitmap])
             self._extents_ext(out, tbl, 0, cstart, cstart + a, cstart + b)
         else:
-            self._extents_std(out, entry, cstart, cstart + a, cstart + b)
+            self._extents_std(out, (entry,), 0, cstart + a, cstart + b)
         return out
 
     def write(self, off, data, below):

@@ -254,29 +254,52 @@ class Qcow2Image(ClusterWriter):
                     off = stop
                     continue
                 table = self.l2_cache.get(l2off)
+                if not self.extended_l2:
+                    self._extents_std(out, table, l2i, off, stop)
+                    off = stop
+                    continue
                 while off < stop:
                     cstart = off & ~(cs - 1)
                     cend = min(stop, cstart + cs)
-                    if self.extended_l2:
-                        self._extents_ext(out, table, l2i, cstart, off, cend)
-                    else:
-                        self._extents_std(out, table[l2i], cstart, off, cend)
+                    self._extents_ext(out, table, l2i, cstart, off, cend)
                     off = cend
                     l2i += 1
         return out
 
-    def _extents_std(self, out, entry, cstart, off, cend):
-        if entry & QCOW_OFLAG_COMPRESSED:
-            out.append((off, cend - off, COMPRESSED, entry))
-            return
-        host = entry & L2E_OFFSET_MASK
-        if entry & QCOW_OFLAG_ZERO and self.header.version >= 3:
-            aux = self._host(host, cstart) + off - cstart if host else None
-            append_extent(out, off, cend - off, ZERO, aux)
-        elif host:
-            append_extent(out, off, cend - off, DATA, self._host(host, cstart) + off - cstart)
-        else:
-            append_extent(out, off, cend - off, UNALLOCATED, None)
+    def _extents_std(self, out, table, l2i, off, stop):
+        """The runs of [off, stop), inside one standard L2 table from entry l2i on. The
+        hot loop of every scan: the run being built stays in local variables, and goes
+        to `out` (through append_extent, which may merge it) only when one ends."""
+        cs = self.cluster_size
+        zero_flag = QCOW_OFLAG_ZERO if self.header.version >= 3 else 0
+        run_start, run_kind, run_aux = off, None, None
+        while off < stop:
+            cstart = off & ~(cs - 1)
+            cend = min(stop, cstart + cs)
+            entry = table[l2i]
+            l2i += 1
+            if entry & QCOW_OFLAG_COMPRESSED:
+                if run_kind is not None:
+                    append_extent(out, run_start, off - run_start, run_kind, run_aux)
+                out.append((off, cend - off, COMPRESSED, entry))
+                run_start, run_kind, off = cend, None, cend
+                continue
+            host = entry & L2E_OFFSET_MASK
+            if host:
+                host = self._host(host, cstart) + off - cstart
+            else:
+                host = None
+            kind = ZERO if entry & zero_flag else DATA if host is not None else UNALLOCATED
+            if kind != run_kind or not (
+                (run_aux is None and host is None)
+                or (run_aux is not None and host is not None and run_aux + off - run_start == host)
+            ):
+                if run_kind is not None:
+                    append_extent(out, run_start, off - run_start, run_kind, run_aux)
+                run_start, run_kind, run_aux = off, kind, host
+            off = cend
+        if run_kind is not None:
+            append_extent(out, run_start, off - run_start, run_kind, run_aux)
 
     def _extents_ext(self, out, table, l2i, cstart, off, cend):
         entry, bitmap = table[2 * l2i], table[2 * l2i + 1]
