@@ -15,6 +15,7 @@ import os
 import sys
 
 from commit.target import MODES
+from fusefs.mountrecord import mounted_hint
 from qcow.errors import QcowError
 from qcow.malloc import tune_malloc
 
@@ -432,7 +433,7 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except QcowError as e:
-        print(f"qcowfs: {e}", file=sys.stderr)
+        print(f"qcowfs: {e}{mounted_hint(e, args.command)}", file=sys.stderr)
         return 1
     except OSError as e:
         # a fault found only while reading (a bad L2 entry: EIO), or the file system

@@ -120,7 +120,7 @@ def run_daemon(cfg, ready_fd=None):
         daemon.open()
     except QcowError as e:
         log.error("%s", e, extra=_CLI_PRINTS)
-        notify.error(str(e))
+        notify.error(f"{e}{mountrecord.mounted_hint(e, 'mount')}")
         if daemon is not None:
             daemon.cleanup()
         raise

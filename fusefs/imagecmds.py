@@ -8,6 +8,7 @@ import json
 import sys
 
 import qcow
+from fusefs.mountrecord import mounted_hint
 from qcow.check import EXIT_FAILED, check_refcounts_and_tables, format_report, report_json
 from qcow.errors import QcowError
 from qcow.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
@@ -175,7 +176,7 @@ def cmd_check(args):
             print(format_report(result))
         return result.exit_code
     except QcowError as e:
-        print(f"qcowfs: {e}", file=sys.stderr)
+        print(f"qcowfs: {e}{mounted_hint(e, 'check')}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         img.close()

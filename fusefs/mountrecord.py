@@ -17,7 +17,7 @@ import json
 import os
 import stat
 
-from qcow.errors import QcowError
+from qcow.errors import ImageLockConflict, QcowError
 
 RECORD_SUFFIX = ".mount"
 
@@ -118,3 +118,40 @@ def remove_record(real_mountpoint, pid=None):
         os.unlink(record_path(real_mountpoint))
     except OSError:
         pass
+
+
+def mountpoint_of_image(image):
+    """The mountpoint of a live qcowfs mount whose active image is `image`, or None:
+    a lock conflict on it most likely means the user meant that mount."""
+    real = os.path.realpath(image)
+    try:
+        names = os.listdir(runtime_dir())
+    except OSError:
+        return None
+    for name in names:
+        if not name.endswith(RECORD_SUFFIX):
+            continue
+        try:
+            with open(os.path.join(runtime_dir(), name), "rb") as f:
+                rec = json.loads(f.read(1 << 16))
+            if os.path.realpath(rec["image"]) != real:
+                continue
+            os.kill(rec["pid"], 0)  # a record a dead daemon left names no mount
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return rec.get("mountpoint")
+    return None
+
+
+def mounted_hint(e, command):
+    """For an error: where a qcowfs mount has the image it is about, when it is a lock
+    conflict on a mount's active image (an offline command given the image of a
+    mounted chain, the usual slip); else ""."""
+    if not isinstance(e, ImageLockConflict) or e.path is None:
+        return ""
+    mountpoint = mountpoint_of_image(e.path)
+    if mountpoint is None:
+        return ""
+    if command in ("commit", "stream"):
+        return f"; it is mounted at {mountpoint}: 'qcowfs {command} {mountpoint}' runs it live"
+    return f"; qcowfs has it mounted at {mountpoint}"

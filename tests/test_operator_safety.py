@@ -292,3 +292,27 @@ def test_commit_wait_names_the_chain_and_quiet_silences_it(tmp_path, mounter):
     cp = run_qcowfs("commit", m.mountpoint, "--active", "--pivot", "--quiet")
     assert cp.returncode == 0 and cp.stdout == "", cp
     m.unmount()
+
+
+def test_offline_command_on_a_mounted_image_names_the_mount(tmp_path, mounter):
+    """The usual slip: an offline command given the active image of a mounted chain.
+    It is refused on the image lock, in one line that says where the chain is mounted
+    (and for commit how to run it live); no image changes and the mount serves on."""
+    top = make_chain3(tmp_path)
+    m = mounter(top)
+    mountpoint = os.path.realpath(m.mountpoint)
+    images = sorted((tmp_path / "images").glob("*.qcow2"))
+    before = {p: p.read_bytes() for p in images}
+    expected = read_file(m.disk)
+    one_line_error(
+        run_qcowfs("commit", top), top, "lock", f"'qcowfs commit {mountpoint}' runs it live"
+    )
+    one_line_error(run_qcowfs("check", "--repair", top), top, f"mounted at {mountpoint}")
+    other = tmp_path / "other"
+    other.mkdir()
+    one_line_error(run_qcowfs("mount", top, other), top, f"mounted at {mountpoint}")
+    assert not os.path.ismount(other)
+    assert {p: p.read_bytes() for p in images} == before
+    assert read_file(m.disk) == expected
+    m.unmount()
+    check_clean(top)
