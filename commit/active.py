@@ -16,7 +16,7 @@ right; the pivot itself rewrites no header (as in QEMU): from then on base is th
 to use.
 """
 
-from .completion import pivot
+from .completion import mark_intermediates, pivot
 from .copy import copy_view, scan_allocated
 from .steps import CHUNK, WRITING, Copied, Ready, SetLen
 
@@ -124,10 +124,12 @@ def active_commit(target, chunk=CHUNK):
             decision = yield Ready()
             if decision is None:
                 continue
-            # sync outside the lock, so the guest waits only for what is left
+            # sync and mark outside the lock, so the guest waits only for what is left
             with WRITING:
                 for layer in [base] + chain.layers[: chain.index_of(base)]:
                     layer.flush()
+                if decision == "complete":
+                    mark_intermediates(chain, base)
             with chain.lock, WRITING:
                 if mirror.count:
                     continue

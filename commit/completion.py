@@ -67,12 +67,21 @@ def mark_leftover(chain, layer, base):
     layer.mark_drained(base.path)
 
 
-def pivot(chain, base):
-    """End of an active commit (chain lock held, base in sync and durable): the old
-    active image and the intermediates are marked leftovers first, so none of them is
-    mounted later as if it still held the disk; then the chain serves base."""
-    for layer in chain.layers[: chain.index_of(base)]:
+def mark_intermediates(chain, base):
+    """Before an active commit's pivot, without the chain's lock (each mark is a header
+    write and its syncs, which guest requests must not wait for): the layers between
+    the active image and base are marked leftovers. Still in the chain, below an
+    unmarked active image, they are an unfinished drop and mount as they are
+    (qcow/leftover.py): a crash before the pivot loses nothing."""
+    for layer in chain.layers[1 : chain.index_of(base)]:
         mark_leftover(chain, layer, base)
+
+
+def pivot(chain, base):
+    """End of an active commit (chain lock held, base in sync and durable, the
+    intermediates marked already): the old active image is marked a leftover first, so
+    it is not mounted later as if it still held the disk; then the chain serves base."""
+    mark_leftover(chain, chain.layers[0], base)
     return chain.pivot_to(base)
 
 
