@@ -90,10 +90,10 @@ def write_record(real_mountpoint, **fields):
     return path
 
 
-def read_record(real_mountpoint):
-    """The record of the mount at `real_mountpoint` as a dict, or None."""
+def _load(path):
+    """A record file's JSON object, or None (missing, a symlink, not an object)."""
     try:
-        fd = os.open(record_path(real_mountpoint), os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -102,7 +102,13 @@ def read_record(real_mountpoint):
         return None
     finally:
         os.close(fd)
-    if not isinstance(rec, dict) or rec.get("mountpoint") != real_mountpoint:
+    return rec if isinstance(rec, dict) else None
+
+
+def read_record(real_mountpoint):
+    """The record of the mount at `real_mountpoint` as a dict, or None."""
+    rec = _load(record_path(real_mountpoint))
+    if rec is None or rec.get("mountpoint") != real_mountpoint:
         return None
     return rec
 
@@ -129,15 +135,12 @@ def mountpoint_of_image(image):
     except OSError:
         return None
     for name in names:
-        if not name.endswith(RECORD_SUFFIX):
-            continue
+        rec = _load(os.path.join(runtime_dir(), name)) if name.endswith(RECORD_SUFFIX) else None
         try:
-            with open(os.path.join(runtime_dir(), name), "rb") as f:
-                rec = json.loads(f.read(1 << 16))
-            if os.path.realpath(rec["image"]) != real:
+            if rec is None or os.path.realpath(rec["image"]) != real:
                 continue
             os.kill(rec["pid"], 0)  # a record a dead daemon left names no mount
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, KeyError, TypeError):
             continue
         return rec.get("mountpoint")
     return None
