@@ -129,20 +129,24 @@ def remove_record(real_mountpoint, pid=None):
 def mountpoint_of_image(image):
     """The mountpoint of a live qcowfs mount whose active image is `image`, or None:
     a lock conflict on it most likely means the user meant that mount."""
+    from fusefs.daemonfiles import pid_alive  # here: only an error's hint needs it
+
     real = os.path.realpath(image)
+    directory = runtime_dir()
     try:
-        names = os.listdir(runtime_dir())
+        names = [n for n in os.listdir(directory) if n.endswith(RECORD_SUFFIX)]
     except OSError:
         return None
     for name in names:
-        rec = _load(os.path.join(runtime_dir(), name)) if name.endswith(RECORD_SUFFIX) else None
-        try:
-            if rec is None or os.path.realpath(rec["image"]) != real:
-                continue
-            os.kill(rec["pid"], 0)  # a record a dead daemon left names no mount
-        except (OSError, KeyError, TypeError):
-            continue
-        return rec.get("mountpoint")
+        rec = _load(os.path.join(directory, name)) or {}
+        image_path, pid = rec.get("image"), rec.get("pid")
+        if (
+            isinstance(image_path, str)
+            and os.path.realpath(image_path) == real
+            and isinstance(pid, int)
+            and pid_alive(pid)  # a record a dead daemon left names no mount
+        ):
+            return rec.get("mountpoint")
     return None
 
 

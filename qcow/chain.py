@@ -27,13 +27,7 @@ from typing import NamedTuple
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
 from .header import QCOW_MAGIC
 from .image import Qcow2Image
-from .image_locking import (
-    READER,
-    WRITER,
-    drop_image_locks,
-    take_image_locks,
-    take_image_locks_waiting,
-)
+from .image_locking import READER, WRITER, drop_image_locks, take_image_locks
 from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .layer import UNMAPPED
 from .leftover import refuse_leftovers
@@ -42,8 +36,8 @@ from .raw import RawImage
 from .runs import append_run
 
 MAX_CHAIN = 256
-# seconds a job's reopen waits for a short-lived reader's image locks to go (outside
-# the chain's lock: guest requests never wait for it)
+# seconds a job's reopen for writing waits for a short-lived reader's image locks to go
+# (a reopen for writing never runs under the chain's lock: guest requests never wait)
 REOPEN_LOCK_PATIENCE = 1.0
 
 
@@ -452,8 +446,10 @@ class Chain:
                 reuse_ok=self._reuse_ok,
             )
             if self.image_locking:
-                role = WRITER if writable else READER
-                take_image_locks_waiting(new.io.fd, new.path, role, REOPEN_LOCK_PATIENCE)
+                if writable:
+                    take_image_locks(new.io.fd, new.path, WRITER, REOPEN_LOCK_PATIENCE)
+                else:  # push_overlay reopens read-only under the chain's lock: no waiting
+                    take_image_locks(new.io.fd, new.path, READER)
             if writable:
                 new.repair_if_dirty()
         except BaseException:

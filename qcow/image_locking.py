@@ -37,9 +37,25 @@ def _held_by_other(fd, byte):
     return ltype != fcntl.F_UNLCK
 
 
-def take_image_locks(fd, path, role):
+def take_image_locks(fd, path, role, patience=0.0):
     """Take the locks of `role` (WRITER or READER) on an open image; ImageLockConflict if
-    another process holds a conflicting one. Locks live as long as the descriptor."""
+    another process holds a conflicting one. Locks live as long as the descriptor.
+
+    With `patience`, a conflict is retried for that many seconds: a job reopening a
+    layer read-write waits out a short-lived reader, such as a `qemu-img info` without
+    -U that holds its locks for a few milliseconds; a holder that stays (another QEMU)
+    still gives the conflict, only later."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _take(fd, path, role)
+        except ImageLockConflict:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _take(fd, path, role):
     perms, unshared = role
     try:
         for i in perms:
@@ -66,21 +82,6 @@ def take_image_locks(fd, path, role):
     except ImageLockConflict:
         drop_image_locks(fd)
         raise
-
-
-def take_image_locks_waiting(fd, path, role, patience):
-    """take_image_locks, retried for up to `patience` seconds. A job reopening a layer
-    read-write waits out a short-lived reader, such as a `qemu-img info` without -U that
-    holds its locks for a few milliseconds; a holder that stays (another QEMU) still
-    gives the conflict, only later."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return take_image_locks(fd, path, role)
-        except ImageLockConflict:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
 
 
 def drop_image_locks(fd):
