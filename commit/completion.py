@@ -79,9 +79,17 @@ def mark_intermediates(chain, base):
 
 def pivot(chain, base):
     """End of an active commit (chain lock held, base in sync and durable, the
-    intermediates marked already): the old active image is marked a leftover first, so
-    it is not mounted later as if it still held the disk; then the chain serves base."""
-    mark_leftover(chain, chain.layers[0], base)
+    intermediates marked already): the old active image is marked a leftover, so it is
+    not mounted later as if it still held the disk; then the chain serves base.
+
+    The mark is written but not synced here, where a fdatasync would stall every guest
+    request. Until it is durable a crash leaves the old chain, which reads as the disk
+    did at the pivot; only writes acknowledged since, none of them flushed, are lost.
+    A flush of the chain syncs the layers that left it before it returns (Chain.flush),
+    and the job's `release_dropped` syncs it at once."""
+    old = chain.layers[0]
+    if old.format == "qcow2":
+        old.mark_drained(base.path, durable=False)
     return chain.pivot_to(base)
 
 

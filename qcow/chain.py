@@ -15,13 +15,15 @@ then a layer's metadata lock; never the reverse, and never two layers' locks at 
 - A layer never calls back into the chain while holding its own lock: the
   copy-on-write data a write needs from below is read before the layer locks
   (Qcow2Image.write).
-Layers that leave the chain are closed only once no read that may still use them is in
-flight (`_reap`), outside the chain's lock.
+Layers that leave the chain are closed only once no read that began before they left
+is in flight (`_reap`), by the job or command that dropped them, outside the chain's
+lock: a guest request never closes a layer (closing flushes and syncs).
 """
 
 import errno
 import os
 import stat
+import time
 from typing import NamedTuple
 
 from .errors import ChainError, CorruptImage, QcowError, UnsupportedImage
@@ -39,6 +41,8 @@ MAX_CHAIN = 256
 # seconds a job's reopen for writing waits for a short-lived reader's image locks to go
 # (a reopen for writing never runs under the chain's lock: guest requests never wait)
 REOPEN_LOCK_PATIENCE = 1.0
+# seconds between two looks at the reads in flight while layers that left wait to close
+REAP_POLL = 0.001
 
 
 class Extent(NamedTuple):
@@ -120,8 +124,11 @@ class Chain:
         self.cache_bytes = cache_bytes
         self.image_locking = image_locking  # take QEMU's OFD image locks (off: like -U)
         self._lock = make_lock("chain")
-        self._inflight = 0
-        self._retired = []
+        # reads in flight by the epoch they began in; a layer leaving the chain starts a
+        # new epoch and waits in _retired for the reads of the epochs before it
+        self._epoch = 0
+        self._reads = {}
+        self._retired = []  # (epoch it left in, layer)
         # called under the lock after each guest write: observer(offset, length, data)
         # with data None for zero writes (an active commit mirrors through this)
         self.write_observers = []
@@ -184,7 +191,7 @@ class Chain:
     def _reuse_ok(self):
         """May a layer reuse clusters it freed? Not while a read that planned before
         the free may still read them."""
-        return self._inflight == 0
+        return not self._reads
 
     # --- properties -------------------------------------------------------
 
@@ -264,11 +271,11 @@ class Chain:
                 lim = min(offset + length, layers[depth].virtual_size)
                 if lim > offset:
                     ops = self._plan(layers, depth, offset, lim - offset)
-            self._inflight += 1
+            epoch = self._read_begins()
         try:
             return _read_ops(ops, length)
         finally:
-            self._read_done()
+            self._read_done(epoch)
 
     def read_scanned(self, scan, runs, into):
         """Fill `into` (a writable buffer: the view a `scan` was made of, from the start
@@ -278,7 +285,7 @@ class Chain:
         with self._lock:
             if self.layers is not scan.layers:
                 return False
-            self._inflight += 1
+            epoch = self._read_begins()
         try:
             offset = runs[0][0]
             ops = []
@@ -292,14 +299,21 @@ class Chain:
             _read_ops_into(ops, memoryview(into))
             return True
         finally:
-            self._read_done()
+            self._read_done(epoch)
 
-    def _read_done(self):
+    def _read_begins(self):
+        """Under the chain's lock: a read that may use the current layers starts."""
+        epoch = self._epoch
+        self._reads[epoch] = self._reads.get(epoch, 0) + 1
+        return epoch
+
+    def _read_done(self, epoch):
         with self._lock:
-            self._inflight -= 1
-            if self._inflight or not self._retired:
-                return
-        self._reap()
+            left = self._reads[epoch] - 1
+            if left:
+                self._reads[epoch] = left
+            else:
+                del self._reads[epoch]
 
     def block_status(self, offset, length, want_zero=False):
         """Extents saying which layer serves each part of [offset, offset+length).
@@ -346,11 +360,11 @@ class Chain:
         scan, at most for one layer's lookup of the range."""
         with self._lock:
             layers = self.layers
-            self._inflight += 1
+            epoch = self._read_begins()
         try:
             return Scan(layers, _scan_runs(layers, top_i, base_i, off, n))
         finally:
-            self._read_done()
+            self._read_done(epoch)
 
     # --- writing ----------------------------------------------------------
 
@@ -397,9 +411,14 @@ class Chain:
 
     def flush(self):
         """Make every acknowledged write durable. The chain's lock is not held while
-        the layers sync, so guest I/O goes on meanwhile."""
+        the layers sync, so guest I/O goes on meanwhile. Layers that left the chain and
+        are not closed yet are synced too: an active commit's pivot writes the old
+        active image's leftover mark without a sync (completion.pivot), and a flush
+        the guest sees return must find that mark durable. (A layer closed meanwhile
+        was flushed by its close: its flush returns at once.)"""
         with self._lock:
-            layers = [layer for layer in self.layers if not layer.read_only]
+            layers = [layer for _e, layer in self._retired] + self.layers
+            layers = [layer for layer in layers if not layer.read_only]
         for layer in layers:
             layer.flush()
 
@@ -429,7 +448,13 @@ class Chain:
     def reopen(self, layer, writable):
         """Reopen one layer read-write (or back to read-only), moving its locks. The
         files are opened outside the chain's lock; only the switch is under it.
-        Only a job reopens layers, and never one that guest writes go to."""
+        Only a job reopens layers, and never one that guest writes go to. The old
+        handle closes once the reads that may use it are done."""
+        new = self._reopen(layer, writable)
+        self._reap()
+        return new
+
+    def _reopen(self, layer, writable):
         if layer.read_only != writable:
             return layer
         if not layer.read_only:
@@ -462,7 +487,6 @@ class Chain:
             self.layers = layers
             self._retire([layer])
             self._share_cache()
-        self._reap()
         return new
 
     def drop_layers(self, overlay, new_backing, backing_name):
@@ -487,20 +511,22 @@ class Chain:
         return dropped
 
     def drop_backing(self, overlay):
-        """Make `overlay` stand alone (a stream without base): its header names no
-        backing file (durably), then every layer below it leaves the chain."""
+        """Make `overlay` stand alone (a stream without base, which holds the whole
+        view now): its header names no backing file (durably, before the switch, as in
+        `drop_layers`), then every layer below it leaves the chain."""
+        if overlay.read_only:
+            raise QcowError(
+                overlay.path, "overlay is read-only; cannot rewrite its backing file name"
+            )
+        overlay.set_backing(None, None)
         with self._lock:
             i = self.index_of(overlay)
-            if overlay.read_only:
-                raise QcowError(
-                    overlay.path, "overlay is read-only; cannot rewrite its backing file name"
-                )
-            overlay.set_backing(None, None)
             dropped = self.layers[i + 1 :]
             self.layers = self.layers[: i + 1]
             self._retire(dropped)
             self._share_cache()
-            return dropped
+        self.release_dropped(dropped)
+        return dropped
 
     def push_overlay(self, path):
         """A live external snapshot: the new (empty) image at `path`, whose backing
@@ -530,13 +556,14 @@ class Chain:
                 raise
             self.layers = [new] + self.layers
             try:
-                self.reopen(old, False)
+                self._reopen(old, False)
             except BaseException:
                 self.layers = self.layers[1:]
                 self._close_layers([new], flush=False)
                 raise
             self._share_cache()
-            return new
+        self._reap()  # the old handle of the image now read-only
+        return new
 
     def pivot_to(self, layer):
         """Make `layer` the active image (active commit): the layers above it leave.
@@ -551,24 +578,35 @@ class Chain:
             return dropped
 
     def _retire(self, layers):
-        """Under the chain's lock: these layers left it (closed later by `_reap`)."""
-        self._retired.extend(layers)
+        """Under the chain's lock: these layers left it. Reads that began before may
+        still use them: a new epoch starts, and `_reap` closes them once the reads of
+        the epochs before it are done."""
+        self._epoch += 1
+        self._retired += [(self._epoch, layer) for layer in layers]
 
     def release_dropped(self, layers):
         """Outside the chain's lock: make what the layers that left received durable,
-        then close them if no read is in flight."""
+        then close them (`_reap`)."""
         for layer in layers:
             layer.flush()
         self._reap()
 
     def _reap(self):
-        """Close retired layers once no read that may still use them is in flight.
-        Called holding no lock (closing flushes)."""
-        with self._lock:
-            if self._inflight or not self._retired:
+        """Close the layers that left the chain once no read that began before they
+        left is in flight. Such reads are bounded and reads begun since do not count,
+        so this waits for them (polling, holding no lock). Only the job or command
+        that retired layers calls it, never under the chain's lock and never a guest
+        request: closing flushes and syncs."""
+        while True:
+            with self._lock:
+                oldest = min(self._reads, default=self._epoch + 1)
+                done = [layer for e, layer in self._retired if e <= oldest]
+                self._retired = [(e, layer) for e, layer in self._retired if e > oldest]
+                waiting = bool(self._retired)
+            self._close_layers(done)
+            if not waiting:
                 return
-            retired, self._retired = self._retired, []
-        self._close_layers(retired)
+            time.sleep(REAP_POLL)
 
     # --- closing ----------------------------------------------------------
 
@@ -588,7 +626,8 @@ class Chain:
 
     def close(self):
         with self._lock:
-            layers, self.layers = self.layers + self._retired, []
+            layers = self.layers + [layer for _e, layer in self._retired]
+            self.layers = []
             self._retired = []
         self._close_layers(layers)
 

@@ -443,10 +443,23 @@ class Qcow2Image(ClusterWriter):
         self.backing_name = name
         self.backing_format = self.header.backing_format
 
-    def mark_drained(self, base_path):
-        """Record in the header that a restartable commit drained this layer into
-        `base_path` (EXT_QCOWFS_DRAINED): it is a leftover from now on."""
-        self._rewrite_cluster0(lambda h: h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode()))
+    def mark_drained(self, base_path, durable=True):
+        """Record in the header that a commit drained this layer into `base_path`
+        (EXT_QCOWFS_DRAINED): it is a leftover from now on.
+
+        durable=False writes the mark and returns without a sync (an active commit's
+        pivot, under the chain's lock, where a fdatasync would stall the guest): the
+        caller makes it durable before a later flush of the disk returns. The mark
+        moves no table, so it needs nothing of the image durable before it."""
+
+        def change(h):
+            h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode())
+
+        if durable:
+            self._rewrite_cluster0(change)
+            return
+        with self.lock:
+            self.io.pwrite(self._changed_cluster0(change), 0)
 
     def set_extension(self, ext_type, data):
         """Set (bytes) or remove (None) one header extension, header written last.
@@ -459,20 +472,24 @@ class Qcow2Image(ClusterWriter):
         self.flush()
         with self.flush_lock:
             with self.lock:
-                self._prepare_write()
-                h = self.header
-                saved = copy.deepcopy(h)
-                change(h)
-                try:
-                    cluster0 = h.pack_cluster0()
-                except ValueError:
-                    self.header = saved
-                    raise QcowError(
-                        self.path,
-                        "the header does not fit in its cluster (backing file name too long?)",
-                    ) from None
-                self.io.pwrite(cluster0, 0)
+                self.io.pwrite(self._changed_cluster0(change), 0)
             self.io.sync()
+
+    def _changed_cluster0(self, change):
+        """Cluster 0 with `change` applied to the header (the layer's lock held);
+        QcowError, the header unchanged, if it no longer fits."""
+        self._prepare_write()
+        h = self.header
+        saved = copy.deepcopy(h)
+        change(h)
+        try:
+            return h.pack_cluster0()
+        except ValueError:
+            self.header = saved
+            raise QcowError(
+                self.path,
+                "the header does not fit in its cluster (backing file name too long?)",
+            ) from None
 
     # --- durability -------------------------------------------------------
 
