@@ -12,12 +12,13 @@ active image happen outside it, so the guest never waits for a fdatasync.
 
 Crash safety: before the pivot nothing on disk names base as the active image, and
 everything written into base is shadowed by a layer above it, so the old chain reads
-right; the pivot itself rewrites no header (as in QEMU): from then on base is the image
-to use.
+right. The pivot rewrites no backing file name (as in QEMU): from then on base is the
+image to use, and the old active image gets only its leftover mark (completion.pivot
+says when that is durable).
 """
 
 from .completion import mark_intermediates, pivot
-from .copy import copy_view, scan_allocated
+from .copy import copy_buffer, copy_view, scan_allocated
 from .steps import CHUNK, WRITING, Copied, Ready, SetLen
 
 MIN_GRANULARITY = 64 << 10
@@ -102,7 +103,7 @@ def active_commit(target, chunk=CHUNK):
                     for c in range(s // mirror.g, (s + ln - 1) // mirror.g + 1):
                         mirror.mark(c)
         most = max(1, chunk // mirror.g)
-        buf = bytearray(most * mirror.g)  # one buffer for the job's copies
+        buf = copy_buffer(base)  # one for the job's copies
         while True:
             with chain.lock:
                 got = mirror.take(most)

@@ -15,7 +15,7 @@ already unallocated are not copied again; only chunks that were in flight are.
 from qcow.l2_table import ZERO
 
 from .completion import drop_layers_down_to, mark_leftover, zero_past_short
-from .copy import SCAN_SLICE, copy_view, scan_allocated
+from .copy import SCAN_SLICE, copy_buffer, copy_view, scan_allocated
 from .steps import CHUNK, READING, WRITING, Copied, SetLen
 
 
@@ -46,7 +46,7 @@ def _drain(target, layer, chunk):
     cs = layer.cluster_size
     visible_end = min(layer.virtual_size, target.top.virtual_size)
     step = max(cs, chunk // cs * cs)
-    buf = bytearray(step)  # one buffer for the layer's copies
+    buf = copy_buffer(base)  # one for the layer's copies
     pos = 0
     for start, length, allocated in _allocated(layer, visible_end):
         if not allocated:

@@ -17,7 +17,7 @@ starts over.
 from qcow.l2_table import ZERO
 
 from .completion import drop_range
-from .copy import copy_runs, scan_allocated, windows
+from .copy import copy_buffer, copy_runs, scan_allocated, windows
 from .steps import CHUNK, Copied, SetLen
 
 
@@ -32,7 +32,7 @@ def simple_commit(target, chunk=CHUNK):
     scans = scan_allocated(chain, top_i, target.base_index, top_size)
     yield SetLen(sum(r[1] for scan in scans for r in scan.runs if r[3] != ZERO))
     window = max(chunk, base.cluster_size)
-    buf = bytearray(window)  # one buffer for the job: no fresh pages per window
+    buf = copy_buffer(base)  # one for the job: no fresh pages per window
     for scan, runs in windows(scans, window):
         yield Copied(copy_runs(chain, top_i, base, scan, runs, buf=buf))
     return (yield from drop_range(target))
