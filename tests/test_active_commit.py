@@ -10,11 +10,12 @@ remounting whichever chain the on-disk headers describe reads back every fsync'd
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
 from mount_fixtures import read_file
-from qemu_helpers import convert_raw, qemu_info_chain
+from qemu_helpers import apply_ops, convert_raw, create, qemu_check, qemu_info_chain
 from test_commit_live import build_live_chain, kill9
 from test_commit_support import (
     M,
@@ -28,6 +29,10 @@ from test_commit_support import (
     node_files,
 )
 from test_qmp_support import END_COMPLETED, READY, START, statuses_only
+
+from commit.completion import pivot
+from qcow.chain import open_chain
+from qcow.image import Qcow2Image
 
 SIZE = 64 * M
 
@@ -274,71 +279,60 @@ def test_active_commit_cancel_before_ready(tmp_path, mounter):
     check_images(c.images)
 
 
-def test_pivot_syncs_nothing_under_the_lock_and_the_next_flush_makes_its_mark_durable(tmp_path):
-    """The pivot writes the old active image's leftover mark under the chain's lock but
-    does not sync it there (a fdatasync would stall every guest request); the next
-    flush of the chain, before the job's own clean-up, syncs it."""
-    from qemu_helpers import apply_ops, create, qemu_check
-
-    from commit.completion import pivot
-    from qcow.chain import open_chain
-    from qcow.image import Qcow2Image
-
+@pytest.fixture
+def opened_for_pivot(tmp_path):
+    """base <- active (256 KiB written), opened writable with base reopened read-write
+    as a job does: (chain, base layer, old active layer, base path, active path)."""
     base = create(tmp_path / "base.qcow2", 4 * M)
     active = create(tmp_path / "active.qcow2", 4 * M, backing=base)
     apply_ops(active, [("w", 0, 256 << 10, 0x5A)])
     chain = open_chain(active, writable=True)
     try:
         base_layer = chain.reopen(chain.layers[1], True)
-        old = chain.layers[0]
-        syncs = []
-        real_sync = old.io.sync
-        old.io.sync = lambda: (syncs.append(old.io.unsynced), real_sync())
-        with chain.lock:
-            dropped = pivot(chain, base_layer)
-        assert dropped == [old] and chain.layers == [base_layer]
-        assert syncs == [] and old.io.unsynced, "the mark was synced under the chain's lock"
-        chain.flush()  # a guest's fsync, before the job releases the old active image
-        assert syncs == [True] and not old.io.unsynced
-        assert Qcow2Image(str(active)).header.drained_into == base_layer.path
-        chain.release_dropped(dropped)
+        yield chain, base_layer, chain.layers[0], base, active
     finally:
         chain.close()
+
+
+def test_pivot_syncs_nothing_under_the_lock_and_the_next_flush_makes_its_mark_durable(
+    opened_for_pivot,
+):
+    """The pivot writes the old active image's leftover mark under the chain's lock but
+    does not sync it there (a fdatasync would stall every guest request); the next
+    flush of the chain, before the job's own clean-up, syncs it."""
+    chain, base_layer, old, base, active = opened_for_pivot
+    syncs = []
+    real_sync = old.io.sync
+    old.io.sync = lambda: (syncs.append(old.io.unsynced), real_sync())
+    with chain.lock:
+        dropped = pivot(chain, base_layer)
+    assert dropped == [old] and chain.layers == [base_layer]
+    assert syncs == [] and old.io.unsynced, "the mark was synced under the chain's lock"
+    chain.flush()  # a guest's fsync, before the job releases the old active image
+    assert syncs == [True] and not old.io.unsynced
+    assert Qcow2Image(str(active)).header.drained_into == base_layer.path
+    chain.release_dropped(dropped)
+    chain.close()
     for img in (base, active):
         assert qemu_check(img)[0] == 0
 
 
-def test_a_layer_that_left_closes_in_the_job_thread_after_older_reads(tmp_path):
+def test_a_layer_that_left_closes_in_the_job_thread_after_older_reads(opened_for_pivot):
     """After a pivot the old active image closes only once the reads that began before
     it left are done, and it is the job's thread that closes it (waiting for them), never
     the thread of the guest's read: closing flushes and syncs."""
-    import threading
-
-    from qemu_helpers import apply_ops, create
-
-    from commit.completion import pivot
-    from qcow.chain import open_chain
-
-    base = create(tmp_path / "base.qcow2", 4 * M)
-    active = create(tmp_path / "active.qcow2", 4 * M, backing=base)
-    apply_ops(active, [("w", 0, 256 << 10, 0x5A)])
-    chain = open_chain(active, writable=True)
-    try:
-        base_layer = chain.reopen(chain.layers[1], True)
-        old = chain.layers[0]
-        closed_by = []
-        real_close = old.close
-        old.close = lambda: (closed_by.append(threading.get_ident()), real_close())
-        with chain.lock:
-            older_read = chain._read_begins()  # a guest read planned on the old layers
-            dropped = pivot(chain, base_layer)
-        assert len(chain.read(0, 4096)) == 4096  # a read begun since: it does not hold the close
-        job = threading.Thread(target=chain.release_dropped, args=(dropped,))
-        job.start()
-        job.join(0.2)
-        assert job.is_alive() and closed_by == [] and old.io.fd >= 0
-        chain._read_done(older_read)  # the guest's read ends: it closes nothing itself
-        job.join(10)
-        assert not job.is_alive() and closed_by == [job.ident] and old.io.fd < 0
-    finally:
-        chain.close()
+    chain, base_layer, old, _base, _active = opened_for_pivot
+    closed_by = []
+    real_close = old.close
+    old.close = lambda: (closed_by.append(threading.get_ident()), real_close())
+    with chain.lock:
+        older_read = chain._read_begins()  # a guest read planned on the old layers
+        dropped = pivot(chain, base_layer)
+    assert len(chain.read(0, 4096)) == 4096  # a read begun since: it does not hold the close
+    job = threading.Thread(target=chain.release_dropped, args=(dropped,))
+    job.start()
+    job.join(0.2)
+    assert job.is_alive() and closed_by == [] and old.io.fd >= 0
+    chain._read_done(older_read)  # the guest's read ends: it closes nothing itself
+    job.join(10)
+    assert not job.is_alive() and closed_by == [job.ident] and old.io.fd < 0
