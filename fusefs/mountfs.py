@@ -75,9 +75,10 @@ KEEP_CACHE = True
 #   threads hold the chain's lock for bookkeeping and for a guest write's own bounded
 #   I/O; a layer's metadata lock for in-memory work and bounded pwrites (a job's chunk
 #   is at most 1 MiB). Flush barriers, header rewrites and closing layers that left the
-#   chain run outside both (qcow.chain, Qcow2Image.flush). The exceptions are one-off
-#   structural changes: growing base at a job's start, a new refcount block or table,
-#   a larger L1 table.
+#   chain run outside both (qcow.chain, Qcow2Image.flush), and an inline request never
+#   closes a layer itself (the job that retired it does: Chain._reap). The exceptions
+#   are one-off structural changes: growing base at a job's start, a new refcount
+#   block or table, a larger L1 table.
 # - write: the same, plus the copy-on-write read from lower layers (bounded). A write
 #   that leaves the L2 cache over capacity with dirty tables writes them back itself,
 #   after releasing every lock (Chain.write).
