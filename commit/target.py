@@ -75,7 +75,42 @@ def find_layer(chain, name):
             lst = os.fstat(layer.io.fd)
             if (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
                 return layer
+    into = _committed_into(chain, name)
+    if into is not None:
+        raise JobError(
+            name,
+            f"is no longer an image of this chain: a commit already put its data into "
+            f"{into.filename} (it is a leftover of that commit)",
+        )
     raise JobError(name, "is not an image of this chain")
+
+
+def _committed_into(chain, name):
+    """The layer of the chain that a finished commit drained the image `name` (a path,
+    or a name relative to the active image's directory, as backing names are) into:
+    its leftover mark names it. None if it is no such leftover. Only for the error
+    message of a commit asked again for an image it already dropped."""
+    from qcow.errors import QcowError
+    from qcow.image import Qcow2Image
+    from qcow.leftover import leftover_of
+
+    path = os.path.join(os.path.dirname(chain.layers[0].path), name)
+    if not os.path.isfile(path):
+        path = name
+    try:
+        image = Qcow2Image(path)
+    except (OSError, ValueError, QcowError):
+        return None
+    try:
+        into = leftover_of(image)
+    finally:
+        image.close()
+    if into is None or not os.path.exists(into):
+        return None
+    for layer in chain.layers:
+        if os.path.samefile(layer.path, into):
+            return layer
+    return None
 
 
 def resolve_target(

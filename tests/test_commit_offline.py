@@ -653,6 +653,22 @@ def test_cli_refuses_unknown_names(tmp_path):
     _assert_refused(cp, c.directory, before, "nosuch.qcow2")
 
 
+def test_cli_rerun_after_a_finished_commit_says_it_is_done(tmp_path):
+    """`--top top.qcow2` again after that commit finished: top is a leftover of it, and
+    the refusal says where its data went instead of only that it is no image of the
+    chain."""
+    c = _error_chain(tmp_path)
+    base, mid, top, active = c.images
+    assert commit_cli(active, "--top", "top.qcow2").returncode == 0
+    assert chain_files(active) == ["active.qcow2", "base.qcow2"]
+    before = sha256_tree(c.directory)
+    cp = commit_cli(active, "--top", "top.qcow2")
+    _assert_refused(cp, c.directory, before, "top.qcow2", "already", "base.qcow2", "leftover")
+    cp = commit_cli(active, "--top", os.path.abspath(mid))
+    _assert_refused(cp, c.directory, before, "mid.qcow2", "already", "base.qcow2")
+    assert base
+
+
 def test_cli_refuses_two_image_chain(tmp_path):
     """active <- base offline: the default top (active's backing file) is the bottom of
     the chain; nothing to commit without a mount (--active)."""
