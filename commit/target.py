@@ -91,20 +91,15 @@ def _committed_into(chain, name):
     its leftover mark names it. None if it is no such leftover. Only for the error
     message of a commit asked again for an image it already dropped."""
     from qcow.errors import QcowError
-    from qcow.image import Qcow2Image
-    from qcow.leftover import leftover_of
+    from qcow.header import read_backing_info
 
     path = os.path.join(os.path.dirname(chain.layers[0].path), name)
     if not os.path.isfile(path):
         path = name
     try:
-        image = Qcow2Image(path)
+        into = read_backing_info(path).drained_into
     except (OSError, ValueError, QcowError):
         return None
-    try:
-        into = leftover_of(image)
-    finally:
-        image.close()
     if into is None or not os.path.exists(into):
         return None
     for layer in chain.layers:

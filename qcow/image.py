@@ -445,30 +445,29 @@ class Qcow2Image(ClusterWriter):
 
     def mark_drained(self, base_path, durable=True):
         """Record in the header that a commit drained this layer into `base_path`
-        (EXT_QCOWFS_DRAINED): it is a leftover from now on.
-
-        durable=False writes the mark and returns without a sync (an active commit's
-        pivot, under the chain's lock, where a fdatasync would stall the guest): the
-        caller makes it durable before a later flush of the disk returns. The mark
-        moves no table, so it needs nothing of the image durable before it."""
-
-        def change(h):
-            h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode())
-
-        if durable:
-            self._rewrite_cluster0(change)
-            return
-        with self.lock:
-            self.io.pwrite(self._changed_cluster0(change), 0)
+        (EXT_QCOWFS_DRAINED): it is a leftover from now on. durable=False: see
+        `_rewrite_cluster0` (an active commit's pivot, under the chain's lock)."""
+        self._rewrite_cluster0(
+            lambda h: h.set_extension(EXT_QCOWFS_DRAINED, base_path.encode()), durable
+        )
 
     def set_extension(self, ext_type, data):
         """Set (bytes) or remove (None) one header extension, header written last.
         QcowError if the header would no longer fit in cluster 0."""
         self._rewrite_cluster0(lambda h: h.set_extension(ext_type, data))
 
-    def _rewrite_cluster0(self, change):
+    def _rewrite_cluster0(self, change, durable=True):
         """Apply `change` to the header and write cluster 0 in one request, after
-        everything else of the image is durable (the header goes last)."""
+        everything else of the image is durable (the header goes last).
+
+        durable=False only writes it (no flush before, no sync after, not the flush
+        lock a running fdatasync may hold): for a change that moves no table, made
+        where a sync would stall the guest; the caller makes it durable before a later
+        flush of the disk returns."""
+        if not durable:
+            with self.lock:
+                self.io.pwrite(self._changed_cluster0(change), 0)
+            return
         self.flush()
         with self.flush_lock:
             with self.lock:

@@ -5,6 +5,7 @@ else in the format layer calls os.pread/os.pwrite/os.fdatasync on an image direc
 """
 
 import errno
+import functools
 import os
 
 from .errors import CorruptImage
@@ -13,6 +14,7 @@ IOV_MAX = 1024
 SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _sync_file_range():
     """libc's sync_file_range, or None (not Linux, or no glibc symbol)."""
     import ctypes  # only the commands that copy load it
@@ -23,9 +25,6 @@ def _sync_file_range():
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     return fn
-
-
-_SYNC_FILE_RANGE = []  # [function or None] once looked up
 
 
 class RawIO:
@@ -128,9 +127,7 @@ class RawIO:
         """Start writing the file's dirty pages out and return at once
         (sync_file_range WRITE): a long copy into the file then leaves its next barrier
         little to wait for. It makes nothing durable; barriers still `sync`."""
-        if not _SYNC_FILE_RANGE:
-            _SYNC_FILE_RANGE.append(_sync_file_range())
-        fn = _SYNC_FILE_RANGE[0]
+        fn = _sync_file_range()
         if fn is not None and self.writable and self.fd >= 0:
             fn(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
