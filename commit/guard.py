@@ -50,7 +50,7 @@ import os
 import shlex
 import stat as stat_mod
 import time
-from dataclasses import asdict, dataclass
+from collections import namedtuple
 
 from qcow.chain import MAX_CHAIN, probe_format, resolve_backing
 from qcow.errors import JobError, QcowError
@@ -77,24 +77,28 @@ _PSEUDO_FS = frozenset(
 # --------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
-class Dependant:
+_DEPENDANT_FIELDS = (
+    "path",  # the dependant image, as the scan found it
+    "depends_on",  # the chain image it reads through, as the chain names it
+    "kind",  # 'base' | 'intermediate'
+    "via",  # the image whose header names `depends_on` (== path if direct)
+    "backing_name",  # the name written in `via`'s header
+    "route",  # path -> ... -> depends_on, each name resolved as QEMU does
+    "cases",  # the allocation cases (1-4) that change what it reads
+    "base",  # the commit's base
+    "above",  # the range's layers above `depends_on` (top first)
+    "is_top",  # depends_on is the topmost image of the range
+    "active",  # an active commit (top is the active image)
+    "mode",
+    "depends_on_format",
+)
+
+
+class Dependant(namedtuple("Dependant", _DEPENDANT_FIELDS)):
     """An image outside the committed chain whose backing chain reads through an image
     the commit changes (kind 'base') or invalidates (kind 'intermediate')."""
 
-    path: str  # the dependant image, as the scan found it
-    depends_on: str  # the chain image it reads through, as the chain names it
-    kind: str  # 'base' | 'intermediate'
-    via: str  # the image whose header names `depends_on` (== path if direct)
-    backing_name: str  # the name written in `via`'s header
-    route: tuple = ()  # path -> ... -> depends_on, each name resolved as QEMU does
-    cases: tuple = ()  # the allocation cases (1-4) that change what it reads
-    base: str | None = None  # the commit's base
-    above: tuple = ()  # the range's layers above `depends_on` (top first)
-    is_top: bool = False  # depends_on is the topmost image of the range
-    active: bool = False  # an active commit (top is the active image)
-    mode: str = "simple"
-    depends_on_format: str = "qcow2"
+    __slots__ = ()
 
     # --- wording ---------------------------------------------------------------
 
@@ -202,7 +206,7 @@ class Dependant:
         return _printable(f"{self.path}: {self.reason()}; {self.suggestion()}")
 
     def to_dict(self):
-        d = asdict(self)
+        d = self._asdict()
         d["route"] = list(self.route)
         d["cases"] = list(self.cases)
         d["above"] = list(self.above)

@@ -4,23 +4,20 @@ Pure lookups over an open chain; nothing here writes.
 """
 
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 from qcow.errors import JobError
 
 MODES = ("simple", "restartable")  # also block-commit's x-mode and the CLI's --mode
 
 
-@dataclass
-class CommitTarget:
+class CommitTarget(namedtuple("CommitTarget", "chain top_path base_path mode active")):
     """Layers are named by path: reopening (read-write and back) replaces the layer
-    objects, and dropping layers shifts indexes, so both are looked up when used."""
+    objects, and dropping layers shifts indexes, so both are looked up when used.
+    top_path: the topmost layer committed (inclusive); base_path: the layer committed
+    into; active: top is the active layer (a mirror, then a pivot)."""
 
-    chain: object
-    top_path: str  # the topmost layer committed (inclusive)
-    base_path: str  # the layer committed into
-    mode: str
-    active: bool  # top is the active layer (a mirror, then a pivot)
+    __slots__ = ()
 
     def _index(self, path):
         for i, layer in enumerate(self.chain.layers):

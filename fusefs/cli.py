@@ -126,12 +126,35 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, told the terminal's width up front: left to find it, argparse
+    imports shutil (and with it bz2 and lzma) on every command's start, as each
+    add_argument builds a formatter."""
+
+    def __init__(self, prog, **kw):
+        kw.setdefault("width", _help_width())
+        super().__init__(prog, **kw)
+
+
+@functools.cache
+def _help_width():
+    """What argparse would use: $COLUMNS, else the terminal's width, else 80; less 2."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return (columns if columns > 0 else 80) - 2
+
+
 def _add(sub, name, help):
     return sub.add_parser(
         name,
         help=help,
         description=_DESCRIPTIONS.get(name) or help[:1].upper() + help[1:] + ".",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
 
 
@@ -402,7 +425,7 @@ def build_parser(command=None):
         prog="qcowfs",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--version", action=_Version, nargs=0, help="show program's version number and exit"

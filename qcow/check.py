@@ -8,8 +8,6 @@ where the refcount is 1. Repair sets each refcount to the referenced count and f
 COPIED flags, then flushes.
 """
 
-from dataclasses import dataclass, field
-
 from .bitmaps import bitmap_regions
 from .errors import QcowError
 from .l2_table import (
@@ -25,19 +23,19 @@ from .refcount import REFT_OFFSET_MASK, Refcounts
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
 
 
-@dataclass
 class CheckResult:
-    corruptions: int = 0
-    leaks: int = 0
-    messages: list = field(default_factory=list)
-    # qemu-img's figures: guest clusters the active L1 maps (as QEMU counts them)
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    total_clusters: int = 0
-    image_end_offset: int = 0
-    leaks_fixed: int = 0
-    corruptions_fixed: int = 0
+    def __init__(self):
+        self.corruptions = 0
+        self.leaks = 0
+        self.messages = []
+        # qemu-img's figures: guest clusters the active L1 maps (as QEMU counts them)
+        self.allocated_clusters = 0
+        self.fragmented_clusters = 0
+        self.compressed_clusters = 0
+        self.total_clusters = 0
+        self.image_end_offset = 0
+        self.leaks_fixed = 0
+        self.corruptions_fixed = 0
 
     @property
     def exit_code(self):

@@ -8,15 +8,13 @@ sectors, so trailing bytes after the stream are normal and ignored.
 import threading
 import zlib
 
-import zstandard
-
 from .header import COMPRESSION_DEFLATE
 
 # zstandard's decompressors are not thread-safe: one per thread (reads run in parallel)
 _local = threading.local()
 
 
-def _zstd():
+def _zstd(zstandard):
     d = getattr(_local, "zstd", None)
     if d is None:
         d = _local.zstd = zstandard.ZstdDecompressor()
@@ -31,9 +29,11 @@ def decompress(data, cluster_size, compression_type):
         except zlib.error as e:
             raise ValueError(f"bad deflate stream: {e}") from None
     else:
+        import zstandard  # here: only images holding zstd clusters pay for loading it
+
         out = bytearray()
         try:
-            reader = _zstd().stream_reader(data, read_across_frames=True)
+            reader = _zstd(zstandard).stream_reader(data, read_across_frames=True)
             while len(out) < cluster_size:
                 chunk = reader.read(cluster_size - len(out))
                 if not chunk:

@@ -9,7 +9,6 @@ import json
 import os
 import struct
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from construct import Bytes, Const, Int8ub, Int32ub, Int64ub, Padding, Struct
@@ -109,34 +108,68 @@ feature_entry = Struct("type" / Int8ub, "bit" / Int8ub, "name" / Bytes(46))
 FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
 
 
-@dataclass
+# Plain classes, not dataclasses: building a dataclass runs generated code through exec,
+# about a millisecond each, and every command's start builds these.
+
+
 class Extension:
-    type: int
-    data: bytes
+    """One header extension: its type and its data, padding excluded."""
+
+    __slots__ = ("type", "data")
+
+    def __init__(self, type, data):
+        self.type = type
+        self.data = data
 
 
-@dataclass
 class Header:
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V2_HEADER_LEN
-    compression_type: int = COMPRESSION_DEFLATE
-    extensions: list = field(default_factory=list)  # in file order, EXT_END excluded
-    backing_name: str | None = None
+    """The header's fields, named as in the spec; those a v2 header lacks take the
+    values a v2 image implies."""
+
+    def __init__(
+        self,
+        *,
+        version,
+        backing_file_offset,
+        backing_file_size,
+        cluster_bits,
+        size,
+        crypt_method,
+        l1_size,
+        l1_table_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        nb_snapshots,
+        snapshots_offset,
+        incompatible_features=0,
+        compatible_features=0,
+        autoclear_features=0,
+        refcount_order=4,
+        header_length=V2_HEADER_LEN,
+        compression_type=COMPRESSION_DEFLATE,
+        extensions=None,
+        backing_name=None,
+    ):
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        self.extensions = [] if extensions is None else extensions  # in file order, no EXT_END
+        self.backing_name = backing_name
 
     @property
     def cluster_size(self):

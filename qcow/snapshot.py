@@ -5,7 +5,7 @@ to know which clusters a snapshot shares with the active L1 (refcount > 1, no
 QCOW_OFLAG_COPIED: copy before writing) and to walk snapshot L1 tables in `check`.
 """
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 from construct import Int16ub, Int32ub, Int64ub, Struct
 
@@ -27,13 +27,8 @@ MAX_SNAPSHOTS = 65536
 MAX_EXTRA = 1024
 
 
-@dataclass
-class Snapshot:
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    disk_size: int | None
+# disk_size: None when the entry's extra data does not hold it
+Snapshot = namedtuple("Snapshot", "id name l1_table_offset l1_size disk_size")
 
 
 def parse_snapshot_table(f_pread, hdr, file_size, path):
