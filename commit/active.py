@@ -17,7 +17,7 @@ image to use, and the old active image gets only its leftover mark (completion.p
 says when that is durable).
 """
 
-from .completion import mark_intermediates, pivot
+from .completion import mark_intermediates, pivot, unmark_intermediates
 from .copy import copy_buffer, copy_view, scan_allocated
 from .steps import CHUNK, WRITING, Copied, Ready, SetLen
 
@@ -94,6 +94,7 @@ def active_commit(target, chunk=CHUNK):
     mirror = Mirror(chain, base, max(MIN_GRANULARITY, base.cluster_size))
     with chain.lock:
         chain.write_observers.append(mirror.observe)
+    marked = False  # the intermediates carry leftover marks no pivot has used yet
     try:
         # Mark what the range holds, a slice at a time. A guest write meanwhile to a
         # chunk not marked yet is mirrored; marking it later only copies it again.
@@ -131,11 +132,15 @@ def active_commit(target, chunk=CHUNK):
                     layer.flush()
                 if decision == "complete":
                     mark_intermediates(chain, base)
+                    marked = True
             with chain.lock, WRITING:
                 if mirror.count:
-                    continue
+                    continue  # a mirrored write failed meanwhile: copy again, ask again
                 chain.write_observers.remove(mirror.observe)
-                dropped = pivot(chain, base) if decision == "complete" else []
+                if decision == "complete":
+                    dropped, marked = pivot(chain, base), False
+                else:
+                    dropped = []
             # no guest write reaches base through the mirror any more: make base's
             # copy durable, and close what left, without holding the chain's lock
             with WRITING:
@@ -146,3 +151,7 @@ def active_commit(target, chunk=CHUNK):
         with chain.lock:
             if mirror.observe in chain.write_observers:
                 chain.write_observers.remove(mirror.observe)
+        if marked:
+            # went round after marking, then ended without a pivot (cancelled, or
+            # failed): the intermediates are images of the chain again, not leftovers
+            unmark_intermediates(chain, base)

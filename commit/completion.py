@@ -13,6 +13,9 @@ Order (each step durable before the next):
 
 import os
 
+from qcow.header import EXT_QCOWFS_DRAINED
+from qcow.leftover import leftover_of
+
 from .steps import WRITING
 
 
@@ -75,6 +78,15 @@ def mark_intermediates(chain, base):
     (qcow/leftover.py): a crash before the pivot loses nothing."""
     for layer in chain.layers[1 : chain.index_of(base)]:
         mark_leftover(chain, layer, base)
+
+
+def unmark_intermediates(chain, base):
+    """Undo mark_intermediates for an active commit that ends without its pivot: left
+    marked, the stranding guard and a later commit would take images still in use for
+    leftovers of a commit that never happened."""
+    for layer in chain.layers[1 : chain.index_of(base)]:
+        if leftover_of(layer) == base.path:
+            layer.set_extension(EXT_QCOWFS_DRAINED, None)
 
 
 def pivot(chain, base):

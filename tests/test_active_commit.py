@@ -9,6 +9,7 @@ remounting whichever chain the on-disk headers describe reads back every fsync'd
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
 import time
@@ -31,7 +32,10 @@ from test_commit_support import (
 from test_qmp_support import END_COMPLETED, READY, START, statuses_only
 
 from commit.completion import pivot
+from commit.engine import start_commit
+from commit.steps import Ready
 from qcow.chain import open_chain
+from qcow.header import read_backing_info
 from qcow.image import Qcow2Image
 
 SIZE = 64 * M
@@ -336,3 +340,50 @@ def test_a_layer_that_left_closes_in_the_job_thread_after_older_reads(opened_for
     chain._read_done(older_read)  # the guest's read ends: it closes nothing itself
     job.join(10)
     assert not job.is_alive() and closed_by == [job.ident] and old.io.fd < 0
+
+
+def test_a_cancel_after_going_round_past_the_marks_unmarks_the_intermediates(tmp_path):
+    """`complete` marks the intermediates leftovers before the pivot. When a mirrored
+    write failed meanwhile, the job copies again and asks again; cancelled then, the
+    chain stays as it was, and its intermediates must not stay marked: the stranding
+    guard and a later commit would take them for leftovers of a commit that never
+    happened."""
+    base = create(tmp_path / "base.qcow2", 4 * M)
+    mid = create(tmp_path / "mid.qcow2", 4 * M, backing=base)
+    active = create(tmp_path / "active.qcow2", 4 * M, backing=mid)
+    apply_ops(mid, [("w", 0, 256 << 10, 0x11)])
+    apply_ops(active, [("w", 1 * M, 256 << 10, 0x22)])
+    chain = open_chain(active, writable=True)
+    try:
+        _target, _stranded, steps = start_commit(chain, active=True)
+        step = next(steps)
+        while not isinstance(step, Ready):
+            step = steps.send(None)
+        base_layer = chain.layers[2]
+        real_write = base_layer.write
+
+        def fails_once(*args):
+            base_layer.write = real_write
+            raise OSError(errno.EIO, "injected: the mirrored write into base fails")
+
+        base_layer.write = fails_once
+        chain.write(2 * M, b"\x33" * 4096)  # acknowledged; its chunk is dirty again
+        step = steps.send("complete")
+        assert read_backing_info(mid).drained_into == str(base), "complete marks mid"
+        while not isinstance(step, Ready):  # went round: the failed chunk copied again
+            step = steps.send(None)
+        with pytest.raises(StopIteration) as stop:
+            steps.send("cancel")
+        assert stop.value.value == [] and [layer.path for layer in chain.layers] == [
+            str(active),
+            str(mid),
+            str(base),
+        ]
+        assert read_backing_info(mid).drained_into is None, "mid is still marked a leftover"
+        assert chain.read(2 * M, 4096) == b"\x33" * 4096
+    finally:
+        chain.close()
+    assert read_backing_info(mid).drained_into is None
+    for img in (base, mid, active):
+        assert qemu_check(img)[0] == 0
+    assert convert_raw(base) == convert_raw(active), "base holds the disk of the cancel"
