@@ -182,6 +182,10 @@ class ClusterWriter:
         while True:
             with self.lock:
                 self._prepare_write()
+                host = self.fast_host(off, len(data), for_write=True)
+                if host is not None:  # owned clusters, one after the other: in place
+                    self.io.pwrite(data, host)
+                    return
                 need = self._below_ranges(off, len(data))
                 if fill.covers(need):
                     self._write_locked(off, data, fill.read)

@@ -200,21 +200,19 @@ class Qcow2Image(ClusterWriter):
         return host
 
     def fast_host(self, off, n, for_write=False):
-        """Host offset of [off, off+n) when it lies in one plain data cluster whose L2
-        table is cached (for writes: owned, QCOW_OFLAG_COPIED, in an image already
-        prepared for writing); for reads UNMAPPED when this layer maps nothing there
-        (the read goes on to the backing file); else None, and the caller takes the
-        general path. The per-request fast path of the mount."""
+        """Host offset of [off, off+n) when it lies in plain data clusters of one cached
+        L2 table that follow each other in the file, alike (for writes: owned,
+        QCOW_OFLAG_COPIED, in an image already prepared for writing); for reads UNMAPPED
+        when this layer maps nothing there (the read goes on to the backing file); else
+        None, and the caller takes the general path. The per-request fast path of the
+        mount, and of a commit's copy into clusters base owns."""
         cb = self.cluster_bits
         ci = off >> cb
-        if (
-            (off + n - 1) >> cb != ci
-            or self.extended_l2
-            or (for_write and not self.prepared_for_write)
-        ):
+        more = ((off + n - 1) >> cb) - ci  # clusters after the first
+        if self.extended_l2 or (for_write and not self.prepared_for_write):
             return None
         l1i, l2i = divmod(ci, self.l2_entries)
-        if l1i >= len(self.l1):
+        if l1i >= len(self.l1) or l2i + more >= self.l2_entries:
             return None
         l2off = self.l1[l1i] & L1E_OFFSET_MASK
         if not l2off:
@@ -224,12 +222,18 @@ class Qcow2Image(ClusterWriter):
             return None
         entry = table[l2i]
         if not entry:
-            return None if for_write else UNMAPPED
+            if for_write or any(table[l2i + 1 : l2i + 1 + more]):
+                return None
+            return UNMAPPED
         if entry & NOT_PLAIN or (for_write and not entry & QCOW_OFLAG_COPIED):
             return None
         host = entry & L2E_OFFSET_MASK
-        if not host or host & (self.cluster_size - 1) or host >= self.file_size:
+        if not host or host & (self.cluster_size - 1) or host + (more << cb) >= self.file_size:
             return None
+        for k in range(1, more + 1):
+            # the same flags, the next host cluster (offsets stay below the flag bits)
+            if table[l2i + k] != entry + (k << cb):
+                return None
         return host + (off & (self.cluster_size - 1))
 
     def extents(self, off, n, want_zero=False):
