@@ -139,6 +139,15 @@ def resolve_target(
         raise JobError(top_layer.filename, "an active commit cannot use restartable mode")
     if base_layer.format != "qcow2" and base_layer.format != "raw":
         raise JobError(base_layer.filename, "base has an unsupported format")
+    if base_layer.virtual_size < top_layer.virtual_size:
+        refusal = base_layer.why_not_resizable()
+        if refusal:
+            # refused before anything is written: the commit would grow base first
+            raise JobError(
+                base_layer.filename,
+                f"is smaller than {top_layer.filename} and this commit would grow it, "
+                f"but {refusal}",
+            )
     for layer in layers[ti : bi + 1]:
         if getattr(layer, "encrypted", False):
             raise JobError(layer.filename, "encrypted images cannot be committed")

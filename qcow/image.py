@@ -393,11 +393,26 @@ class Qcow2Image(ClusterWriter):
             append_run(out, (s, ln, kind != UNALLOCATED))
         return out
 
+    def why_not_resizable(self):
+        """Why the virtual size must not change, or None. A v2 image's snapshots do not
+        record their disk size: once it changed, none of them could be reverted to
+        (QEMU refuses to resize such an image)."""
+        if self.header.version < 3 and self.snapshots:
+            return (
+                "a v2 (compat=0.10) image with internal snapshots cannot be resized "
+                "(its snapshots do not record their disk size); upgrade it first: "
+                f"qemu-img amend -o compat=1.1 {self.path}"
+            )
+        return None
+
     def resize(self, new_size):
         """Grow the virtual size (L1 first, header last). The new area is unallocated:
         `Chain.grow` zeroes it where a longer backing file would show through.
         Rare (once per commit into a smaller base), so it holds the layer's lock across
         its barriers."""
+        refusal = self.why_not_resizable()
+        if refusal:
+            raise QcowError(self.path, refusal)
         with self.flush_lock, self.lock:
             self._prepare_write()
             old = self.virtual_size

@@ -62,6 +62,9 @@ class RawImage:
         for pos in range(off, off + n, step):
             self.io.pwrite(bytes(min(step, off + n - pos)), pos)
 
+    def why_not_resizable(self):
+        return None
+
     def resize(self, new_size):
         self._check_writable()
         self.io.truncate(new_size)

@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import apply_ops, convert_raw, create, qemu_info_chain, sha256_tree
+from qemu_helpers import (
+    apply_ops,
+    convert_raw,
+    create,
+    qemu_img,
+    qemu_info_chain,
+    sha256_tree,
+)
 from test_commit_support import (
     BUILDERS,
     Chain,
@@ -667,6 +674,27 @@ def test_cli_rerun_after_a_finished_commit_says_it_is_done(tmp_path):
     cp = commit_cli(active, "--top", os.path.abspath(mid))
     _assert_refused(cp, c.directory, before, "mid.qcow2", "already", "base.qcow2")
     assert base
+
+
+def test_cli_refuses_to_grow_a_v2_base_with_snapshots(tmp_path):
+    """A commit into a smaller base grows it first; a v2 base with internal snapshots
+    cannot grow (its snapshots do not record their disk size: none could be reverted to
+    afterwards). Refused up front, as QEMU refuses the resize, with nothing modified and
+    the snapshot still revertible."""
+    d = tmp_path / "img"
+    d.mkdir()
+    base = create(str(d / "base.qcow2"), 8 * M, compat="0.10")
+    apply_ops(base, [("w", 0, 4 * M, 0x11)])
+    qemu_img("snapshot", "-c", "s1", base)
+    mid = create(str(d / "mid.qcow2"), 12 * M, backing="base.qcow2")
+    top = create(str(d / "top.qcow2"), 12 * M, backing="mid.qcow2")
+    apply_ops(mid, [("w", 10 * M, M, 0x22)])
+    before = sha256_tree(d)
+    for args in ((top,), (top, "--active"), (top, "--top", "mid.qcow2", "--mode", "restartable")):
+        cp = commit_cli(*args)
+        _assert_refused(cp, d, before, "base.qcow2", "smaller", "v2", "snapshots", "amend")
+    qemu_img("snapshot", "-a", "s1", base)  # still revertible
+    assert convert_raw(base)[: 4 * M] == b"\x11" * (4 * M)
 
 
 def test_cli_refuses_two_image_chain(tmp_path):
