@@ -72,6 +72,7 @@ _FIELDS = {
 }
 
 HEADER_PROBE_BYTES = 4096  # header, extensions and backing name usually fit in it
+SECTOR_SIZE = 512  # QEMU's unit of a disk's size
 V2_HEADER_LEN = 72
 V3_HEADER_LEN = 104
 
@@ -174,6 +175,12 @@ class Header:
     @property
     def cluster_size(self):
         return 1 << self.cluster_bits
+
+    @property
+    def virtual_size(self):
+        """The disk's size: QEMU counts whole 512-byte sectors, so a size field that is
+        no multiple of 512 (qemu-img never writes one) loses its last partial sector."""
+        return self.size // SECTOR_SIZE * SECTOR_SIZE
 
     @property
     def extended_l2(self):
@@ -459,4 +466,6 @@ def read_backing_info(path, file=None):
                 raise
             f.seek(0)
             hdr = parse_header(f.read(1 << cluster_bits), size, path)
-    return HeaderInfo("qcow2", hdr.backing_name, hdr.backing_format, hdr.size, hdr.drained_into)
+    return HeaderInfo(
+        "qcow2", hdr.backing_name, hdr.backing_format, hdr.virtual_size, hdr.drained_into
+    )

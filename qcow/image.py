@@ -128,7 +128,7 @@ class Qcow2Image(ClusterWriter):
         self.extended_l2 = h.extended_l2
         self.l2_entries = cs // (16 if self.extended_l2 else 8)
         self.subcluster_bits = h.cluster_bits - (5 if self.extended_l2 else 0)
-        self.virtual_size = h.size
+        self.virtual_size = h.virtual_size
         self.backing_name = h.backing_name
         self.backing_format = h.backing_format
         self.l1 = table_from_bytes(self.io.pread_exact(h.l1_size * 8, h.l1_table_offset))

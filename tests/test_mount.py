@@ -6,9 +6,11 @@ the mount is made with the real CLI. See mount_fixtures.py for the clean-up guar
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -42,6 +44,28 @@ def test_matrix_reads_equal_qemu_convert(case, matrix, mounter):
     assert read_file(m.disk) == expected
     m.unmount()
     assert file_hashes(directory) == before, "--read-only changed an image"
+
+
+def test_a_size_field_off_the_sector_grid_is_cut_as_qemu_cuts_it(tmp_path, mounter):
+    """QEMU counts a disk in whole 512-byte sectors: a header size of 1000001 bytes (no
+    qemu-img writes one, a hand-edited header can) is a disk of 999936. info, the
+    mount's file and the guest view agree with qemu-img's."""
+    img = tmp_path / "odd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 1M", img], check=True, capture_output=True)
+    with open(img, "r+b") as f:
+        f.seek(24)  # the header's size field
+        f.write((1000001).to_bytes(8, "big"))
+    qemu_size = json.loads(qemu_img("info", "--output=json", img).stdout)["virtual-size"]
+    assert qemu_size == 999936
+    info = subprocess.run(
+        [sys.executable, "-m", "fusefs", "info", "--json", img], capture_output=True, text=True
+    )
+    assert json.loads(info.stdout)[0]["virtual-size"] == qemu_size
+    expected = convert_raw(img)
+    m = mounter(img, "--read-only")
+    assert m.disk.stat().st_size == qemu_size
+    assert read_file(m.disk, direct=True) == expected
 
 
 def test_read_only_mount_refuses_writes(tmp_path, mounter):
