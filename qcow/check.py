@@ -115,10 +115,11 @@ class _Walker:
                         self.result.fragmented_clusters += 1
                     next_contiguous = host + self.cs
                 if host & (self.cs - 1):
+                    # still counted, over the clusters [host, host + cs) touches, as
+                    # QEMU does: a repair must not free a cluster it points into
                     self.error(
                         f"L2 entry at 0x{l2off + j * 8:x} has a misaligned offset 0x{host:x}"
                     )
-                    continue
                 self.add(host, self.cs)
 
     def walk(self):

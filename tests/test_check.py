@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 from pathlib import Path
@@ -255,6 +256,32 @@ def test_check_refcount_too_high_on_shared_cluster(workdir, qcowfs):
     assert cp.returncode == 2, cp
     assert qcowfs("check", "--repair", p).returncode == 0
     assert_qemu_clean(p)
+
+
+def test_check_misaligned_data_entry_counts_and_repairs_as_qemu(workdir, qcowfs):
+    """An L2 entry whose data offset is moved off the cluster grid: QEMU still counts it
+    over the clusters [offset, offset + cluster) touches (one corruption for the entry,
+    one for the next cluster, now referenced twice; no leak). The same counts here, and
+    a repair must not free the cluster the entry points into: it leaves the image as
+    `qemu-img check -r all` leaves it."""
+    p = create(workdir / "misaligned.qcow2", 4 * M)
+    apply_ops(p, [("w", 0, 512 * K, 0x61)])
+    where, _guest, entry = qcow2_layout(p)["data_entries"][1]
+    patch(p, where, "Q", entry + 512)
+    ours = workdir / "ours.qcow2"
+    ours.write_bytes(Path(p).read_bytes())
+    rc, rep = qemu_check(p)
+    assert rc == 2 and (rep["corruptions"], rep.get("leaks", 0)) == (2, 0), rep
+    cp = qcowfs("check", "--output", "json", ours)
+    assert cp.returncode == 2, cp
+    mine = json.loads(cp.stdout)
+    assert (mine["corruptions"], mine.get("leaks", 0)) == (2, 0), mine
+    qemu_img("check", "-r", "all", p, check=False)
+    qcowfs("check", "-r", "all", ours)
+    (rc_ours, after_ours), (rc_qemu, after_qemu) = qemu_check(ours), qemu_check(p)
+    after_ours.pop("filename"), after_qemu.pop("filename")
+    assert (rc_ours, after_ours) == (rc_qemu, after_qemu)
+    assert ours.read_bytes() == Path(p).read_bytes()
 
 
 def test_check_not_qcow2_exit_1(workdir, qcowfs):
