@@ -333,8 +333,8 @@ class Chain:
                     append_run(out, Extent(s, ln, d, True, False, True, None), 6)
                 elif kind == ZERO:
                     append_run(out, Extent(s, ln, d, True, True, False, aux), 6)
-                else:
-                    append_run(out, Extent(s, ln, d, False, True, False, None), 6)
+                else:  # no layer allocates it (an offset: see Qcow2Image.extents)
+                    append_run(out, Extent(s, ln, d, False, True, False, aux), 6)
         return out
 
     def range_status(self, top_i, base_i, off, n):
@@ -654,8 +654,8 @@ def walk(layers, depth, off, n, bottom, want_zero=False):
                 lim = max(s, min(s + ln, layers[depth + 1].virtual_size))
                 if lim > s:
                     yield from walk(layers, depth + 1, s, lim - s, bottom, want_zero)
-            if lim < s + ln:
-                yield lim, s + ln - lim, depth, EOF, None
+            if lim < s + ln:  # aux: where the layer's file holds that place, if it does
+                yield lim, s + ln - lim, depth, EOF, None if aux is None else aux + lim - s
 
 
 EOF = 4  # a walk's kind for zeros past a short backing file (not a layer's kind)

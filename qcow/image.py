@@ -239,8 +239,10 @@ class Qcow2Image(ClusterWriter):
     def extents(self, off, n, want_zero=False):
         """Runs (start, length, kind, aux) covering [off, off+n) of this layer alone.
 
-        kind is UNALLOCATED, ZERO (aux: host offset if preallocated, else None), DATA
-        (aux: host offset of `start`) or COMPRESSED (aux: the L2 entry; one cluster).
+        kind is UNALLOCATED (aux: the host offset of an unallocated subcluster of an
+        allocated cluster, else None), ZERO (aux: host offset if preallocated, else
+        None), DATA (aux: host offset of `start`) or COMPRESSED (aux: the L2 entry; one
+        cluster).
         want_zero changes nothing here (see data_runs).
         """
         out = []
@@ -329,8 +331,10 @@ class Qcow2Image(ClusterWriter):
                 append_extent(out, off, send - off, DATA, host + off - cstart)
             elif bitmap >> (SC_ZERO_SHIFT + sc) & 1:
                 append_extent(out, off, send - off, ZERO, host + off - cstart if host else None)
-            else:
-                append_extent(out, off, send - off, UNALLOCATED, None)
+            else:  # in an allocated cluster, its place in the file (QEMU reports it)
+                append_extent(
+                    out, off, send - off, UNALLOCATED, host + off - cstart if host else None
+                )
             off = send
 
     def data_runs(self, start, length, host, want_zero):

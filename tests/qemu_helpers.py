@@ -646,6 +646,29 @@ def _c_extl2(path, chain):
     assert any(e["zero"] and e["depth"] == 0 for e in m), "no zero subcluster"
 
 
+@_case("extended_l2_past_short_base")
+def _b_extl2_short(d):
+    """2 MiB clusters of 32 subclusters over a 1 MiB base: unallocated subclusters of
+    allocated clusters read through to base below 1 MiB, and past base's end read as
+    zeros where the top's file has their place (qemu-img map gives it)."""
+    base = create(_p(d, "base.qcow2"), M)
+    apply_ops(base, [("w", 0, M, "base")])
+    top = create(
+        _p(d, "top.qcow2"), 4 * M, backing="base.qcow2", cluster_size=2 * M, extended_l2="on"
+    )
+    apply_ops(
+        top, [("w", 64 * K, 64 * K, 0x51), ("w", 2 * M + 4 * K, 4 * K, 0x52), ("z", 3 * M, 64 * K)]
+    )
+    return top
+
+
+@_claim("extended_l2_past_short_base")
+def _c_extl2_short(path, chain):
+    assert chain[1]["virtual-size"] < chain[0]["virtual-size"]
+    m = qemu_map(path)
+    assert any(not e["present"] and "offset" in e for e in m), m
+
+
 # --- raw backing / raw base --------------------------------------------------
 
 
