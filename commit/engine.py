@@ -19,7 +19,7 @@ from .ratelimit import RateLimiter
 from .restartable import restartable_commit
 from .simple import simple_commit
 from .steps import CHUNK, Copied, Ready, SetLen
-from .target import resolve_target
+from .target import require_active, resolve_target
 
 # Offline no guest waits behind a step: bigger steps (fewer flush barriers in
 # restartable mode), unless a speed limit wants its bytes counted finely.
@@ -297,6 +297,9 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
         delete = args.get("x-delete", False)
 
         def prepare():
+            require_active(
+                chain, args.get("device"), "block-commit's device must be the active image"
+            )
             return start_commit(
                 chain,
                 top,

@@ -24,7 +24,7 @@ from .completion import backing_name_for
 from .copy import SCAN_SLICE
 from .guard import guard_stream, stream_dependant_line
 from .steps import CHUNK, READING, WRITING, Copied, SetLen, chunks
-from .target import find_layer
+from .target import find_layer, require_active
 
 
 def _from_below(chain, base_i, off, n):
@@ -168,14 +168,13 @@ def make_stream_factory(chain, default_guard_dirs=(), read_only_mount=None):
             )
         # the control socket checked every type against commit.qapi.SCHEMA
         device = args.get("device")
-        if device is not None and find_layer(chain, device) is not chain.active:
-            raise JobError(device, "block-stream streams into the active image only")
         base = args.get("base-node", args.get("base"))
         delete = args.get("x-delete", False)
         force = args.get("x-force", False)
         guard_dirs = list(default_guard_dirs) + args.get("x-guard-dirs", [])
 
         def prepare():
+            require_active(chain, device, "block-stream streams into the active image only")
             return start_stream(chain, base, guard_dirs, force, delete)
 
         _base, stranded, steps = await trio.to_thread.run_sync(prepare, abandon_on_cancel=True)

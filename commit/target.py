@@ -52,6 +52,16 @@ def node_name(index):
     return f"node{index}"
 
 
+def require_active(chain, name, refusal):
+    """QMP's `device` (or `node-name`) where a command works on the chain's root, as
+    QEMU looks the root up: None, or a name of the active image; a name of no image of
+    the chain is refused as find_layer refuses it, another image with `refusal`.
+    Blocking (find_layer may stat the name, which can lie inside the mount itself): a
+    worker thread, never the trio thread."""
+    if name is not None and find_layer(chain, name) is not chain.active:
+        raise JobError(name, refusal)
+
+
 def find_layer(chain, name):
     """A layer by its file name as shown (filename), its absolute path, its node name,
     or the name written in its overlay's header."""

@@ -259,7 +259,7 @@ class Daemon:
         if self.jobs is not None:
             table.update(self.jobs.commands())  # block-commit, query-block-jobs, ...
             table["blockdev-snapshot-sync"] = make_snapshot_command(
-                self.chain, self.jobs, self.cfg.read_only
+                self.chain, self.jobs, self.cfg.read_only, self.cfg.mountpoint
             )
         return table
 

@@ -15,7 +15,7 @@ import os
 import trio
 
 from commit.qapi import GENERIC_ERROR, QMPError
-from commit.target import find_layer
+from commit.target import require_active
 from qcow.create import create_overlay
 from qcow.errors import QcowError
 
@@ -56,17 +56,32 @@ def take_snapshot(chain, new_path):
     log.info("snapshot: %s is the active image now; %s is read-only", new_path, old.path)
 
 
-def make_snapshot_command(chain, jobs, read_only):
+def check_new_image(new_path, mountpoint):
+    """Refuse a snapshot file that exists, or that lies inside the mount itself (the
+    mount holds only the flat file; and the daemon cannot create its own images under
+    its own mountpoint). Blocking, and it may look up names in this very mount: a
+    worker thread, never the trio thread, whose loop answers those lookups."""
+    real = os.path.realpath(os.path.dirname(new_path))
+    top = os.path.realpath(mountpoint)
+    if os.path.commonpath([real, top]) == top:
+        raise QcowError(new_path, f"is inside the mount {mountpoint}: put the new image elsewhere")
+    if os.path.lexists(new_path):
+        raise QcowError(new_path, "already exists; a snapshot creates a new image")
+
+
+def make_snapshot_command(chain, jobs, read_only, mountpoint):
     """The handler of blockdev-snapshot-sync for a mount."""
 
     async def handler(args):
         _check_supported(args)
         async with jobs.start_lock:  # no job starts during the switch
             node = args.get("node-name", args.get("device"))
-            if node is not None and find_layer(chain, node) is not chain.active:
-                raise QcowError(
-                    node, "is not the active image: only the active image can be snapshotted"
-                )
+            await trio.to_thread.run_sync(
+                require_active,
+                chain,
+                node,
+                "is not the active image: only the active image can be snapshotted",
+            )
             new_path = os.path.abspath(args["snapshot-file"])
             if read_only:
                 raise QcowError(new_path, "the mount is read-only: no snapshot")
@@ -75,8 +90,7 @@ def make_snapshot_command(chain, jobs, read_only):
                 raise QcowError(
                     new_path, f"job '{running[0]}' is running; take the snapshot once it has ended"
                 )
-            if os.path.lexists(new_path):
-                raise QcowError(new_path, "already exists; a snapshot creates a new image")
+            await trio.to_thread.run_sync(check_new_image, new_path, mountpoint)
             await trio.to_thread.run_sync(take_snapshot, chain, new_path)
         return {}
 

@@ -142,6 +142,20 @@ def test_snapshot_refusals(tmp_path, mounter):
 
     refused(m.cli("snapshot", taken), "exists")
     assert taken.read_bytes() == b"precious"
+    # names inside the mount itself: the daemon must not look them up on the thread
+    # that answers its own mount's requests (it hung there); refused, the mount serves on
+    inside = os.path.join(m.mountpoint, "new.qcow2")
+    refused(m.cli("snapshot", inside, timeout=30), "inside the mount")
+    with SyncQMP(m.socket) as qmp:
+        for command, args in (
+            ("blockdev-snapshot-sync", {"node-name": inside, "snapshot-file": str(new)}),
+            ("block-stream", {"device": inside}),
+            ("block-commit", {"device": inside, "job-id": "j"}),
+            ("block-commit", {"device": "no-such-drive", "job-id": "j"}),
+        ):
+            cls, desc = qmp.error_of(command, args)
+            assert cls == "GenericError" and "not an image of this chain" in desc, (command, desc)
+    assert len(read_file(m.disk, direct=True)) == 16 * M
     with SyncQMP(m.socket) as qmp:
         assert (
             qmp.error_of("blockdev-snapshot-sync", {"snapshot-file": str(taken)})[0]
