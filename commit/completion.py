@@ -15,6 +15,7 @@ import os
 
 from qcow.header import EXT_QCOWFS_DRAINED
 from qcow.leftover import leftover_of
+from qcow.paths import relative_name
 
 from .steps import WRITING
 
@@ -23,7 +24,7 @@ def backing_name_for(overlay, base):
     """Relative (to the overlay's directory) when the old name was relative."""
     old = overlay.backing_name
     if old and not os.path.isabs(old):
-        return os.path.relpath(base.path, os.path.dirname(overlay.path))
+        return relative_name(base.path, os.path.dirname(overlay.path))
     return base.path
 
 

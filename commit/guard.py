@@ -56,6 +56,7 @@ from qcow.chain import MAX_CHAIN, probe_format, resolve_backing
 from qcow.errors import JobError, QcowError
 from qcow.header import read_backing_info
 from qcow.mountinfo import mounts
+from qcow.paths import absolute
 
 from .target import MODES
 
@@ -222,15 +223,6 @@ def _printable(text):
 
 
 # --------------------------------------------------------------------------- scanning
-
-
-def _absolute(path):
-    """An absolute path without lexical normalisation when it has `..` in it (which
-    the kernel resolves after symlinks, unlike os.path.abspath)."""
-    path = os.fspath(path)
-    if ".." in path.split(os.sep):
-        return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
-    return os.path.abspath(path)
 
 
 def _key(st):
@@ -418,8 +410,8 @@ def _scan(chain_paths, targets, guard_dirs, exclude):
     """[(path, route, backing_name, target key)] for every file in scope (not a chain
     image, not excluded) whose chain reaches a target; one entry per file (by inode),
     preferring a path that is not a symlink."""
-    chain_paths = [_absolute(p) for p in chain_paths]
-    guard_dirs = [_absolute(d) for d in guard_dirs]
+    chain_paths = [absolute(p) for p in chain_paths]
+    guard_dirs = [absolute(d) for d in guard_dirs]
     for d in guard_dirs:
         _check_dir(d)
     stop = set()
@@ -431,7 +423,7 @@ def _scan(chain_paths, targets, guard_dirs, exclude):
     skip = set(stop)
     for p in exclude:
         try:
-            skip.add(_key(os.stat(_absolute(p))))
+            skip.add(_key(os.stat(absolute(p))))
         except OSError:
             pass
     scan = _Scan(targets, stop, guard_dirs)
@@ -459,7 +451,7 @@ def _scan(chain_paths, targets, guard_dirs, exclude):
 def _target_keys(paths):
     keys = {}
     for p in paths:
-        p = _absolute(p)
+        p = absolute(p)
         try:
             keys.setdefault(_key(os.stat(p)), p)
         except OSError:
@@ -520,7 +512,7 @@ def find_dependants(
     topmost chain image in changed or invalidated), active says top is the active
     image. Sorted by dependant path.
     """
-    chain_paths = [_absolute(p) for p in chain_paths]
+    chain_paths = [absolute(p) for p in chain_paths]
     base_keys = _target_keys(changed)
     inter_keys = {k: p for k, p in _target_keys(invalidated).items() if k not in base_keys}
     targets = {**inter_keys, **base_keys}
@@ -656,7 +648,7 @@ def dependants_report(image, guard_dirs, as_json=False):
         import sys
 
         scope = sorted(
-            {os.path.dirname(p) for p in chain_paths} | {_absolute(d) for d in guard_dirs or ()}
+            {os.path.dirname(p) for p in chain_paths} | {absolute(d) for d in guard_dirs or ()}
         )
         print(
             _printable(f"no image depends on {image} (searched {', '.join(scope)})"),

@@ -28,6 +28,7 @@ import os
 import sys
 
 from qcow.errors import QcowError
+from qcow.paths import absolute
 
 from .mountrecord import socket_for
 from .units import parse_rate
@@ -400,7 +401,7 @@ def cmd_stream(args):
 def cmd_snapshot(args):
     label = args.mountpoint
     _live_target(args, label)
-    new = os.path.abspath(args.new_image)
+    new = absolute(args.new_image)
     if os.path.lexists(new):
         raise QcowError(args.new_image, "already exists; a snapshot creates a new image")
     with _connect(args, label) as conn:

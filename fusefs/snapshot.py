@@ -18,6 +18,7 @@ from commit.qapi import GENERIC_ERROR, QMPError
 from commit.target import require_active
 from qcow.create import create_overlay
 from qcow.errors import QcowError
+from qcow.paths import absolute
 
 log = logging.getLogger("qcowfs.snapshot")
 
@@ -82,7 +83,7 @@ def make_snapshot_command(chain, jobs, read_only, mountpoint):
                 node,
                 "is not the active image: only the active image can be snapshotted",
             )
-            new_path = os.path.abspath(args["snapshot-file"])
+            new_path = absolute(args["snapshot-file"])
             if read_only:
                 raise QcowError(new_path, "the mount is read-only: no snapshot")
             running = [job.id for job in jobs.jobs() if job.status not in ("concluded", "null")]

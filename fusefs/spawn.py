@@ -22,6 +22,7 @@ from fusefs.mountcheck import FSTYPE, check_all, mount_fstype
 from fusefs.readiness import ReplyReader
 from fusefs.units import parse_mib
 from qcow.errors import QcowError
+from qcow.paths import absolute
 
 START_TIMEOUT = 120.0  # seconds `qcowfs mount` waits for the daemon to be ready
 REAP_TIMEOUT = 10.0  # seconds a daemon that failed to start gets to exit
@@ -31,7 +32,7 @@ class MountConfig:
     """Resolved options of one mount (absolute paths: the daemon runs in /)."""
 
     def __init__(self, args):
-        self.image = os.path.abspath(args.image)
+        self.image = absolute(args.image)
         self.mountpoint = os.path.realpath(args.mountpoint)
         self.read_only = bool(args.read_only)
         self.nonempty = bool(getattr(args, "nonempty", False))

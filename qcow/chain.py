@@ -34,6 +34,7 @@ from .l2_table import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .layer import UNMAPPED
 from .leftover import refuse_leftovers
 from .lockdep import make_lock
+from .paths import absolute
 from .raw import RawImage
 from .runs import append_run
 
@@ -162,7 +163,7 @@ class Chain:
                 # already flat (and a damaged qcow2 header must not pass for raw)
                 raise CorruptImage(path, "not a qcow2 image (bad magic)")
             layer = open_layer(
-                os.path.abspath(path),
+                absolute(path),
                 fmt,
                 writable,
                 self.cache_bytes,
@@ -537,7 +538,7 @@ class Chain:
         with self._lock:
             old = self.layers[0]
             new = open_layer(
-                os.path.abspath(path),
+                absolute(path),
                 "qcow2",
                 True,
                 self.cache_bytes,

@@ -19,6 +19,7 @@ from .header import (
     Extension,
     Header,
 )
+from .paths import absolute
 
 DEFAULT_CLUSTER_BITS = 16  # QEMU's default cluster size, 64 KiB
 REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
@@ -88,7 +89,7 @@ def create_overlay(
             os.fsync(fd)
         finally:
             os.close(fd)
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        dfd = os.open(os.path.dirname(absolute(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:

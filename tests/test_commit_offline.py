@@ -44,6 +44,7 @@ from test_commit_support import (
 )
 
 from commit.engine import run_offline
+from qcow.chain import open_chain
 from qcow.errors import QcowError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -695,6 +696,37 @@ def test_cli_refuses_to_grow_a_v2_base_with_snapshots(tmp_path):
         _assert_refused(cp, d, before, "base.qcow2", "smaller", "v2", "snapshots", "amend")
     qemu_img("snapshot", "-a", "s1", base)  # still revertible
     assert convert_raw(base)[: 4 * M] == b"\x11" * (4 * M)
+
+
+def test_backing_names_through_a_symlinked_directory_resolve_as_the_kernel_does(tmp_path):
+    """`link -> real/sub`, and link/active.qcow2 names `../base.qcow2`: the kernel (and so
+    QEMU) finds real/base.qcow2, not the decoy beside `link` that collapsing `link/..` as
+    text gives. The chain reads as qemu-img reads it, and a commit through the link
+    writes a backing name that still leads to base (from the real directory)."""
+    d = tmp_path / "img"
+    (d / "real" / "sub").mkdir(parents=True)
+    base = create(str(d / "real" / "base.qcow2"), 4 * M)
+    apply_ops(base, [("w", 0, M, 0xAA)])
+    decoy = create(str(d / "base.qcow2"), 4 * M)
+    apply_ops(decoy, [("w", 0, M, 0x55)])
+    create(str(d / "real" / "sub" / "top.qcow2"), 4 * M, backing="../base.qcow2")
+    apply_ops(str(d / "real" / "sub" / "top.qcow2"), [("w", M, M, 0x33)])
+    create(str(d / "real" / "sub" / "active.qcow2"), 4 * M, backing="top.qcow2")
+    (d / "link").symlink_to("real/sub")
+    active = str(d / "link" / "active.qcow2")
+    want = convert_raw(active)
+    assert want[:4] == b"\xaa" * 4
+    with open_chain(active) as chain:
+        assert chain.read(0, chain.virtual_size) == want
+        assert os.path.samefile(chain.layers[-1].path, base)
+    assert commit_cli(active).returncode == 0
+    chain = qemu_info_chain(active)
+    assert [os.path.realpath(i["filename"]) for i in chain] == [
+        os.path.realpath(active),
+        os.path.realpath(base),
+    ]
+    assert convert_raw(active) == want
+    assert convert_raw(decoy)[:4] == b"\x55" * 4
 
 
 def test_cli_refuses_two_image_chain(tmp_path):
