@@ -184,10 +184,13 @@ class Daemon:
             " <- ".join(f"{layer.path} ({layer.format})" for layer in reversed(self.chain.layers)),
         )
         self.ops = MountFS(self.chain, cfg.name, read_only=cfg.read_only, watchdog=cfg.watchdog)
+        # the mount table's source column, for people to read: pyfuse3 passes options
+        # as ASCII, so other characters show as '?' (the mount record names the image)
+        fsname = cfg.image.encode("ascii", "replace").decode("ascii")
         options = {
             "default_permissions",
             "subtype=qcowfs",
-            "fsname=" + cfg.image.replace("\\", "\\\\").replace(",", "\\,"),
+            "fsname=" + fsname.replace("\\", "\\\\").replace(",", "\\,"),
         }
         if cfg.read_only:
             options.add("ro")

@@ -37,7 +37,7 @@ class MountConfig:
         self.read_only = bool(args.read_only)
         self.nonempty = bool(getattr(args, "nonempty", False))
         self.force = bool(getattr(args, "force", False))
-        self.name = args.name
+        self.name = _file_name(args.name)
         self.allow_other = bool(args.allow_other)
         self.cache_mib = parse_mib(args.cache_mib)
         self.no_resume = bool(getattr(args, "no_resume", False))
@@ -63,6 +63,15 @@ class MountConfig:
             "--force": self.force,
         }
         return argv + [flag for flag, on in flags.items() if on]
+
+
+def _file_name(name):
+    """--name: the flat file's name in the mount's one directory."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name or len(os.fsencode(name)) > 255:
+        raise QcowError(
+            None, f"--name {name!r}: must be a plain file name (not empty, '.' or '..', no '/')"
+        )
+    return name
 
 
 def cmd_mount(args):

@@ -325,6 +325,38 @@ def test_ext4_on_loop_device(tmp_path, mounter):
     assert cp.returncode == 0, cp.stdout + cp.stderr
 
 
+def test_an_image_path_beyond_ascii_mounts(tmp_path, mounter):
+    """The image's path goes into the mount table's source column, which pyfuse3 takes
+    as ASCII only: a path with 'ä' in it must mount all the same."""
+    d = tmp_path / "ü dir"
+    d.mkdir()
+    img = d / "ä.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x7e 0 64k", img], check=True, capture_output=True)
+    m = mounter(img)
+    assert read_file(m.disk, direct=True) == convert_raw(img, share=True)
+    m.unmount()
+    check_clean(img)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
+def test_unusable_names_are_refused(tmp_path, name):
+    top = make_chain(tmp_path, size=8 * M)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = file_hashes(tmp_path / "images")
+    cp = subprocess.run(
+        [sys.executable, "-m", "fusefs", "mount", top, mnt, "--name", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode != 0 and "Traceback" not in cp.stderr, cp
+    assert cp.stderr.count("\n") == 1 and "--name" in cp.stderr, cp.stderr
+    assert not os.path.ismount(mnt)
+    assert file_hashes(tmp_path / "images") == before
+
+
 def test_name_option_and_metadata(tmp_path, mounter):
     top = make_chain(tmp_path, size=8 * M)
     m = mounter(top, name="vm.img")
