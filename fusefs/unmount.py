@@ -90,14 +90,19 @@ def cmd_unmount(args):
 
 
 def _say_pivoted(mountpoint, record, nodes):
-    """After an active commit pivoted, the image mounted is no longer the disk."""
+    """After a snapshot or an active commit's pivot, the image mounted is no longer the
+    disk: say which is, and how it came to be."""
     now = nodes[0].get("file") if nodes else None
     was = (record or {}).get("image")
-    if now and was and now != was:
-        print(
-            f"{mountpoint}: unmounted; the disk is now {now} (an active commit "
-            f"pivoted to it from {was})"
-        )
+    if not (now and was) or now == was:
+        return
+    below = {os.path.realpath(node.get("file", "")) for node in nodes[1:]}
+    how = (
+        f"a snapshot put it above {was}"
+        if os.path.realpath(was) in below
+        else f"an active commit pivoted to it from {was}"
+    )
+    print(f"{mountpoint}: unmounted; the disk is now {now} ({how})")
 
 
 def _refuse_busy(mountpoint, busy):

@@ -189,7 +189,8 @@ def test_snapshot_refusals(tmp_path, mounter):
     cp = m.cli("snapshot", other)
     assert cp.returncode == 0, (cp.stderr, m.log())
     assert qemu_info_chain(str(other), share=True)[0]["backing-filename"] == c.active
-    m.unmount()
+    said = m.unmount().stdout
+    assert f"the disk is now {other} (a snapshot put it above {c.active})" in said, said
     check_images([str(other)])
     m = mounter(c.active, "--read-only")
     refused(m.cli("snapshot", new), "read-only")
