@@ -12,6 +12,7 @@ from qcow.errors import QcowError
 _UNITS = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 SMALL_RATE = 64 << 10  # a bare rate below this is most likely a forgotten suffix
+MAX_RATE = (1 << 63) - 1  # QMP's speed is a signed 64-bit integer
 
 
 def parse_size(text, option):
@@ -32,10 +33,12 @@ def parse_rate(text, option="--speed"):
     """Bytes per second; warns (stderr, one line) when a bare number looks too small
     to be meant as bytes per second."""
     rate, with_unit = parse_size(text, option)
+    if rate > MAX_RATE:
+        raise QcowError(None, f"{option} {text}: too large (at most {MAX_RATE} bytes/s)")
     if not with_unit and 0 < rate < SMALL_RATE:
         print(
             f"qcowfs: warning: {option} {text} means {rate} bytes/s (add a unit for "
-            f"more: {text}K, {text}M)",
+            f"more: {rate}K, {rate}M)",
             file=sys.stderr,
         )
     return rate

@@ -98,6 +98,11 @@ def test_bare_small_speed_warns(tmp_path, mounter):
     assert cp.returncode == 0, cp.stderr
     cp = run_qcowfs("commit", m.mountpoint, "--speed", "fast")
     one_line_error(cp, "--speed fast")
+    cp = run_qcowfs("commit", m.mountpoint, "--speed", str(1 << 63))  # past QMP's int64
+    one_line_error(cp, f"--speed {1 << 63}", "too large")
+    cp = _slow_commit(m, "1b")  # the suggestion is one the parser takes
+    assert "means 1 bytes/s (add a unit for more: 1K, 1M)" in cp.stderr, cp.stderr
+    assert run_qcowfs("cancel", m.mountpoint, "commit").returncode == 0
     m.unmount()
 
 
