@@ -4,6 +4,8 @@ Pure lookups over an open chain; nothing here writes.
 """
 
 import os
+import re
+import weakref
 from collections import namedtuple
 
 from qcow.errors import JobError
@@ -47,9 +49,60 @@ class CommitTarget(namedtuple("CommitTarget", "chain top_path base_path mode act
         return self.chain.layers[self.top_index : self.base_index]
 
 
-def node_name(index):
-    """Stable names for query-named-block-nodes: the active layer is 'node0'."""
-    return f"node{index}"
+class NodeNames:
+    """The QMP node names of one chain's layers. A layer keeps its name while it stays in
+    the chain, as in QEMU, so a name a client read before a snapshot or a commit still
+    means the same image after it: node0, node1, ... top first as the chain was opened;
+    a layer that comes later takes the name asked for (blockdev-snapshot-sync's
+    snapshot-node-name) or the next nodeN never given. Keyed by path: reopening a
+    layer replaces its object, not its file."""
+
+    def __init__(self):
+        self.by_path = {}
+        self.given = 0  # nodeN names handed out so far
+
+    def of(self, layer):
+        name = self.by_path.get(layer.path)
+        if name is None:
+            while f"node{self.given}" in self.by_path.values():
+                self.given += 1
+            name = self.by_path[layer.path] = f"node{self.given}"
+            self.given += 1
+        return name
+
+    def claim(self, chain, path, name):
+        """Give the layer that will be at `path` the name a client chose (QEMU's rules:
+        a letter first, then letters, digits, '-', '_' or '.'; at most 31; not the name
+        of an image in the chain)."""
+        live = {layer.path for layer in chain.layers}
+        self.by_path = {p: n for p, n in self.by_path.items() if p in live}
+        if not _NODE_NAME.fullmatch(name):
+            raise JobError(
+                name,
+                "is not a valid node name (a letter first, at most 31 of "
+                "letters, digits, '-', '_', '.')",
+            )
+        if name in self.by_path.values():
+            raise JobError(name, "is the node name of another image already")
+        self.by_path[path] = name
+
+    def forget(self, path):
+        self.by_path.pop(path, None)
+
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+_node_names = weakref.WeakKeyDictionary()  # chain -> NodeNames
+
+
+def node_names(chain):
+    """The NodeNames of `chain`, made on first use (the chain as it is then: node0 is
+    its active image)."""
+    names = _node_names.get(chain)
+    if names is None:
+        names = _node_names[chain] = NodeNames()
+        for layer in chain.layers:
+            names.of(layer)
+    return names
 
 
 def require_active(chain, name, refusal):
@@ -68,8 +121,9 @@ def find_layer(chain, name):
     if name is None:
         return None
     layers = chain.layers
+    names = node_names(chain)
     for i, layer in enumerate(layers):
-        if name in (layer.filename, layer.path, node_name(i)):
+        if name in (layer.filename, layer.path, names.of(layer)):
             return layer
         if i and layers[i - 1].backing_name == name:
             return layer

@@ -27,7 +27,7 @@ from commit.intent import resume_plan
 from commit.jobmanager import JobManager
 from commit.qapi import QMPError
 from commit.stream import make_stream_factory
-from commit.target import node_name  # node names block-commit's top/base accept
+from commit.target import node_names  # the names block-commit's top/base accept
 from fusefs import (
     mountrecord,  # where CLI commands find this mount
     qmp,  # the control socket
@@ -446,10 +446,11 @@ class Daemon:
 def block_nodes(chain):
     """`query-named-block-nodes`: the chain, top first."""
     out = []
+    names = node_names(chain)
     for depth, layer in enumerate(chain.layers):
         out.append(
             {
-                "node-name": node_name(depth),
+                "node-name": names.of(layer),
                 "file": layer.path,
                 "virtual-size": layer.virtual_size,
                 "format": layer.format,

@@ -15,7 +15,7 @@ import os
 import trio
 
 from commit.qapi import GENERIC_ERROR, QMPError
-from commit.target import require_active
+from commit.target import node_names, require_active
 from qcow.create import create_overlay
 from qcow.errors import QcowError
 from qcow.paths import absolute
@@ -92,7 +92,15 @@ def make_snapshot_command(chain, jobs, read_only, mountpoint):
                     new_path, f"job '{running[0]}' is running; take the snapshot once it has ended"
                 )
             await trio.to_thread.run_sync(check_new_image, new_path, mountpoint)
-            await trio.to_thread.run_sync(take_snapshot, chain, new_path)
+            names = node_names(chain)
+            wanted = args.get("snapshot-node-name")
+            if wanted is not None:  # before the switch: a query in between sees it named
+                names.claim(chain, new_path, wanted)
+            try:
+                await trio.to_thread.run_sync(take_snapshot, chain, new_path)
+            except BaseException:
+                names.forget(new_path)
+                raise
         return {}
 
     return handler

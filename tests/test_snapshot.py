@@ -197,3 +197,44 @@ def test_snapshot_refusals(tmp_path, mounter):
     assert not new.exists()
     m.unmount()
     check_images(c.images)
+
+
+def test_node_names_stay_with_their_images(tmp_path, mounter):
+    """QEMU's node names do not move when the chain changes: a name a client read before
+    a snapshot still means that image after it (positional names made `top-node=node0`
+    an active commit of the new overlay). The snapshot takes the name asked for
+    (snapshot-node-name), else the next nodeN never given; a commit by the old names
+    commits what they named."""
+    c = build_live_chain(tmp_path / "img", size=16 * M)
+    m = mounter(c.active)
+    with SyncQMP(m.socket) as qmp:
+        before = {n["node-name"]: n["file"] for n in qmp.execute("query-named-block-nodes")}
+        assert list(before) == ["node0", "node1", "node2", "node3"]
+        new = str(tmp_path / "img" / "snap.qcow2")
+        for bad in ("node1", "1st", "x" * 32):
+            cls, desc = qmp.error_of(
+                "blockdev-snapshot-sync", {"snapshot-file": new, "snapshot-node-name": bad}
+            )
+            assert cls == "GenericError" and bad in desc, desc
+        assert not os.path.exists(new)
+        qmp.execute("blockdev-snapshot-sync", {"snapshot-file": new, "snapshot-node-name": "snap0"})
+        after = {n["node-name"]: n["file"] for n in qmp.execute("query-named-block-nodes")}
+        assert after == {"snap0": new, **before}
+        other = str(tmp_path / "img" / "snap2.qcow2")
+        qmp.execute("blockdev-snapshot-sync", {"snapshot-file": other})
+        names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
+        assert names == ["node4", "snap0", "node0", "node1", "node2", "node3"]
+        # mid (node2) and top (node1) into base (node3), by the names read at the start
+        start = len(qmp.events)
+        qmp.execute("block-commit", {"job-id": "c", "top-node": "node1", "base-node": "node3"})
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60, start=start)["data"]
+        assert "error" not in done, done
+        nodes = qmp.execute("query-named-block-nodes")
+        assert [(n["node-name"], n["file"]) for n in nodes] == [
+            ("node4", other),
+            ("snap0", new),
+            ("node0", before["node0"]),
+            ("node3", before["node3"]),
+        ]
+    m.unmount()
+    check_images([other])
