@@ -139,6 +139,18 @@ def _match_node(nodes, name, what, label):
     return None
 
 
+# virsh blockcommit refuses it too: folding the active image is another operation (a
+# mirror, then a pivot), which a user asks for by name
+ACTIVE_TOP = "is the active image: committing it is an active commit; add --active"
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
 def _commit_arguments(args, nodes, label):
     """block-commit's arguments for the CLI's options."""
     if not nodes:
@@ -165,6 +177,8 @@ def _commit_arguments(args, nodes, label):
                 f"use --active",
             )
         arguments["top"] = nodes[1]["file"]
+    elif top_node is active:
+        raise QcowError(args.top, ACTIVE_TOP)
     elif top_node is not None:
         arguments["top"] = top_node["file"]
     else:
@@ -317,6 +331,8 @@ def _offline_commit(args):
     top = args.top
     if args.active and top is None:
         top = image
+    elif not args.active and top is not None and _same_file(top, image):
+        raise QcowError(top, ACTIVE_TOP)
     speed = parse_rate(args.speed) if args.speed else 0
     base = _offline_base(image, args.base) if args.active else None
     bar = _Progress(os.path.basename(image))

@@ -87,6 +87,17 @@ def test_speed_units_set_speed_and_wait(tmp_path, mounter):
     check_clean(top)
 
 
+def test_top_naming_the_active_image_needs_active(tmp_path, mounter):
+    top = make_chain3(tmp_path)
+    m = mounter(top)
+    for name in (top, "node0"):
+        cp = run_qcowfs("commit", m.mountpoint, "--top", name)
+        one_line_error(cp, name, "is the active image", "add --active")
+    assert job(m) is None
+    m.unmount()
+    check_clean(top)
+
+
 def test_bare_small_speed_warns(tmp_path, mounter):
     m = mounter(make_chain3(tmp_path))
     cp = _slow_commit(m, "10")
@@ -234,6 +245,10 @@ def test_offline_active_commit(tmp_path):
     before = sha256_tree(d)
     cp = run_qcowfs("commit", top)
     one_line_error(cp, "nothing below the active image to commit", "use --active")
+    # --top naming the active image is an active commit: asked for by --active only, as
+    # virsh blockcommit asks (a forgotten flag must not start another operation)
+    cp = run_qcowfs("commit", top, "--top", top)
+    one_line_error(cp, top, "is the active image", "add --active")
     assert sha256_tree(d) == before
 
     cp = run_qcowfs("commit", top, "--active")
