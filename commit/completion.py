@@ -40,9 +40,10 @@ def zero_past_short(chain, layer, base):
         base.write_zeroes(layer.virtual_size, end - layer.virtual_size, chain.below_fn(base))
 
 
-def drop_layers_down_to(chain, overlay, base):
-    """Steps 3-4: rewrite `overlay`'s backing to `base` and drop what lay between.
-    Returns the dropped layers (closed, or closing once reads in flight finish)."""
+def drop_layers_down_to(chain, overlay, base, name=None):
+    """Steps 3-4: rewrite `overlay`'s backing to `base` (by `name`, else by the name
+    backing_name_for works out) and drop what lay between. Returns the dropped layers
+    (closed, or closing once reads in flight finish)."""
     base.flush()
     # the overlay's header rewrite flushes it under the chain's lock (guest I/O waits):
     # flush it before, so that one has nothing left to do
@@ -51,7 +52,7 @@ def drop_layers_down_to(chain, overlay, base):
     if was_read_only:
         overlay = chain.reopen(overlay, True)
     try:
-        dropped = chain.drop_layers(overlay, base, backing_name_for(overlay, base))
+        dropped = chain.drop_layers(overlay, base, name or backing_name_for(overlay, base))
     finally:
         if was_read_only:
             chain.reopen(overlay, False)
@@ -114,7 +115,7 @@ def drop_range(target):
         for layer in target.range_layers:
             mark_leftover(chain, layer, base)
         overlay = chain.layers[target.top_index - 1]
-        dropped = drop_layers_down_to(chain, overlay, base)
+        dropped = drop_layers_down_to(chain, overlay, base, target.backing_file)
     yield from ()
     return dropped
 

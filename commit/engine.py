@@ -39,6 +39,7 @@ def start_commit(
     job_id="commit",
     speed=0,
     chunk=CHUNK,
+    backing_file=None,
 ):
     """(target, stranded, steps): a checked request and its step generator, copying
     `chunk` bytes per step at most. The steps return the dropped layers when they finish.
@@ -46,7 +47,7 @@ def start_commit(
     The stranding guard runs first: it refuses (JobError) when another chain depends on
     an image this commit changes, invalidates or deletes; with force it returns the
     dependants that are stranded."""
-    target = resolve_target(chain, top, base, mode, active, default_top_active)
+    target = resolve_target(chain, top, base, mode, active, default_top_active, backing_file)
     stranded = guard_commit(
         [layer.path for layer in chain.layers],
         target.base_index,
@@ -311,6 +312,7 @@ def make_commit_factory(chain, default_guard_dirs=(), read_only_mount=None):
                 delete=delete,
                 job_id=job_id,
                 speed=args.get("speed", 0),
+                backing_file=args.get("backing-file"),
             )
 
         # the stranding guard's scan may be long: cancelling the command (a shutdown)

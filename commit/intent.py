@@ -37,6 +37,8 @@ def with_intent(target, job_id, force, speed, steps):
         "force": bool(force),
         "speed": int(speed or 0),
     }
+    if target.backing_file is not None:
+        record["backing-file"] = target.backing_file
     recorded = _set(chain, overlay, record)
     try:
         result = yield from steps
@@ -103,6 +105,8 @@ def resume_plan(chain, read_only, no_resume):
         args["x-force"] = True
     if isinstance(record.get("speed"), int) and record["speed"] > 0:
         args["speed"] = record["speed"]
+    if isinstance(record.get("backing-file"), str):
+        args["backing-file"] = record["backing-file"]
     return f"{what}: resuming it", args
 
 

@@ -83,6 +83,8 @@ SCHEMA = {
         "*on-error": "BlockdevOnError",
         "*auto-finalize": "bool",
         "*auto-dismiss": "bool",
+        "*backing-file": "str",
+        "*filter-node-name": "str",  # accepted; qcowfs puts no filter node in the graph
         "*x-mode": "x-CommitMode",
         "*x-guard-dirs": ["str"],
         "*x-force": "bool",

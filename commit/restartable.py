@@ -37,7 +37,8 @@ def restartable_commit(target, chunk=CHUNK):
             zero_past_short(chain, layer, base)
             mark_leftover(chain, layer, base)  # before it leaves: the guard skips it then
             overlay = chain.layers[chain.index_of(layer) - 1]
-            dropped += drop_layers_down_to(chain, overlay, base)
+            name = target.backing_file if layer.path == target.top_path else None
+            dropped += drop_layers_down_to(chain, overlay, base, name)
     return dropped
 
 

@@ -8,16 +8,19 @@ import re
 import weakref
 from collections import namedtuple
 
-from qcow.errors import JobError
+from qcow.chain import resolve_backing
+from qcow.errors import JobError, QcowError
 
 MODES = ("simple", "restartable")  # also block-commit's x-mode and the CLI's --mode
 
 
-class CommitTarget(namedtuple("CommitTarget", "chain top_path base_path mode active")):
+class CommitTarget(namedtuple("CommitTarget", "chain top_path base_path mode active backing_file")):
     """Layers are named by path: reopening (read-write and back) replaces the layer
     objects, and dropping layers shifts indexes, so both are looked up when used.
     top_path: the topmost layer committed (inclusive); base_path: the layer committed
-    into; active: top is the active layer (a mirror, then a pivot)."""
+    into; active: top is the active layer (a mirror, then a pivot); backing_file: the
+    name to write into top's overlay for base (block-commit's backing-file), or None
+    to work one out."""
 
     __slots__ = ()
 
@@ -170,11 +173,18 @@ def _committed_into(chain, name):
 
 
 def resolve_target(
-    chain, top=None, base=None, mode="simple", active=False, default_top_active=False
+    chain,
+    top=None,
+    base=None,
+    mode="simple",
+    active=False,
+    default_top_active=False,
+    backing_file=None,
 ):
     """Build the CommitTarget for a request. Without `top`, the CLI commits the active
     image's backing file (as virsh does) and QMP commits the active layer (as QEMU does:
-    `default_top_active`); `active` forces the active layer."""
+    `default_top_active`); `active` forces the active layer. `backing_file` must lead
+    from top's overlay to base (QEMU writes it unchecked; a wrong one breaks the chain)."""
     layers = chain.layers
     if mode not in MODES:
         raise JobError(None, f"unknown commit mode '{mode}' (simple or restartable)")
@@ -224,4 +234,22 @@ def resolve_target(
         # no write bit at all counts as read-only even for root, who could write anyway
         if not os.access(layer.path, os.W_OK) or not os.stat(layer.path).st_mode & 0o222:
             raise JobError(layer.filename, f"must be writable for this commit ({mode} mode)")
-    return CommitTarget(chain, top_layer.path, base_layer.path, mode, is_active)
+    if backing_file is not None:
+        _check_backing_file(layers, ti, base_layer, backing_file)
+    return CommitTarget(chain, top_layer.path, base_layer.path, mode, is_active, backing_file)
+
+
+def _check_backing_file(layers, ti, base_layer, name):
+    if ti == 0:
+        raise JobError(name, "backing-file: top is the active image, which has no overlay")
+    overlay = layers[ti - 1]
+    try:
+        leads = os.path.samefile(resolve_backing(name, overlay.path), base_layer.path)
+    except (OSError, ValueError, QcowError):
+        leads = False
+    if not leads:
+        raise JobError(
+            name,
+            f"backing-file: does not lead to base {base_layer.filename} from "
+            f"{os.path.dirname(overlay.path)} (where {overlay.filename} would look for it)",
+        )

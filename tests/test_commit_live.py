@@ -16,7 +16,7 @@ import time
 
 import pytest
 from mount_fixtures import pid_alive, read_file, wait_until
-from qemu_helpers import apply_ops, convert_raw, create
+from qemu_helpers import apply_ops, convert_raw, create, qemu_info_chain
 from test_commit_support import (
     Chain,
     K,
@@ -463,3 +463,43 @@ def read_file_skipping(path, bad_off, bad_len):
     finally:
         os.close(fd)
     return bytes(out)
+
+
+def test_block_commit_backing_file_is_written_as_given(tmp_path, mounter):
+    """block-commit's backing-file (what libvirt sends for --keep-relative): the string
+    top's overlay gets for base, written as given. One that does not lead to base from
+    the overlay's directory is refused before anything changes (QEMU would write it and
+    break the chain), and so is one for an active commit (no overlay). filter-node-name
+    is accepted (qcowfs puts no filter node in the graph)."""
+    c = build_live_chain(tmp_path / "img", size=16 * M)
+    base, mid, top, active = c.images
+    want = flat(active)
+    m = mounter(active)
+    with SyncQMP(m.socket) as qmp:
+        for args in (
+            {"top": top, "base": base, "backing-file": "nope.qcow2"},
+            {"top": active, "base": base, "backing-file": "base.qcow2"},
+        ):
+            cls, desc = qmp.error_of("block-commit", {"job-id": "c", **args})
+            assert cls == "GenericError" and "backing-file" in desc, desc
+        assert len(qmp.execute("query-named-block-nodes")) == 4, "a refusal changed the chain"
+        start = len(qmp.events)
+        qmp.execute(
+            "block-commit",
+            {
+                "job-id": "c",
+                "top": top,
+                "base": base,
+                "backing-file": "./base.qcow2",
+                "filter-node-name": "commit-filter",
+            },
+        )
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60, start=start)["data"]
+        assert "error" not in done, done
+    assert read_file(m.disk) == want
+    m.unmount()
+    info = qemu_info_chain(active)
+    assert info[0]["backing-filename"] == "./base.qcow2"
+    assert [os.path.basename(i["filename"]) for i in info] == ["active.qcow2", "base.qcow2"]
+    assert convert_raw(active) == want
+    check_images([active])
