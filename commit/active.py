@@ -131,8 +131,8 @@ def active_commit(target, chunk=CHUNK):
                 for layer in [base] + chain.layers[: chain.index_of(base)]:
                     layer.flush()
                 if decision == "complete":
+                    marked = True  # first: a failure part way unmarks what it marked
                     mark_intermediates(chain, base)
-                    marked = True
             with chain.lock, WRITING:
                 if mirror.count:
                     continue  # a mirrored write failed meanwhile: copy again, ask again
