@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mount_fixtures import make_chain3, pid_alive, read_file
+from qemu.qmp.protocol import ConnectError
 from qemu_helpers import convert_raw, qemu_img, qemu_io, sha256_tree
 from test_commit_support import SyncQMP
 from test_qmp_support import Raw
@@ -549,6 +550,15 @@ def test_hoarding_clients_are_bounded(single):
     s.close()
     for h in hoarders:
         h.close()
-    assert _query_latency(m.socket, 3) < 5.0
+    # the bound counts the clients the daemon has not seen leave yet (it sees each EOF
+    # in turn): under load a new client may be turned away for a moment, then served
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert _query_latency(m.socket, 3) < 5.0
+            break
+        except ConnectError:
+            assert time.monotonic() < deadline, "no new client served after the hoarders left"
+            time.sleep(0.2)
     assert read_file(m.disk) == want
     assert _rss_kib(pid) - rss0 < 200 * 1024, (rss0, _rss_kib(pid))
