@@ -1,6 +1,7 @@
 """Which layers a commit works on: resolving `top`/`base` names and checking the request.
 
-Pure lookups over an open chain; nothing here writes.
+Lookups over an open chain, and the node names QMP gives its layers; nothing here
+writes to an image.
 """
 
 import os
@@ -60,37 +61,43 @@ class NodeNames:
     snapshot-node-name) or the next nodeN never given. Keyed by path: reopening a
     layer replaces its object, not its file."""
 
-    def __init__(self):
+    def __init__(self, chain):
+        # the chain's lock: names are read and given by the trio thread (queries) and
+        # worker threads (lookups) alike, and follow the chain's layer list
+        self.lock = chain.lock
         self.by_path = {}
         self.given = 0  # nodeN names handed out so far
 
     def of(self, layer):
-        name = self.by_path.get(layer.path)
-        if name is None:
-            while f"node{self.given}" in self.by_path.values():
+        with self.lock:
+            name = self.by_path.get(layer.path)
+            if name is None:
+                while f"node{self.given}" in self.by_path.values():
+                    self.given += 1
+                name = self.by_path[layer.path] = f"node{self.given}"
                 self.given += 1
-            name = self.by_path[layer.path] = f"node{self.given}"
-            self.given += 1
-        return name
+            return name
 
     def claim(self, chain, path, name):
         """Give the layer that will be at `path` the name a client chose (QEMU's rules:
         a letter first, then letters, digits, '-', '_' or '.'; at most 31; not the name
         of an image in the chain)."""
-        live = {layer.path for layer in chain.layers}
-        self.by_path = {p: n for p, n in self.by_path.items() if p in live}
         if not _NODE_NAME.fullmatch(name):
             raise JobError(
                 name,
                 "is not a valid node name (a letter first, at most 31 of "
                 "letters, digits, '-', '_', '.')",
             )
-        if name in self.by_path.values():
-            raise JobError(name, "is the node name of another image already")
-        self.by_path[path] = name
+        with self.lock:
+            live = {layer.path for layer in chain.layers}
+            self.by_path = {p: n for p, n in self.by_path.items() if p in live}
+            if name in self.by_path.values():
+                raise JobError(name, "is the node name of another image already")
+            self.by_path[path] = name
 
     def forget(self, path):
-        self.by_path.pop(path, None)
+        with self.lock:
+            self.by_path.pop(path, None)
 
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
@@ -100,12 +107,13 @@ _node_names = weakref.WeakKeyDictionary()  # chain -> NodeNames
 def node_names(chain):
     """The NodeNames of `chain`, made on first use (the chain as it is then: node0 is
     its active image)."""
-    names = _node_names.get(chain)
-    if names is None:
-        names = _node_names[chain] = NodeNames()
-        for layer in chain.layers:
-            names.of(layer)
-    return names
+    with chain.lock:
+        names = _node_names.get(chain)
+        if names is None:
+            names = _node_names[chain] = NodeNames(chain)
+            for layer in chain.layers:
+                names.of(layer)
+        return names
 
 
 def require_active(chain, name, refusal):

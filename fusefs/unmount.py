@@ -85,11 +85,11 @@ def cmd_unmount(args):
         raise QcowError(mountpoint, "still mounted after the daemon exited")
     if not clean:
         raise QcowError(mountpoint, f"mount daemon exited without a clean shutdown; see {log_path}")
-    _say_pivoted(mountpoint, record, nodes)
+    _say_new_disk(mountpoint, record, nodes)
     return 0
 
 
-def _say_pivoted(mountpoint, record, nodes):
+def _say_new_disk(mountpoint, record, nodes):
     """After a snapshot or an active commit's pivot, the image mounted is no longer the
     disk: say which is, and how it came to be."""
     now = nodes[0].get("file") if nodes else None

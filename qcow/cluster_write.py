@@ -173,19 +173,22 @@ class ClusterWriter:
         """Write guest data at this layer; partial clusters copy the rest from
         this layer's current view (copy-on-write from `below` where unallocated).
 
-        Two phases, so that `below` (the chain beneath: it takes the chain's lock) is
-        never called with this layer's lock held: plan which bytes the copy-on-write
-        needs from below, read them without the lock, then write under the lock if the
-        plan still holds (a concurrent write to this layer may have changed it: plan
-        again)."""
+        Clusters this layer owns, one after the other in the file, are overwritten in
+        place at once (fast_host: the one fast path of every write, a guest's or a
+        commit's). Otherwise two phases, so that `below` (the chain beneath: it takes
+        the chain's lock) is never called with this layer's lock held: plan which bytes
+        the copy-on-write needs from below, read them without the lock, then write
+        under the lock if the plan still holds (a concurrent write to this layer may
+        have changed it: plan again)."""
+        with self.lock:
+            self._prepare_write()
+            host = self.fast_host(off, len(data), for_write=True)
+            if host is not None:  # owned clusters, one after the other: in place
+                self.io.pwrite(data, host)
+                return
         fill = _Fill()
         while True:
             with self.lock:
-                self._prepare_write()
-                host = self.fast_host(off, len(data), for_write=True)
-                if host is not None:  # owned clusters, one after the other: in place
-                    self.io.pwrite(data, host)
-                    return
                 need = self._below_ranges(off, len(data))
                 if fill.covers(need):
                     self._write_locked(off, data, fill.read)
