@@ -45,14 +45,15 @@ def drop_layers_down_to(chain, overlay, base, name=None):
     backing_name_for works out) and drop what lay between. Returns the dropped layers
     (closed, or closing once reads in flight finish)."""
     base.flush()
-    # the overlay's header rewrite flushes it under the chain's lock (guest I/O waits):
-    # flush it before, so that one has nothing left to do
-    overlay.flush()
     was_read_only = overlay.read_only
     if was_read_only:
         overlay = chain.reopen(overlay, True)
     try:
-        dropped = chain.drop_layers(overlay, base, name or backing_name_for(overlay, base))
+        # the new backing file relies on base alone: the overlay's own writes (the
+        # guest's, on the active image) are not waited for
+        dropped = chain.drop_layers(
+            overlay, base, name or backing_name_for(overlay, base), flush_overlay=False
+        )
     finally:
         if was_read_only:
             chain.reopen(overlay, False)

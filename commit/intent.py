@@ -62,7 +62,8 @@ def _set(chain, path, record):
     if was_read_only:
         layer = chain.reopen(layer, True)
     try:
-        layer.set_extension(EXT_QCOWFS_COMMIT, data)
+        # the record relies on nothing else in the image: not behind the guest's writes
+        layer.set_extension(EXT_QCOWFS_COMMIT, data, flush_first=False)
     except QcowError as e:
         log.warning(
             "%s: cannot record the commit's intent (%s); if it is interrupted, "

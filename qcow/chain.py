@@ -486,18 +486,20 @@ class Chain:
             self._share_cache()
         return new
 
-    def drop_layers(self, overlay, new_backing, backing_name):
+    def drop_layers(self, overlay, new_backing, backing_name, flush_overlay=True):
         """Make `overlay` name `new_backing` (already flushed) as its backing file and
         drop the layers in between. The header is rewritten first (durably; the
         in-memory chain is unchanged meanwhile, so guest I/O goes on), then the chain
-        switches in one assignment."""
+        switches in one assignment. flush_overlay=False when the new backing file does
+        not rely on the overlay's own writes (a commit: base holds what the dropped
+        layers did), which are then not made durable before the header."""
         with self._lock:
             assert self.index_of(overlay) < self.index_of(new_backing)
         if overlay.read_only:
             raise QcowError(
                 overlay.path, "overlay is read-only; cannot rewrite its backing file name"
             )
-        overlay.set_backing(backing_name, new_backing.format)
+        overlay.set_backing(backing_name, new_backing.format, flush_first=flush_overlay)
         with self._lock:
             i, j = self.index_of(overlay), self.index_of(new_backing)
             dropped = self.layers[i + 1 : j]

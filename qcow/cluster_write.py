@@ -105,13 +105,13 @@ class ClusterWriter:
             clusters = region_clusters(self, bitmap_regions(self))
             h.autoclear_features = 0
             h.set_extension(EXT_BITMAPS, None)
-            self.io.pwrite(h.pack_cluster0(), 0)
+            self.io.pwrite_header(h.pack_cluster0(), 0)
             self.io.sync()
             for c in clusters:
                 self.refcounts.free(c)
         elif h.version >= 3 and h.autoclear_features:
             h.autoclear_features = 0
-            self.io.pwrite(*h.pack_fields("autoclear_features"))
+            self.io.pwrite_header(*h.pack_fields("autoclear_features"))
             self.io.sync()
         self.prepared_for_write = True
 

@@ -7,6 +7,7 @@ else in the format layer calls os.pread/os.pwrite/os.fdatasync on an image direc
 import errno
 import functools
 import os
+import threading
 
 from .errors import CorruptImage
 
@@ -35,6 +36,10 @@ class RawIO:
         # written since the last barrier: a barrier with nothing to make durable (a
         # flush of an image nothing changed) costs no fdatasync
         self.unsynced = writable
+        # clear while a header write made durable by itself is in flight: see
+        # pwrite_header
+        self.header_idle = threading.Event()
+        self.header_idle.set()
 
     def size(self):
         return os.fstat(self.fd).st_size
@@ -65,6 +70,28 @@ class RawIO:
             view = view[n:]
             offset += n
         self.unsynced = True
+
+    def pwrite_header(self, data, offset):
+        """A write into the header, made under the layer's lock. It waits for a
+        `pwrite_header_durable` in flight: that one holds a header taken before this
+        write's and must not land after it (over a table move's, say)."""
+        self.header_idle.wait()
+        self.pwrite(data, offset)
+
+    def pwrite_header_durable(self, data):
+        """Write cluster 0 and make it alone durable (RWF_DSYNC: its pages, then the
+        disk's write cache), not the file's other writes as fdatasync would; called
+        without the layer's lock, after clearing `header_idle` under it with `data`
+        taken. `unsynced` is left as it was: the other writes still need a barrier."""
+        assert self.writable, "write to an image opened read-only"
+        view, offset = memoryview(data), 0
+        try:
+            while view:
+                n = os.pwritev(self.fd, [view], offset, os.RWF_DSYNC)
+                view = view[n:]
+                offset += n
+        finally:
+            self.header_idle.set()
 
     def pwritev(self, buffers, offset):
         """Several buffers written contiguously from offset, in one request when it can."""

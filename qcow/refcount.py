@@ -293,7 +293,7 @@ class Refcounts:
         self.io.sync()  # new table and its blocks durable first
         h.refcount_table_offset = t << self.cluster_bits
         h.refcount_table_clusters = new_clusters
-        self.io.pwrite(*h.pack_fields("refcount_table_offset", "refcount_table_clusters"))
+        self.io.pwrite_header(*h.pack_fields("refcount_table_offset", "refcount_table_clusters"))
         self.io.sync()  # header switched before the old table is freed
         for c in range(old_off >> self.cluster_bits, (old_off >> self.cluster_bits) + old_clusters):
             self.add(c, -1)

@@ -1,8 +1,10 @@
 """A RawIO that records every write and flush barrier, for crash-consistency tests
 in the style of CrashMonkey / dm-log-writes.
 
-`Journal` collects, in program order, ("write", offset, bytes), ("sync",), ("truncate",
-size) and ("reserve", offset, length) (fallocate: the file grows) events of one image file,
+`Journal` collects, in program order, ("write", offset, bytes), ("write", offset, bytes,
+"durable") (RWF_DSYNC: that write alone survives a crash once it returned), ("sync",),
+("truncate", size) and ("reserve", offset, length) (fallocate: the file grows) events of
+one image file,
 plus markers the test adds itself
 (e.g. ("flushed", n) once `Qcow2Image.flush()` has returned). `crash_state` builds the
 file as a crash after the first `k` events could leave it: the file as it was at the
@@ -35,7 +37,7 @@ class Journal:
             if e[0] == "write":
                 if keep is not None and not keep(i):
                     continue
-                _, off, data = e
+                off, data = e[1], e[2]
                 if off > len(buf):
                     buf.extend(bytes(off - len(buf)))
                 buf[off : off + len(data)] = data
@@ -76,7 +78,7 @@ class Journal:
             for i in range(s + 1, upto)
             if self.events[i][0] in ("write", "truncate", "reserve") and rng.random() < keep_prob
         }
-        return self.replay(upto, keep=lambda i: i < s or i in chosen)
+        return self.replay(upto, keep=lambda i: i < s or i in chosen or self.events[i][3:])
 
 
 class RecordingIO(RawIO):
@@ -99,6 +101,10 @@ class RecordingIO(RawIO):
             super().pwritev(buffers, offset)
         finally:
             self._vectored = False
+
+    def pwrite_header_durable(self, data):
+        super().pwrite_header_durable(data)
+        self.journal.events.append(("write", 0, bytes(data), "durable"))
 
     def reserve(self, offset, length):
         self.journal.events.append(("reserve", offset, length))

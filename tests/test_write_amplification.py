@@ -179,7 +179,7 @@ def test_flush_writes_only_the_changed_slices_of_tables(tmp_path):
         img.flush()
     finally:
         img.close()
-    writes = [(off, len(data)) for _w, off, data in journal.writes()]
+    writes = [(off, len(data)) for _w, off, data, *_ in journal.writes()]
     data = [w for w in writes if w[1] == cs]
     metadata = sorted(w for w in writes if w[1] != cs)
     assert len(data) == 2, writes
