@@ -12,7 +12,6 @@ XDG_RUNTIME_DIR (who may not create /run/qcowfs) gets ``/tmp/qcowfs-<uid>`` inst
 which must be theirs and private.
 """
 
-import hashlib
 import json
 import os
 import stat
@@ -34,8 +33,13 @@ def runtime_dir():
 
 def mount_key(mountpoint):
     """First 16 hex digits of the sha256 of the mountpoint's real path."""
-    real = os.path.realpath(os.fsencode(mountpoint))
-    return hashlib.sha256(real).hexdigest()[:16]
+    return _key(os.path.realpath(os.fsencode(mountpoint)))
+
+
+def _key(path):
+    import hashlib  # here: offline commands never hash a mountpoint (3 ms of their start)
+
+    return hashlib.sha256(path).hexdigest()[:16]
 
 
 def ensure_private_dir(path):
@@ -72,8 +76,7 @@ def socket_for(real_mountpoint, override=None):
 def record_path(real_mountpoint):
     # no realpath() here: the daemon writes its record while its own mount cannot
     # answer a lookup yet
-    key = hashlib.sha256(os.fsencode(real_mountpoint)).hexdigest()[:16]
-    return os.path.join(runtime_dir(), key + RECORD_SUFFIX)
+    return os.path.join(runtime_dir(), _key(os.fsencode(real_mountpoint)) + RECORD_SUFFIX)
 
 
 def write_record(real_mountpoint, **fields):

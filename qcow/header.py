@@ -11,8 +11,7 @@ import struct
 from contextlib import nullcontext
 from typing import NamedTuple
 
-from construct import Bytes, Const, Int8ub, Int32ub, Int64ub, Padding, Struct
-
+from .construct_types import Bytes, Const, Int8ub, Int32ub, Int64ub, Padding, Struct
 from .errors import CorruptImage, UnsupportedImage
 
 QCOW_MAGIC = b"QFI\xfb"

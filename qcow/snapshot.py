@@ -7,8 +7,7 @@ QCOW_OFLAG_COPIED: copy before writing) and to walk snapshot L1 tables in `check
 
 from collections import namedtuple
 
-from construct import Int16ub, Int32ub, Int64ub, Struct
-
+from .construct_types import Int16ub, Int32ub, Int64ub, Struct
 from .errors import CorruptImage
 
 snapshot_entry = Struct(
