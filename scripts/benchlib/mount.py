@@ -2,9 +2,9 @@
 fio (psync, one job, O_DIRECT) sequential 1 MiB read, 4 KiB random read, sequential
 1 MiB write and 4 KiB random write, each into an empty overlay and into allocated
 clusters; the server's CPU time per request beside each (steadier than throughput on
-a busy machine); time to mount (until the first 4 KiB read returns) and unmount; time
-to a usable `qcowfs info` beside `qemu-img info`; the daemon's peak RSS after random
-reads of a 1 TiB chain."""
+a busy machine); the same patterns on the floor of any pyfuse3 server; time to mount
+(until the first 4 KiB read returns) and unmount; time to a usable `qcowfs info` beside
+`qemu-img info`; the daemon's peak RSS after random reads of a 1 TiB chain."""
 
 import json
 import os
@@ -23,10 +23,11 @@ from .harness import (
     ms,
     na_text,
     proc_status,
+    qemu_img,
     say,
     timed,
 )
-from .servers import mount
+from .servers import FLOOR, mount, mount_floor
 
 MOUNT_GOAL_MS = 250  # or, on a slow machine, the bare imports of a mount plus MOUNT_SLACK_MS
 MOUNT_SLACK_MS = 80
@@ -61,6 +62,9 @@ MOUNTS = (
     ("seqwrite", "seqwrite_alloc", "randwrite_alloc"),
     ("randwrite",),
 )
+# the tests also run on the floor of a pyfuse3 server (a raw copy of the flat view served
+# with one os.pread/os.pwrite per request): what any pyfuse3 server can reach here
+FLOOR_TESTS = ("seqread", "randread", "seqwrite", "randwrite")
 
 
 def fio(ctx, path, rw, bs, size, *, runtime=None, number_ios=None, direct=True):
@@ -114,7 +118,10 @@ def section_mount(ctx, sec):
         f"pass over {ctx.size // M} MiB; the write tests into an empty overlay each on a "
         "fresh empty active layer over the same read-only chain, those into allocated "
         "clusters after the sequential pass over it; server CPU per request: its "
-        "user + system time over the run / fio's requests"
+        "user + system time over the run / fio's requests; the floor: "
+        "scripts/benchlib/programs/pyfuse3_floor.py, one os.pread/os.pwrite per request "
+        "into a raw copy of the flat view (its writes land in allocated blocks), pinned "
+        "like the servers, once per round"
     )
 
 
@@ -127,6 +134,9 @@ class _Samples:
         self.na = {OURS: {}, QSD: {}}
         self.clat_max = {OURS: [], QSD: []}  # of randwrite, ms
         self.cpu = {k: {OURS: [], QSD: []} for k in FIO_TESTS}  # server CPU us/request
+        self.floor = {k: [] for k in FLOOR_TESTS}
+        self.floor_cpu = {k: [] for k in FLOOR_TESTS}
+        self.floor_na = None
 
     def val(self, key, kind):
         if key in self.na[kind]:
@@ -161,6 +171,25 @@ def _one_mount(ctx, kind, tests, top, notes, smp):
                 smp.clat_max[kind].append(r["clat_max_ms"])
         t_unmount = time.perf_counter()
     smp.s["unmount"][kind].append(time.perf_counter() - t_unmount)
+
+
+def _floor_round(ctx, top, smp):
+    """The FLOOR_TESTS on the floor server, one mount."""
+    work = ctx.tmp / "mount" / FLOOR
+    raw = work / "flat.raw"
+    if not raw.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        qemu_img("convert", "-O", "raw", top, raw)
+        os.sync()
+    with mount_floor(ctx, raw, work) as m:
+        for name in FLOOR_TESTS:
+            rw, bs, time_based, figure, _row = FIO_TESTS[name]
+            cpu0 = _cpu_seconds(m.pid)
+            r = fio(ctx, m.file, rw, bs, ctx.size, runtime=ctx.runtime if time_based else None)
+            smp.floor[name].append(r[figure])
+            cpu1 = _cpu_seconds(m.pid)
+            if cpu0 is not None and cpu1 is not None and r["ios"]:
+                smp.floor_cpu[name].append((cpu1 - cpu0) / r["ios"] * 1e6)
 
 
 def _start_rows(ctx, sec, top):
@@ -212,6 +241,12 @@ def _fio_rows(ctx, sec, notes, top, floor):
                 except NA as e:
                     smp.na[kind]["mount"] = str(e)
                     say(f"  {kind}: n/a: {e}")
+        if smp.floor_na is None:
+            try:
+                _floor_round(ctx, top, smp)
+            except NA as e:
+                smp.floor_na = str(e)
+                say(f"  {FLOOR}: n/a: {e}")
     s, val = smp.s, smp.val
     sec.row(
         "time to mount (command start to file serving)",
@@ -251,6 +286,16 @@ def _fio_rows(ctx, sec, notes, top, floor):
             goal=(),
             samples=smp.cpu[name],
         )
+        if name in FLOOR_TESTS:
+            sec.row(
+                "  the floor: a minimal pyfuse3 server of a raw file",
+                "MiB/s" if figure == "bw" else "IOPS",
+                na_text(smp.floor_na) if smp.floor_na else median(smp.floor[name]),
+                val(name, QSD),
+                goal=(),
+                samples={OURS: smp.floor[name]},
+                note=f"its CPU per request: {fmt_num(median(smp.floor_cpu[name]))} us",
+            )
     sec.row(
         "time to unmount (after the last request)",
         "ms",

@@ -1,5 +1,6 @@
 """The two servers of a chain, started and taken down the same way: `qcowfs mount` and
-qemu-storage-daemon's FUSE export; and the QMP client that talks to both. Every mount
+qemu-storage-daemon's FUSE export; the floor of a pyfuse3 server, serving a raw file;
+and the QMP client that talks to the first two. Every mount
 and daemon is taken down on every path (`qcowfs unmount`, QMP `quit`, then kill +
 `fusermount3 -u -z`)."""
 
@@ -12,7 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .harness import NA, OURS, QSD, is_mounted, last_line, lazy_unmount, qemu_img
+from .harness import NA, OURS, QSD, ROOT, is_mounted, last_line, lazy_unmount, qemu_img
+
+FLOOR = "floor"
 
 EVENT_TIMEOUT = 600.0  # seconds a job may take before it counts as hung
 
@@ -67,6 +70,32 @@ def mount_ours(ctx, image, work, notes=None):
         yield m
     finally:
         _unmount_ours(ctx, m, mnt, notes)
+
+
+@contextlib.contextmanager
+def mount_floor(ctx, raw, work):
+    """The floor of a pyfuse3 server (programs/pyfuse3_floor.py) serving `raw`; yields
+    Mounted."""
+    work.mkdir(parents=True, exist_ok=True)
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    argv = ctx.pin(ctx.program("pyfuse3_floor", raw, mnt), ctx.server_cpu)
+    ctx.mounts.add(str(mnt))
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ctx.procs.add(proc)
+    try:
+        _wait_served(mnt / "disk.raw", os.stat(raw).st_size, proc, 30)
+        yield Mounted(FLOOR, mnt / "disk.raw", None, proc.pid, time.perf_counter() - t, None)
+    finally:
+        lazy_unmount(mnt)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        ctx.procs.discard(proc)
+        ctx.mounts.discard(str(mnt))
 
 
 def _unmount_ours(ctx, m, mnt, notes):
