@@ -191,7 +191,7 @@ class _GuestWrites:
 class _Trips:
     """An algorithm's steps run from the trio side, a batch per trip to a worker thread."""
 
-    def __init__(self, gen, guest=None, written=None, share=GUEST_SHARE):
+    def __init__(self, gen, guest, written, share):
         self.gen = gen
         self.guest = guest
         self.share = share

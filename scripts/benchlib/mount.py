@@ -155,18 +155,15 @@ def _one_mount(ctx, kind, tests, top, notes, smp):
     with mount(ctx, kind, active, work, notes) as m:
         smp.s["mount"][kind].append(m.mount_time)
         for name in tests:
-            rw, bs, time_based, figure, _row = FIO_TESTS[name]
-            cpu0 = _cpu_seconds(m.pid)
             try:
-                r = fio(ctx, m.file, rw, bs, ctx.size, runtime=ctx.runtime if time_based else None)
+                r, cpu = _fio_test(ctx, m, name)
             except NA as e:
                 smp.na[kind][name] = str(e)
                 say(f"  {kind} {name}: n/a: {e}")
                 continue
-            smp.s[name][kind].append(r[figure])
-            cpu1 = _cpu_seconds(m.pid)
-            if cpu0 is not None and cpu1 is not None and r["ios"]:
-                smp.cpu[name][kind].append((cpu1 - cpu0) / r["ios"] * 1e6)
+            smp.s[name][kind].append(r[FIO_TESTS[name][3]])
+            if cpu is not None:
+                smp.cpu[name][kind].append(cpu)
             if name == "randwrite":
                 smp.clat_max[kind].append(r["clat_max_ms"])
         t_unmount = time.perf_counter()
@@ -183,13 +180,22 @@ def _floor_round(ctx, top, smp):
         os.sync()
     with mount_floor(ctx, raw, work) as m:
         for name in FLOOR_TESTS:
-            rw, bs, time_based, figure, _row = FIO_TESTS[name]
-            cpu0 = _cpu_seconds(m.pid)
-            r = fio(ctx, m.file, rw, bs, ctx.size, runtime=ctx.runtime if time_based else None)
-            smp.floor[name].append(r[figure])
-            cpu1 = _cpu_seconds(m.pid)
-            if cpu0 is not None and cpu1 is not None and r["ios"]:
-                smp.floor_cpu[name].append((cpu1 - cpu0) / r["ios"] * 1e6)
+            r, cpu = _fio_test(ctx, m, name)
+            smp.floor[name].append(r[FIO_TESTS[name][3]])
+            if cpu is not None:
+                smp.floor_cpu[name].append(cpu)
+
+
+def _fio_test(ctx, m, name):
+    """Run FIO_TESTS[name] on the mounted file: (fio's results, the server's CPU time
+    per request in us, or None when it could not be read)."""
+    rw, bs, time_based, _figure, _row = FIO_TESTS[name]
+    cpu0 = _cpu_seconds(m.pid)
+    r = fio(ctx, m.file, rw, bs, ctx.size, runtime=ctx.runtime if time_based else None)
+    cpu1 = _cpu_seconds(m.pid)
+    if cpu0 is None or cpu1 is None or not r["ios"]:
+        return r, None
+    return r, (cpu1 - cpu0) / r["ios"] * 1e6
 
 
 def _start_rows(ctx, sec, top):

@@ -1,8 +1,7 @@
 """The two servers of a chain, started and taken down the same way: `qcowfs mount` and
 qemu-storage-daemon's FUSE export; the floor of a pyfuse3 server, serving a raw file;
-and the QMP client that talks to the first two. Every mount
-and daemon is taken down on every path (`qcowfs unmount`, QMP `quit`, then kill +
-`fusermount3 -u -z`)."""
+and the QMP client that talks to the first two. Every mount and daemon is taken down on
+every path (`qcowfs unmount`, QMP `quit`, then kill + `fusermount3 -u -z`)."""
 
 import contextlib
 import json
@@ -77,16 +76,20 @@ def mount_floor(ctx, raw, work):
     """The floor of a pyfuse3 server (programs/pyfuse3_floor.py) serving `raw`; yields
     Mounted."""
     work.mkdir(parents=True, exist_ok=True)
-    mnt = work / "mnt"
+    mnt, logf = work / "mnt", work / "floor.log"
     mnt.mkdir(exist_ok=True)
     argv = ctx.pin(ctx.program("pyfuse3_floor", raw, mnt), ctx.server_cpu)
     ctx.mounts.add(str(mnt))
     t = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(logf, "wb") as lf:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
     ctx.procs.add(proc)
     try:
-        _wait_served(mnt / "disk.raw", os.stat(raw).st_size, proc, 30)
-        yield Mounted(FLOOR, mnt / "disk.raw", None, proc.pid, time.perf_counter() - t, None)
+        try:
+            _wait_served(mnt / "disk.raw", os.stat(raw).st_size, proc, 30)
+        except NA as e:
+            raise NA(f"pyfuse3 floor {e}: {last_line(logf.read_text(errors='replace'))}") from None
+        yield Mounted(FLOOR, mnt / "disk.raw", None, proc.pid, time.perf_counter() - t, logf)
     finally:
         lazy_unmount(mnt)
         try:
