@@ -273,6 +273,15 @@ class ClusterWriter:
             chunk = mv[pos : pos + b - a]
             if l1i != table_l1i:  # once per L2 table the write spans
                 table_l1i, table = l1i, self._l2_for_write(l1i)
+            if a == 0 and end - off >= cs:
+                k = self._unowned_run(table, l2i, (end - off) >> cb)
+                if k:  # whole clusters into fresh ones: nothing to copy, nothing per cluster
+                    self._flush_batch(batch)
+                    batch = []
+                    self._write_fresh_run(table, l2i, cstart, mv[pos : pos + (k << cb)])
+                    pos += k << cb
+                    off = cstart + (k << cb)
+                    continue
             fresh = self._write_cluster(table, l2i, cstart, a, b, chunk, below, in_place)
             if fresh is None:
                 self._flush_batch(batch)
@@ -318,6 +327,42 @@ class ClusterWriter:
         bufs = self._compose(entry, bitmap, cstart, sa, sb, a, b, chunk, below)
         new_bitmap = sc_allocated(bitmap, sc_bits) if ext else 0
         return (table, l2i, cstart, entry, new_bitmap, sa, bufs, sb - sa)
+
+    def _unowned_run(self, table, l2i, limit):
+        """How many clusters from l2i on (at most `limit`, within this table) this layer
+        does not own: a whole-cluster write gives each a fresh cluster."""
+        step = 2 if self.extended_l2 else 1
+        stop = min(l2i + limit, self.l2_entries) * step
+        i = l2i * step
+        while i < stop:
+            e = table[i]
+            if e & QCOW_OFLAG_COPIED and e & L2E_OFFSET_MASK and not e & QCOW_OFLAG_COMPRESSED:
+                break
+            i += step
+        return i // step - l2i
+
+    def _write_fresh_run(self, table, l2i, cstart, data):
+        """Whole clusters [cstart, cstart+len(data)), none owned by this layer, into
+        fresh contiguous clusters: the data in one request, then the L2 entries (in the
+        cache: they reach the disk only after a barrier, so after the data)."""
+        cb = self.cluster_bits
+        n = len(data) >> cb
+        base = self.refcounts.alloc(n)
+        self.io.pwrite(data, base)
+        self.file_size = max(self.file_size, base + (n << cb))
+        ext = self.extended_l2
+        step = 2 if ext else 1
+        for k in range(n):
+            i = (l2i + k) * step
+            entry = table[i]
+            table[i] = (base + (k << cb)) | QCOW_OFLAG_COPIED
+            if ext:
+                table[i + 1] = sc_allocated(table[i + 1], SC_ALLOC_MASK)
+            if entry:
+                self._free_entry_clusters(entry)
+        pos = self._l2_entry_pos(cstart)
+        entry_size = self.cluster_size // self.l2_entries
+        self.l2_cache.put_back(self._l2_table_offset(cstart), table, pos, pos + n * entry_size)
 
     def _compose(self, entry, bitmap, cstart, sa, sb, a, b, chunk, below):
         """Buffers that make [sa, sb) of a cluster, in order: the current view before

@@ -56,21 +56,26 @@ class TableCache:
         self._insert(offset, table)
         self.mark_dirty(offset)
 
-    def put_back(self, offset, table, pos):
-        """Mark byte `pos` of a table dirty, caching it again if it was evicted since
-        the caller took it (it was clean then: only `pos` differs from the disk)."""
+    def put_back(self, offset, table, pos, end=None):
+        """Mark bytes [pos, end) (byte `pos` alone by default) of a table dirty, caching
+        it again if it was evicted since the caller took it (it was clean then: only
+        those bytes differ from the disk)."""
         if offset not in self._tables:
             self._insert(offset, table)
-        self.mark_dirty(offset, pos)
+        self.mark_dirty(offset, pos, end)
 
-    def mark_dirty(self, offset, pos=None):
-        """Byte `pos` of the table at `offset` changed (None: all of it)."""
+    def mark_dirty(self, offset, pos=None, end=None):
+        """Bytes [pos, end) of the table at `offset` changed (byte `pos` alone when end
+        is None; the whole table when pos is None)."""
         self._version += 1
         slices = self._dirty.setdefault(offset, {})
         if pos is None:
             slices.update(dict.fromkeys(range(self.table_size // self.slice_size), self._version))
-        else:
+        elif end is None:
             slices[pos // self.slice_size] = self._version
+        else:
+            step = self.slice_size
+            slices.update(dict.fromkeys(range(pos // step, (end - 1) // step + 1), self._version))
 
     def has_dirty(self):
         return bool(self._dirty)

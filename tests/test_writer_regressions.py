@@ -6,11 +6,13 @@ Each test names the fault it pins down; the full model-based and crash tests
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import struct
 from pathlib import Path
 
+import pytest
 from qemu_helpers import (
     K,
     M,
@@ -247,3 +249,47 @@ def test_refcount_table_growth_counts_every_new_block(workdir):
             bad.append((tmod, qemu_img("check", p, check=False).stderr.strip()))
         os.unlink(p)
     assert not bad, bad[:2]
+
+
+# --- 8. whole clusters over every kind of cluster the layer does not own ------------
+
+
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["std", "extl2"])
+def test_whole_cluster_run_over_clusters_not_owned(workdir, extended_l2):
+    """A write of whole clusters goes to fresh clusters in one request for each run the
+    layer does not own: compressed, unallocated over a backing file, zero, and shared
+    with a snapshot (COPIED clear). The run stops at an owned cluster, which is
+    overwritten in place. The replaced clusters are freed (compressed ones whole) and
+    the snapshot keeps its own: `qemu-img check` finds no leak, QEMU reads the write."""
+    cs = 64 * K
+    opts = {"extended_l2": "on"} if extended_l2 else {}
+    base = create(workdir / "b.qcow2", M, cluster_size=cs, **opts)
+    apply_ops(base, [("w", 0, M, 0x11)])
+    top = create(workdir / "t.qcow2", M, backing=base, cluster_size=cs, **opts)
+    apply_ops(top, [("c", 0, cs, 0x22), ("w", 3 * cs, 2 * cs, 0x33)])
+    qemu_img("snapshot", "-c", "s1", top)  # clusters 0, 3 and 4 now shared
+    apply_ops(top, [("z", 2 * cs, cs), ("w", 4 * cs, cs, 0x44)])  # 4: owned again
+    before = convert_raw(top, "s1")
+    owned_at = _host_offsets(top, 7, cs)[4]
+    data = random.Random(8).randbytes(7 * cs)
+    with qcow.open_chain(top, writable=True) as chain:
+        chain.write(0, data)
+    assert convert_raw(top)[: 7 * cs] == data
+    assert convert_raw(top)[7 * cs :] == b"\x11" * (M - 7 * cs)
+    assert convert_raw(top, "s1") == before
+    rc, rep = qemu_check(top)
+    assert rc == 0 and not rep.get("leaks"), qemu_img("check", top, check=False).stdout
+    after = _host_offsets(top, 7, cs)
+    assert after[4] == owned_at, "the owned cluster moved"
+    for run in ((0, 1, 2, 3), (5, 6)):  # each run went to contiguous fresh clusters
+        assert [after[c] - after[run[0]] for c in run] == [k * cs for k in range(len(run))]
+
+
+def _host_offsets(img, n, cs):
+    """Host offset of each of the first n clusters in img itself (None: not there)."""
+    out = [None] * n
+    for e in json.loads(qemu_img("map", "--output=json", img).stdout):
+        if e["depth"] == 0 and e.get("offset") is not None:
+            for c in range(e["start"] // cs, min(n, (e["start"] + e["length"]) // cs)):
+                out[c] = e["offset"] + c * cs - e["start"]
+    return out
