@@ -36,6 +36,7 @@ from .leftover import refuse_leftovers
 from .lockdep import make_lock
 from .paths import absolute
 from .raw import RawImage
+from .read_map import MapStamp, ReadMap
 from .runs import append_run
 
 MAX_CHAIN = 256
@@ -92,15 +93,31 @@ def resolve_backing(name, overlay_path):
     return os.path.join(os.path.dirname(overlay_path), name)
 
 
-def open_layer(path, fmt, writable, cache_bytes, metadata_only=False, filename=None, reuse_ok=None):
+def open_layer(
+    path,
+    fmt,
+    writable,
+    cache_bytes,
+    metadata_only=False,
+    filename=None,
+    reuse_ok=None,
+    map_stamp=None,
+):
     """A layer (qcow.layer.Layer) of format `fmt`: filename is the name as the chain
-    shows it, reuse_ok the chain's say on reusing freed clusters."""
+    shows it, reuse_ok the chain's say on reusing freed clusters, map_stamp the chain's
+    read map stamp (qcow.read_map)."""
     if fmt == "qcow2":
         return Qcow2Image(
-            path, writable, cache_bytes, metadata_only, filename=filename, reuse_ok=reuse_ok
+            path,
+            writable,
+            cache_bytes,
+            metadata_only,
+            filename=filename,
+            reuse_ok=reuse_ok,
+            map_stamp=map_stamp,
         )
     if fmt == "raw":
-        return RawImage(path, writable, filename=filename)
+        return RawImage(path, writable, filename=filename, map_stamp=map_stamp)
     raise UnsupportedImage(path, f"unsupported image format '{fmt}'")
 
 
@@ -133,6 +150,10 @@ class Chain:
         self.cache_bytes = cache_bytes
         self.image_locking = image_locking  # take QEMU's OFD image locks (off: like -U)
         self._lock = make_lock("chain")
+        # where small reads were last found (qcow.read_map): the layers stamp every
+        # change to what they map, and the map forgets what it knew
+        self._map_stamp = MapStamp()
+        self._read_map = ReadMap(self._map_stamp)
         # reads in flight by the epoch they began in; a layer leaving the chain starts a
         # new epoch and waits in _retired for the reads of the epochs before it
         self._epoch = 0
@@ -178,6 +199,7 @@ class Chain:
                 metadata_only,
                 filename=path,
                 reuse_ok=self._reuse_ok,
+                map_stamp=self._map_stamp,
             )
             self.layers.append(layer)
             if self.image_locking:
@@ -256,6 +278,10 @@ class Chain:
         first layer from layers[depth] down that maps it, as the layers' cached tables
         say; else (None, None): the read is planned in full (the lock is held)."""
         layers = self.layers
+        if depth == 0:  # the guest's view: where the read map may know the answer
+            hit = self._read_map.lookup(layers, offset, length)
+            if hit is not None:
+                return hit
         end = offset + length
         for d in range(depth, len(layers)):
             layer = layers[d]
@@ -263,6 +289,8 @@ class Chain:
                 break  # zeros past a short backing file: the general path
             host = layer.fast_host(offset, length)
             if host != UNMAPPED:
+                if host is not None and depth == 0:
+                    self._read_map.learn(layers, offset, length, layer, host)
                 return layer, host
         return None, None
 
@@ -474,6 +502,7 @@ class Chain:
                 self.cache_bytes,
                 filename=layer.filename,
                 reuse_ok=self._reuse_ok,
+                map_stamp=self._map_stamp,
             )
             if self.image_locking:
                 if writable:
@@ -550,6 +579,7 @@ class Chain:
                 self.cache_bytes,
                 filename=path,
                 reuse_ok=self._reuse_ok,
+                map_stamp=self._map_stamp,
             )
             try:
                 if self.image_locking:

@@ -132,7 +132,7 @@ class ClusterWriter:
         self.l2_cache.install(new, table)
         self.l1[l1i] = new | QCOW_OFLAG_COPIED
         self.l1_dirty.add(l1i)
-        return table
+        return table  # the same entries as before: what the layer maps is unchanged
 
     def _free_entry_clusters(self, entry):
         """Queue the refcount drop of whatever an L2 entry being replaced owned."""
@@ -191,7 +191,12 @@ class ClusterWriter:
             with self.lock:
                 need = self._below_ranges(off, len(data))
                 if fill.covers(need):
-                    self._write_locked(off, data, fill.read)
+                    try:
+                        self._write_locked(off, data, fill.read)
+                    finally:
+                        # entries changed (fresh clusters, zero clusters turned data):
+                        # the chain's read map forgets, after the change
+                        self.map_stamp.bump()
                     return
             fill.fetch(below, need)
 
@@ -470,6 +475,7 @@ class ClusterWriter:
             table[2 * l2i], table[2 * l2i + 1] = entry, bitmap
         else:
             table[l2i] = entry
+        self.map_stamp.bump()
         self._l2_entry_dirty(cstart)
         self._free_entry_clusters(old)
 
@@ -504,6 +510,7 @@ class ClusterWriter:
         table = self._l2_for_write(l1i)
         bits = ((1 << (sb >> scb)) - 1) ^ ((1 << (sa >> scb)) - 1)
         table[2 * l2i + 1] = sc_zeroed(table[2 * l2i + 1], bits)
+        self.map_stamp.bump()
         self._l2_entry_dirty(cstart)
 
     def mark_unallocated(self, off, n):

@@ -57,6 +57,7 @@ from .l2_table import (
 from .layer import UNMAPPED
 from .lockdep import make_lock
 from .rawio import RawIO
+from .read_map import MapStamp
 from .refcount import Refcounts
 from .runs import append_run
 from .snapshot import parse_snapshot_table
@@ -83,6 +84,7 @@ class Qcow2Image(ClusterWriter):
         rawio_factory=RawIO,
         filename=None,
         reuse_ok=None,
+        map_stamp=None,
     ):
         self.path = path
         self.filename = filename or path  # as the chain shows it (QEMU's filename)
@@ -97,6 +99,8 @@ class Qcow2Image(ClusterWriter):
         self.flush_lock = make_lock("flush")
         # the chain's say: False while a read that may use freed clusters is in flight
         self.reuse_ok = reuse_ok or (lambda: True)
+        # bumped after every change to what this layer maps (the chain's read map)
+        self.map_stamp = map_stamp or MapStamp()
         try:
             self._open(cache_bytes, metadata_only)
         except BaseException:
@@ -433,6 +437,7 @@ class Qcow2Image(ClusterWriter):
             self.io.pwrite_header(*h.pack_fields("size"))  # header after the tables
             self.io.sync()
             self.virtual_size = new_size
+            self.map_stamp.bump()
 
     def _grow_l1(self, entries):
         cb, cs = self.cluster_bits, self.cluster_size

@@ -9,6 +9,7 @@ import errno
 from .l2_table import DATA, ZERO
 from .lockdep import make_lock
 from .rawio import RawIO
+from .read_map import MapStamp
 
 
 class RawImage:
@@ -20,12 +21,15 @@ class RawImage:
 
     has_cache = False
 
-    def __init__(self, path, writable=False, rawio_factory=RawIO, filename=None, **_):
+    def __init__(
+        self, path, writable=False, rawio_factory=RawIO, filename=None, map_stamp=None, **_
+    ):
         self.path = path
         self.filename = filename or path
         self.read_only = not writable
         self.io = rawio_factory(path, writable)
         self.virtual_size = self.io.size()
+        self.map_stamp = map_stamp or MapStamp()  # bumped when the size changes
         self.lock = make_lock("layer")
         self.flush_lock = make_lock("flush")  # a flush never races a close
 
@@ -70,6 +74,7 @@ class RawImage:
         self.io.truncate(new_size)
         self.io.sync()
         self.virtual_size = new_size
+        self.map_stamp.bump()
 
     def _check_writable(self):
         if self.read_only:
