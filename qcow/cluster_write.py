@@ -179,26 +179,36 @@ class ClusterWriter:
         the chain's lock) is never called with this layer's lock held: plan which bytes
         the copy-on-write needs from below, read them without the lock, then write
         under the lock if the plan still holds (a concurrent write to this layer may
-        have changed it: plan again)."""
+        have changed it: plan again). The plan depends on this layer's L2 entries
+        alone, which change only with a bump of `map_stamp` under this lock: an
+        unchanged stamp says it holds without planning again."""
+        fill = _Fill()
         with self.lock:
             self._prepare_write()
             host = self.fast_host(off, len(data), for_write=True)
             if host is not None:  # owned clusters, one after the other: in place
                 self.io.pwrite(data, host)
                 return
-        fill = _Fill()
+            need, planned = self._below_ranges(off, len(data)), self.map_stamp.value
+            if not need:
+                self._write_stamped(off, data, fill.read)
+                return
         while True:
-            with self.lock:
-                need = self._below_ranges(off, len(data))
-                if fill.covers(need):
-                    try:
-                        self._write_locked(off, data, fill.read)
-                    finally:
-                        # entries changed (fresh clusters, zero clusters turned data):
-                        # the chain's read map forgets, after the change
-                        self.map_stamp.bump()
-                    return
             fill.fetch(below, need)
+            with self.lock:
+                if self.map_stamp.value != planned:
+                    need, planned = self._below_ranges(off, len(data)), self.map_stamp.value
+                if fill.covers(need):
+                    self._write_stamped(off, data, fill.read)
+                    return
+
+    def _write_stamped(self, off, data, below):
+        try:
+            self._write_locked(off, data, below)
+        finally:
+            # entries changed (fresh clusters, zero clusters turned data): the chain's
+            # read map forgets, after the change
+            self.map_stamp.bump()
 
     def _below_ranges(self, off, n):
         """The guest ranges a write of [off, off+n) would read from `below` now. A

@@ -293,3 +293,38 @@ def _host_offsets(img, n, cs):
             for c in range(e["start"] // cs, min(n, (e["start"] + e["length"]) // cs)):
                 out[c] = e["offset"] + c * cs - e["start"]
     return out
+
+
+# --- 9. a write planned before another write changed the cluster --------------------
+
+
+def test_write_plans_again_when_the_cluster_changed_while_it_read_below(workdir):
+    """A partial write reads its copy-on-write data from below without the layer's
+    lock; another write allocates the same cluster meanwhile (its stamp bump makes the
+    first plan again). The cluster is then the layer's own: the first write goes in
+    place, and the cluster is not put together again from the fill it read, which
+    would lose the other write."""
+    cs = 64 * K
+    base = create(workdir / "b.qcow2", M, cluster_size=cs)
+    apply_ops(base, [("w", 0, M, 0x11)])
+    top = create(workdir / "t.qcow2", M, backing=base, cluster_size=cs)
+    img = Qcow2Image(top, writable=True)
+    try:
+
+        def below(off, n):
+            if not calls:
+                calls.append((off, n))
+                img.write(16 * K, b"\xbb" * 4 * K, lambda o, ln: b"\x11" * ln)
+            return b"\x11" * n
+
+        calls = []
+        img.write(4 * K, b"\xaa" * 4 * K, below)
+        assert calls, "the write read nothing from below"
+        img.flush()
+    finally:
+        img.close()
+    want = bytearray(b"\x11" * M)
+    want[4 * K : 8 * K] = b"\xaa" * 4 * K
+    want[16 * K : 20 * K] = b"\xbb" * 4 * K
+    assert convert_raw(top) == bytes(want)
+    _assert_no_corruption(top)
