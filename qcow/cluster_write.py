@@ -182,13 +182,13 @@ class ClusterWriter:
         have changed it: plan again). The plan depends on this layer's L2 entries
         alone, which change only with a bump of `map_stamp` under this lock: an
         unchanged stamp says it holds without planning again."""
-        fill = _Fill()
         with self.lock:
             self._prepare_write()
             host = self.fast_host(off, len(data), for_write=True)
             if host is not None:  # owned clusters, one after the other: in place
                 self.io.pwrite(data, host)
                 return
+            fill = _Fill()
             need, planned = self._below_ranges(off, len(data)), self.map_stamp.value
             if not need:
                 self._write_stamped(off, data, fill.read)
