@@ -624,7 +624,7 @@ def dependants_report(image, guard_dirs, as_json=False):
     IMAGE's chain plus the guard directories. Exit status 0."""
     import qcow
 
-    with qcow.open_chain(image, image_locking=False, metadata_only=True, raw_top=True) as chain:
+    with qcow.open_chain(image, image_locking=False, metadata_only=True) as chain:
         chain_paths = [layer.path for layer in chain.layers]
     targets = _target_keys([image])
     hits, _ = _scan(chain_paths, targets, guard_dirs or (), ())

@@ -9,14 +9,7 @@ import sys
 
 import qcow
 from fusefs.mountrecord import mounted_hint
-from qcow.chain import probe_format
-from qcow.check import (
-    EXIT_FAILED,
-    EXIT_UNSUPPORTED,
-    check_refcounts_and_tables,
-    format_report,
-    report_json,
-)
+from qcow.check import EXIT_FAILED, check_refcounts_and_tables, format_report, report_json
 from qcow.errors import QcowError
 from qcow.header import COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
 from qcow.image import Qcow2Image
@@ -71,9 +64,7 @@ def _actual_size(layer):
 
 
 def cmd_info(args):
-    with qcow.open_chain(
-        args.image, image_locking=False, metadata_only=True, raw_top=True
-    ) as chain:
+    with qcow.open_chain(args.image, image_locking=False, metadata_only=True) as chain:
         layers = chain.layers
         infos = [
             layer_info(layer, layers[i + 1] if i + 1 < len(layers) else None)
@@ -138,7 +129,7 @@ def _human(n):
 
 
 def cmd_map(args):
-    with qcow.open_chain(args.image, image_locking=False, raw_top=True) as chain:
+    with qcow.open_chain(args.image, image_locking=False) as chain:
         extents = chain.block_status(0, chain.virtual_size, want_zero=True)
         names = [layer.filename for layer in chain.layers]
     if args.json:
@@ -154,9 +145,6 @@ def cmd_map(args):
 def cmd_check(args):
     repair = bool(args.repair or args.repair_mode)  # -r leaks|all as qemu-img
     try:
-        if probe_format(args.image) == "raw":
-            print(f"qcowfs: {args.image}: a raw image has no metadata to check", file=sys.stderr)
-            return EXIT_UNSUPPORTED
         img = Qcow2Image(args.image, writable=repair, cache_bytes=16 << 20)
     except QcowError as e:
         print(f"qcowfs: {e}", file=sys.stderr)

@@ -142,11 +142,8 @@ class Chain:
         cache_bytes=32 << 20,
         image_locking=True,
         metadata_only=False,
-        raw_top=False,
     ):
         self.writable = writable
-        # a raw file named by the user is a chain of one (inspection only: info, map)
-        self._raw_top = raw_top and not writable
         self.cache_bytes = cache_bytes
         self.image_locking = image_locking  # take QEMU's OFD image locks (off: like -U)
         self._lock = make_lock("chain")
@@ -187,7 +184,7 @@ class Chain:
                 raise ChainError(path, f"backing chain longer than {MAX_CHAIN} images")
             seen.add(key)
             fmt = fmt or probe_format(path)
-            if not self.layers and fmt != "qcow2" and not self._raw_top:
+            if not self.layers and fmt != "qcow2":
                 # the image a user names is the top of a qcow2 chain; a raw file is
                 # already flat (and a damaged qcow2 header must not pass for raw)
                 raise CorruptImage(path, "not a qcow2 image (bad magic)")
@@ -772,14 +769,11 @@ def open_chain(
     image_locking=True,
     metadata_only=False,
     force=False,
-    raw_top=False,
 ):
     """Open the chain whose active image is `path`. See the module doc. Writable, a
     chain holding a commit's leftover is refused (before anything is written) unless
-    `force` (see qcow/leftover.py). A raw `path` is refused (it is flat already) unless
-    `raw_top`, which a read-only chain takes as a chain of that one file, as qemu-img
-    info and map do."""
+    `force` (see qcow/leftover.py)."""
     if writable and not force:
         with Chain(path, False, cache_bytes, False, True) as probe:
             refuse_leftovers(probe.layers)
-    return Chain(path, writable, cache_bytes, image_locking, metadata_only, raw_top)
+    return Chain(path, writable, cache_bytes, image_locking, metadata_only)

@@ -21,7 +21,6 @@ from .l2_table import (
 from .refcount import REFT_OFFSET_MASK, Refcounts
 
 EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS = 0, 1, 2, 3
-EXIT_UNSUPPORTED = 63  # qemu-img check of a format without checks (raw)
 
 
 class CheckResult:

@@ -303,42 +303,6 @@ def test_check_repair_alias_and_json(tmp_path):
     assert qemu_check(q)[0] == 0
 
 
-def test_info_map_check_of_a_raw_image_like_qemu_img(tmp_path):
-    """A raw file named to info or map is a chain of one, as qemu-img shows it; check
-    says it has nothing to check, with qemu-img's exit status (63); mount and commit
-    still refuse it (it is flat already)."""
-    raw = tmp_path / "disk.img"
-    with open(raw, "wb") as f:
-        f.truncate(4 << 20)
-        f.seek(1 << 20)
-        f.write(b"x" * 8192)
-    info = json.loads(run_qcowfs("info", "--json", raw).stdout)
-    ref = json.loads(
-        subprocess.run(
-            ["qemu-img", "info", "--output=json", raw], capture_output=True, text=True
-        ).stdout
-    )
-    assert len(info) == 1
-    assert {k: info[0][k] for k in ("format", "virtual-size", "actual-size")} == {
-        k: ref[k] for k in ("format", "virtual-size", "actual-size")
-    }
-    cp = run_qcowfs("info", raw)
-    assert cp.returncode == 0 and "file format: raw" in cp.stdout, cp.stderr
-    cp = run_qcowfs("map", "--json", raw)
-    ref = subprocess.run(
-        ["qemu-img", "map", "--output=json", raw], capture_output=True, text=True, check=True
-    )
-    assert cp.returncode == 0 and json.loads(cp.stdout) == json.loads(ref.stdout)
-    cp = run_qcowfs("check", raw)
-    assert cp.returncode == 63 == qemu_check(raw)[0], cp.stderr
-    one_line_error(cp, raw, "raw")
-    before = sha256_tree(tmp_path)
-    for argv in (("commit", raw), ("mount", raw, tmp_path / "mnt")):
-        (tmp_path / "mnt").mkdir(exist_ok=True)
-        one_line_error(run_qcowfs(*argv), raw)
-    assert sha256_tree(tmp_path) == before
-
-
 # ---- closed pipes ---------------------------------------------------------------------
 
 
