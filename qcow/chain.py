@@ -136,12 +136,7 @@ def _open_file_checked(path, named_by):
 
 class Chain:
     def __init__(
-        self,
-        path,
-        writable=False,
-        cache_bytes=32 << 20,
-        image_locking=True,
-        metadata_only=False,
+        self, path, writable=False, cache_bytes=32 << 20, image_locking=True, metadata_only=False
     ):
         self.writable = writable
         self.cache_bytes = cache_bytes
@@ -763,12 +758,7 @@ def _read_ops_into(ops, mv, zeroed=False):
 
 
 def open_chain(
-    path,
-    writable=False,
-    cache_bytes=32 << 20,
-    image_locking=True,
-    metadata_only=False,
-    force=False,
+    path, writable=False, cache_bytes=32 << 20, image_locking=True, metadata_only=False, force=False
 ):
     """Open the chain whose active image is `path`. See the module doc. Writable, a
     chain holding a commit's leftover is refused (before anything is written) unless
