@@ -10,6 +10,8 @@ guards the layer's metadata and is never held while calling `below`; `flush_lock
 from collections.abc import Callable
 from typing import Protocol
 
+from .read_map import MapStamp
+
 # (start, length, kind, aux): kind is qcow.l2_table's UNALLOCATED, ZERO, DATA or
 # COMPRESSED; aux the host offset (DATA, preallocated ZERO) or the L2 entry (COMPRESSED)
 Run = tuple[int, int, int, object]
@@ -28,6 +30,7 @@ class Layer(Protocol):
     backing_format: str | None
     encrypted: bool
     has_cache: bool  # takes a share of the chain's cache budget
+    map_stamp: MapStamp  # bumped after each change to what the layer maps (the read map)
 
     def extents(self, off: int, n: int, want_zero: bool = False) -> list[Run]: ...
     def data_runs(
