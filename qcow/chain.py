@@ -301,10 +301,7 @@ class Chain:
             epoch = self._read_begins()
         try:
             if host is not None:  # one cluster's plain data (the fast path)
-                data = layer.io.pread(length, host)
-                if len(data) < length:  # zeros past the end of the file
-                    data = bytearray(data) + bytes(length - len(data))
-                return data
+                return _pread_padded(layer, host, length)
             return _read_ops(ops, length)
         finally:
             self._read_done(epoch)
@@ -727,14 +724,20 @@ def clip_run(run, lo, hi):
     return (a, b - a, d, kind, aux)
 
 
+def _pread_padded(layer, host, length):
+    """`length` bytes of the layer's file from `host`, zeros past the file's end (bytes,
+    or a bytearray when padded)."""
+    data = layer.io.pread(length, host)
+    if len(data) < length:
+        data = bytearray(data) + bytes(length - len(data))
+    return data
+
+
 def _read_ops(ops, length):
     """Run a read plan (Chain._plan's ops, in order): `length` bytes (a bytearray when
     more than one request made them), zeros where no op is."""
     if len(ops) == 1 and ops[0][2] == DATA and ops[0][1] == length:
-        layer, host = ops[0][3], ops[0][4]
-        data = layer.io.pread(length, host)
-        if len(data) == length:
-            return data
+        return _pread_padded(ops[0][3], ops[0][4], length)
     buf = bytearray(length)
     _read_ops_into(ops, memoryview(buf), zeroed=True)
     return buf

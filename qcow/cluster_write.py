@@ -31,6 +31,7 @@ from .l2_table import (
     SC_ALLOC_MASK,
     UNALLOCATED,
     compressed_host_clusters,
+    is_owned,
     sc_allocated,
     sc_zeroed,
 )
@@ -191,7 +192,7 @@ class ClusterWriter:
             fill = _Fill()
             need, planned = self._below_ranges(off, len(data)), self.map_stamp.value
             if not need:
-                self._write_stamped(off, data, fill.read)
+                self._write_locked(off, data, fill.read)
                 return
         while True:
             fill.fetch(below, need)
@@ -199,16 +200,8 @@ class ClusterWriter:
                 if self.map_stamp.value != planned:
                     need, planned = self._below_ranges(off, len(data)), self.map_stamp.value
                 if fill.covers(need):
-                    self._write_stamped(off, data, fill.read)
+                    self._write_locked(off, data, fill.read)
                     return
-
-    def _write_stamped(self, off, data, below):
-        try:
-            self._write_locked(off, data, below)
-        finally:
-            # entries changed (fresh clusters, zero clusters turned data): the chain's
-            # read map forgets, after the change
-            self.map_stamp.bump()
 
     def _below_ranges(self, off, n):
         """The guest ranges a write of [off, off+n) would read from `below` now. A
@@ -246,7 +239,10 @@ class ClusterWriter:
         l2off = self._l2_offset(l1i)
         if not l2off:
             return 0, 0
-        table = self.l2_cache.get(l2off)
+        return self._entry_in(self.l2_cache.get(l2off), l2i)
+
+    def _entry_in(self, table, l2i):
+        """(L2 entry, subcluster bitmap) of slot l2i of an L2 table."""
         if self.extended_l2:
             return table[2 * l2i], table[2 * l2i + 1]
         return table[l2i], 0
@@ -260,7 +256,7 @@ class ClusterWriter:
         cs = self.cluster_size
         host = entry & L2E_OFFSET_MASK
         compressed = entry & QCOW_OFLAG_COMPRESSED
-        owned = bool(host and entry & QCOW_OFLAG_COPIED and not compressed)
+        owned = is_owned(entry)
         if self.extended_l2:
             if not owned and (host or compressed):
                 return owned, 0, cs, SC_ALLOC_MASK
@@ -273,6 +269,14 @@ class ClusterWriter:
         return owned, 0, cs, 0
 
     def _write_locked(self, off, data, below):
+        try:
+            self._write_clusters(off, data, below)
+        finally:
+            # entries changed (fresh clusters, zero clusters turned data): the chain's
+            # read map forgets, after the change (also after a failure part way)
+            self.map_stamp.bump()
+
+    def _write_clusters(self, off, data, below):
         mv = memoryview(data)
         end = off + len(mv)
         cb, cs = self.cluster_bits, self.cluster_size
@@ -314,10 +318,7 @@ class ClusterWriter:
         otherwise return what a fresh cluster must hold."""
         ext = self.extended_l2
         cs = self.cluster_size
-        if ext:
-            entry, bitmap = table[2 * l2i], table[2 * l2i + 1]
-        else:
-            entry, bitmap = table[l2i], 0
+        entry, bitmap = self._entry_in(table, l2i)
         host = entry & L2E_OFFSET_MASK
         owned, sa, sb, sc_bits = self._write_span(entry, bitmap, a, b)
         if owned:
@@ -350,8 +351,7 @@ class ClusterWriter:
         stop = min(l2i + limit, self.l2_entries) * step
         i = l2i * step
         while i < stop:
-            e = table[i]
-            if e & QCOW_OFLAG_COPIED and e & L2E_OFFSET_MASK and not e & QCOW_OFLAG_COMPRESSED:
+            if is_owned(table[i]):
                 break
             i += step
         return i // step - l2i
@@ -362,19 +362,13 @@ class ClusterWriter:
         cache: they reach the disk only after a barrier, so after the data)."""
         cb = self.cluster_bits
         n = len(data) >> cb
-        base = self.refcounts.alloc(n)
+        base = self._alloc_fresh(n)
         self.io.pwrite(data, base)
-        self.file_size = max(self.file_size, base + (n << cb))
-        ext = self.extended_l2
-        step = 2 if ext else 1
         for k in range(n):
-            i = (l2i + k) * step
-            entry = table[i]
-            table[i] = (base + (k << cb)) | QCOW_OFLAG_COPIED
-            if ext:
-                table[i + 1] = sc_allocated(table[i + 1], SC_ALLOC_MASK)
-            if entry:
-                self._free_entry_clusters(entry)
+            entry, bitmap = self._entry_in(table, l2i + k)
+            self._point_fresh(
+                table, l2i + k, base + (k << cb), entry, sc_allocated(bitmap, SC_ALLOC_MASK)
+            )
         pos = self._l2_entry_pos(cstart)
         entry_size = self.cluster_size // self.l2_entries
         self.l2_cache.put_back(self._l2_table_offset(cstart), table, pos, pos + n * entry_size)
@@ -410,7 +404,7 @@ class ClusterWriter:
         if not batch:
             return
         cb, cs = self.cluster_bits, self.cluster_size
-        base = self.refcounts.alloc(len(batch))
+        base = self._alloc_fresh(len(batch))
         if (
             len(batch) > 1
             and all(item[7] == cs for item in batch[:-1])
@@ -420,18 +414,28 @@ class ClusterWriter:
         else:
             for k, item in enumerate(batch):
                 self.io.pwritev(item[6], base + (k << cb) + item[5])
-        self.file_size = max(self.file_size, base + (len(batch) << cb))
         for k, (table, l2i, cstart, entry, new_bitmap, *_data) in enumerate(batch):
-            host = base + (k << cb)
-            if self.extended_l2:
-                table[2 * l2i] = host | QCOW_OFLAG_COPIED
-                table[2 * l2i + 1] = new_bitmap
-            else:
-                table[l2i] = host | QCOW_OFLAG_COPIED
-            if entry:
-                self._free_entry_clusters(entry)
+            self._point_fresh(table, l2i, base + (k << cb), entry, new_bitmap)
             # the table may have been evicted since the batch took it: put it back
             self.l2_cache.put_back(self._l2_table_offset(cstart), table, self._l2_entry_pos(cstart))
+
+    def _alloc_fresh(self, n):
+        """n contiguous fresh clusters (their refcounts raised in the cache): the host
+        offset of the first. The image's end moves past them at once."""
+        base = self.refcounts.alloc(n)
+        self.file_size = max(self.file_size, base + (n << self.cluster_bits))
+        return base
+
+    def _point_fresh(self, table, l2i, host, old, bitmap):
+        """Point entry l2i at the fresh cluster `host`, now this image's own (bitmap:
+        its subclusters, extended L2), and drop what the `old` entry held."""
+        if self.extended_l2:
+            table[2 * l2i] = host | QCOW_OFLAG_COPIED
+            table[2 * l2i + 1] = bitmap
+        else:
+            table[l2i] = host | QCOW_OFLAG_COPIED
+        if old:
+            self._free_entry_clusters(old)
 
     def write_zeroes(self, off, n, below):
         """Make [off, off+n) read as zeros at this layer, whatever lies beneath.

@@ -27,6 +27,14 @@ SC_ZERO_SHIFT = 32
 SC_ALL_ZERO = SC_ALLOC_MASK << SC_ZERO_SHIFT
 
 
+def is_owned(entry):
+    """Whether an L2 entry is a cluster this image alone uses (QCOW_OFLAG_COPIED on a
+    data cluster, not compressed): written in place, never copied first."""
+    return bool(
+        entry & QCOW_OFLAG_COPIED and entry & L2E_OFFSET_MASK and not entry & QCOW_OFLAG_COMPRESSED
+    )
+
+
 def sc_allocated(bitmap, sc_bits):
     """An extended L2 bitmap with the subclusters `sc_bits` allocated (no longer zero)."""
     return (bitmap | sc_bits) & ~(sc_bits << SC_ZERO_SHIFT)

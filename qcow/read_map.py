@@ -66,13 +66,10 @@ class ReadMap:
         """(layer, host offset of `off`) if [off, off+n) lies in a granule the map
         knows, else None."""
         self._current(layers)
-        g = self._gbits
-        if (off + n - 1) >> g != off >> g or off + n > self._limit:
-            return None
-        hit = self._hits.get(off >> g)
+        hit = self._hits.get(self._granule(off, n))
         if hit is None:
             return None
-        return hit[0], hit[1] + (off & ((1 << g) - 1))
+        return hit[0], hit[1] + (off & ((1 << self._gbits) - 1))
 
     def learn(self, layers, off, n, layer, host):
         """The walk that followed a `lookup` found [off, off+n) as plain data at `host`
@@ -80,9 +77,17 @@ class ReadMap:
         have seen the table before the change."""
         if self.stamp.value != self._stamp_seen or layers is not self._layers:
             return
-        g = self._gbits
-        if (off + n - 1) >> g != off >> g or off + n > self._limit:
+        g = self._granule(off, n)
+        if g is None:
             return
         if len(self._hits) >= MAX_GRANULES:
             self._hits.clear()
-        self._hits[off >> g] = (layer, host - (off & ((1 << g) - 1)))
+        self._hits[g] = (layer, host - (off & ((1 << self._gbits) - 1)))
+
+    def _granule(self, off, n):
+        """The granule [off, off+n) lies in, if it lies in one, below every layer's
+        end; else None."""
+        g = self._gbits
+        if (off + n - 1) >> g != off >> g or off + n > self._limit:
+            return None
+        return off >> g

@@ -70,8 +70,8 @@ class TableCache:
         self._version += 1
         slices = self._dirty.setdefault(offset, {})
         if pos is None:
-            slices.update(dict.fromkeys(range(self.table_size // self.slice_size), self._version))
-        elif end is None:
+            pos, end = 0, self.table_size
+        if end is None:
             slices[pos // self.slice_size] = self._version
         else:
             step = self.slice_size
